@@ -1,5 +1,35 @@
-"""bnfold: fold trained BatchNorm into affine layers, verify the result, export ONNX."""
+"""bnfold: fold trained BatchNorm into affine layers, verify the result, export ONNX.
+
+The ONNX entry points are imported lazily so that `import bnfold` stays light.
+"""
+
+from importlib import import_module
 
 from bnfold.report import Action, BNEntry, FoldReport, OutputError, VerifyCase, VerifyReport
 
-__all__ = ["Action", "BNEntry", "FoldReport", "OutputError", "VerifyCase", "VerifyReport"]
+_LAZY = {
+    "fold": "bnfold.fold",
+    "FoldResult": "bnfold.fold",
+    "verify": "bnfold.verify",
+    "recalibrate": "bnfold.recalibrate",
+    "export_onnx": "bnfold.onnx.export",
+    "fold_onnx": "bnfold.onnx.fold",
+    "OnnxFoldResult": "bnfold.onnx.fold",
+    "verify_onnx": "bnfold.onnx.verify",
+}
+
+__all__ = [
+    "Action",
+    "BNEntry",
+    "FoldReport",
+    "OutputError",
+    "VerifyCase",
+    "VerifyReport",
+    *_LAZY,
+]
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        return getattr(import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'bnfold' has no attribute {name!r}")
