@@ -8,10 +8,12 @@ from importlib import import_module
 from bnfold.report import Action, BNEntry, FoldReport, OutputError, VerifyCase, VerifyReport
 
 _LAZY = {
-    "fold": "bnfold.fold",
-    "FoldResult": "bnfold.fold",
-    "verify": "bnfold.verify",
-    "recalibrate": "bnfold.recalibrate",
+    # module names differ from the function names so that importing a submodule never
+    # shadows the function of the same name on the package
+    "fold": "bnfold.folding",
+    "FoldResult": "bnfold.folding",
+    "verify": "bnfold.verification",
+    "recalibrate": "bnfold.recalibration",
     "export_onnx": "bnfold.onnx.export",
     "fold_onnx": "bnfold.onnx.fold",
     "OnnxFoldResult": "bnfold.onnx.fold",
