@@ -118,5 +118,9 @@ def fold_bn_into_consumer(
     w_g = w64.reshape(groups, out_per_group, in_per_group, *w64.shape[2:])
     w_new = (w_g * s_g).reshape(w64.shape)
     shift = (w_g * t_g).sum(dim=tuple(range(2, w_g.dim()))).reshape(out_ch)
-    b64 = torch.zeros(out_ch, dtype=torch.float64) if bias is None else bias.detach().to(torch.float64)
+    b64 = (
+        torch.zeros(out_ch, dtype=torch.float64)
+        if bias is None
+        else bias.detach().to(torch.float64)
+    )
     return w_new.to(dtype), (b64 + shift).to(dtype)

@@ -100,6 +100,7 @@ class VerifyCase:
     name: str
     ok: bool
     outputs: list[OutputError]
+    note: str = ""  # why the case was skipped or failed to run
 
 
 @dataclass

@@ -1,0 +1,270 @@
+"""Model -> torch.fx graph, with the facts the fold patterns need about each node.
+
+Capture is symbolic tracing with a tracer that keeps BatchNorm and affine layers as leaves
+(`call_module` nodes we can read weights from), and then shape propagation over the caller's
+example inputs, so that every decision about an axis is proven from real shapes rather than
+from module types. BatchNorm also shows up as a function (`F.batch_norm`, `torch.batch_norm`)
+when a subclass such as timm's BatchNormAct2d re-implements `forward`; those call sites are
+read from their arguments.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import operator
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, fx, nn
+from torch.fx.passes.shape_prop import ShapeProp
+
+log = logging.getLogger(__name__)
+
+__all__ = [
+    "AFFINE_TYPES",
+    "BNSite",
+    "CaptureError",
+    "bn_site",
+    "fetch_attr",
+    "is_inplace",
+    "node_shape",
+    "trace",
+]
+
+AFFINE_TYPES = (nn.Linear, nn.modules.conv._ConvNd)
+
+# F.batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps)
+_F_BN_SIG = inspect.signature(F.batch_norm)
+# torch.batch_norm(input, weight, bias, running_mean, running_var, training, momentum, eps, cudnn)
+_TORCH_BN_PARAMS = (
+    "input",
+    "weight",
+    "bias",
+    "running_mean",
+    "running_var",
+    "training",
+    "momentum",
+    "eps",
+    "cudnn_enabled",
+)
+
+_STOCK_FORWARDS = {
+    nn.modules.batchnorm._BatchNorm.forward,
+    nn.SyncBatchNorm.forward,
+    nn.Linear.forward,
+    nn.Conv1d.forward,
+    nn.Conv2d.forward,
+    nn.Conv3d.forward,
+    nn.ConvTranspose1d.forward,
+    nn.ConvTranspose2d.forward,
+    nn.ConvTranspose3d.forward,
+}
+
+
+class CaptureError(RuntimeError):
+    """The model could not be turned into one graph (data-dependent control flow, ...)."""
+
+
+def is_frozen_bn(m: nn.Module) -> bool:
+    """torchvision's FrozenBatchNorm2d and look-alikes: BN statistics held as buffers, no
+    parameters, forward computes x * w/sqrt(rv+eps) + (b - rm * w/sqrt(rv+eps))."""
+    return (
+        "FrozenBatchNorm" in type(m).__name__
+        and all(isinstance(getattr(m, k, None), Tensor) for k in ("weight", "bias"))
+        and all(isinstance(getattr(m, k, None), Tensor) for k in ("running_mean", "running_var"))
+        and isinstance(getattr(m, "eps", None), float)
+    )
+
+
+def _has_stock_forward(m: nn.Module) -> bool:
+    return type(m).forward in _STOCK_FORWARDS
+
+
+class _FoldTracer(fx.Tracer):
+    """Keeps stock BN / Conv / Linear (and subclasses that do not override forward) as leaves,
+    plus whatever timm marks as not traceable."""
+
+    def __init__(self) -> None:
+        autowrap: tuple = ()
+        self._extra_leaves: tuple[type, ...] = ()
+        try:  # timm registers modules and functions that symbolic tracing cannot go through
+            from timm.layers import _fx as timm_fx
+
+            self._extra_leaves = tuple(timm_fx.get_notrace_modules())
+            autowrap = tuple(timm_fx.get_notrace_functions())
+        except ImportError:
+            pass
+        super().__init__(autowrap_functions=tuple(f for f in autowrap if callable(f)))
+
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        if isinstance(m, nn.modules.batchnorm._BatchNorm | nn.Linear | nn.modules.conv._ConvNd):
+            if _has_stock_forward(m):
+                return True
+        if is_frozen_bn(m) or isinstance(m, self._extra_leaves):
+            return True
+        return super().is_leaf_module(m, module_qualified_name)
+
+
+def trace(model: nn.Module, example_inputs: tuple[Any, ...]) -> fx.GraphModule:
+    """Trace `model` (in eval mode) and annotate every node with its output shape."""
+    try:
+        tracer = _FoldTracer()
+        graph = tracer.trace(model)
+        name = model.__class__.__name__
+        gm = fx.GraphModule(tracer.root, graph, name)
+    except Exception as exc:  # tracing raises many kinds; all mean "not capturable"
+        raise CaptureError(f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
+    try:
+        with torch.no_grad():
+            ShapeProp(gm).propagate(*example_inputs)
+    except Exception as exc:
+        raise CaptureError(f"shape propagation failed: {type(exc).__name__}: {exc}") from exc
+    return gm
+
+
+def fetch_attr(gm: fx.GraphModule, target: str) -> Any:
+    obj: Any = gm
+    for part in target.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def node_shape(node: Any) -> tuple[int, ...] | None:
+    """The output shape recorded by shape propagation, or None (not a single tensor)."""
+    if not isinstance(node, fx.Node):
+        return None
+    meta = node.meta.get("tensor_meta")
+    shape = getattr(meta, "shape", None)
+    return tuple(shape) if shape is not None else None
+
+
+_INPLACE_OPERATORS = {
+    operator.iadd,
+    operator.isub,
+    operator.imul,
+    operator.itruediv,
+    operator.ifloordiv,
+    operator.imod,
+    operator.ipow,
+    operator.iand,
+    operator.ior,
+    operator.ixor,
+    operator.setitem,
+}
+
+
+def is_inplace(node: fx.Node, gm: fx.GraphModule) -> bool:
+    """Whether the node may write into one of its inputs (so reading that input after it
+    would see the new values)."""
+    if node.op == "call_function":
+        name = getattr(node.target, "__name__", "")
+        return node.target in _INPLACE_OPERATORS or (
+            name.endswith("_") and not name.startswith("_")
+        )
+    if node.op == "call_method":
+        return str(node.target).endswith("_") or node.kwargs.get("inplace", False) is True
+    if node.op == "call_module":
+        return bool(getattr(fetch_attr(gm, str(node.target)), "inplace", False))
+    return False
+
+
+@dataclass
+class BNSite:
+    """One BatchNorm call site, as eval mode computes it: y = s * x + t per channel of dim 1."""
+
+    node: fx.Node
+    kind: str
+    input: fx.Node
+    running_mean: Tensor | None
+    running_var: Tensor | None
+    weight: Tensor | None
+    bias: Tensor | None
+    eps: float
+    uses_batch_stats: str | None  # why this call normalizes with batch statistics, if it does
+    constant_args: str | None  # why the statistics are not graph constants, if they are not
+
+    @property
+    def foldable_reason(self) -> str | None:
+        """None when eval mode computes a fixed affine map, else the reason it does not."""
+        return self.uses_batch_stats or self.constant_args
+
+
+def _const(gm: fx.GraphModule, arg: Any) -> tuple[Tensor | None, bool]:
+    """(tensor, is_constant) for a BN argument: a get_attr node or None is constant."""
+    if arg is None:
+        return None, True
+    if isinstance(arg, fx.Node) and arg.op == "get_attr":
+        value = fetch_attr(gm, str(arg.target))
+        return (value, True) if isinstance(value, Tensor) else (None, False)
+    return None, False
+
+
+def _module_site(node: fx.Node, gm: fx.GraphModule) -> BNSite | None:
+    m = fetch_attr(gm, str(node.target))
+    if is_frozen_bn(m):
+        return BNSite(
+            node, type(m).__name__, node.args[0], m.running_mean, m.running_var,
+            m.weight, m.bias, float(m.eps), None, None,
+        )  # fmt: skip
+    if not isinstance(m, nn.modules.batchnorm._BatchNorm):
+        return None
+    batch_stats = None
+    if m.training:
+        batch_stats = "module is in training mode"
+    elif m.running_mean is None or m.running_var is None:
+        batch_stats = (
+            "track_running_stats=False: it normalizes with batch statistics even in eval mode"
+        )
+    return BNSite(
+        node, type(m).__name__, node.args[0], m.running_mean, m.running_var,
+        m.weight, m.bias, float(m.eps), batch_stats, None,
+    )  # fmt: skip
+
+
+def _function_site(node: fx.Node, gm: fx.GraphModule) -> BNSite | None:
+    if node.target is F.batch_norm:
+        bound = _F_BN_SIG.bind(*node.args, **node.kwargs)
+        bound.apply_defaults()
+        a = dict(bound.arguments)
+        kind = "F.batch_norm"
+    elif node.target is torch.batch_norm:
+        a = dict(zip(_TORCH_BN_PARAMS, node.args, strict=False)) | dict(node.kwargs)
+        kind = "torch.batch_norm"
+    else:
+        return None
+    tensors = {}
+    not_constant = []
+    for key in ("running_mean", "running_var", "weight", "bias"):
+        tensors[key], is_const = _const(gm, a.get(key))
+        if not is_const:
+            not_constant.append(key)
+    batch_stats = None
+    training = a.get("training", False)
+    if training is not False:
+        batch_stats = "called with training=True: it normalizes with batch statistics"
+    elif tensors["running_mean"] is None or tensors["running_var"] is None:
+        if not not_constant:
+            batch_stats = "called without running statistics: it uses batch statistics"
+    eps = a.get("eps", 1e-5)
+    const_reason = None
+    if not_constant:
+        const_reason = f"{', '.join(not_constant)} computed in the graph, not constants"
+    elif not isinstance(eps, float | int):
+        const_reason = "eps is computed in the graph"
+    return BNSite(
+        node, kind, a["input"], tensors["running_mean"], tensors["running_var"],
+        tensors["weight"], tensors["bias"], float(eps) if isinstance(eps, float | int) else 0.0,
+        batch_stats, const_reason,
+    )  # fmt: skip
+
+
+def bn_site(node: fx.Node, gm: fx.GraphModule) -> BNSite | None:
+    """The BN call site at `node`, or None if the node is not a BatchNorm."""
+    if node.op == "call_module":
+        return _module_site(node, gm)
+    if node.op == "call_function":
+        return _function_site(node, gm)
+    return None

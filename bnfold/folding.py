@@ -1,0 +1,248 @@
+"""The fold pass: capture the model, fold every BatchNorm call site that eval mode lets us
+fold, and say for every one of them what happened.
+
+For each BN call site, in graph order, until nothing changes (so Conv -> BN -> BN folds both):
+1. a BN that normalizes with batch statistics in eval mode stays;
+2. else fold backward into its producer (patterns/producer_bn.py);
+3. else fold forward into its consumers (patterns/bn_consumer.py);
+4. else it stays, with both reasons.
+
+The user's model is never touched: we fold an eval-mode deep copy. When the whole model cannot
+be captured as one graph, each child module is captured and folded on its own (recursively),
+so one untraceable corner costs only the BNs inside it.
+
+In half precision (fp16/bf16) the folded weights are rounded once more; the pass measures the
+folded and the unfolded model against a float64 run and keeps the unfolded model if folding
+made the error worse.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import fx, nn
+
+from bnfold.capture import CaptureError, bn_site, trace
+from bnfold.patterns import FoldContext, Folded, Rejected, fold_into_consumers, fold_into_producer
+from bnfold.report import Action, BNEntry, FoldReport
+
+log = logging.getLogger(__name__)
+
+__all__ = ["FoldResult", "fold"]
+
+_LOW_PRECISION = (torch.float16, torch.bfloat16)
+
+
+@dataclass
+class FoldResult:
+    module: nn.Module  # eval mode, called like the original
+    report: FoldReport
+
+
+def _as_tuple(example_inputs: Any) -> tuple:
+    return example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
+
+
+def _site_names(gm: fx.GraphModule, prefix: str) -> dict[fx.Node, str]:
+    """Readable names per BN call site: the module path, with '#k' when a module is called
+    more than once; the node name for functional BN."""
+    names: dict[fx.Node, str] = {}
+    counts: dict[str, int] = {}
+    for node in gm.graph.nodes:
+        if bn_site(node, gm) is None:
+            continue
+        base = str(node.target) if node.op == "call_module" else node.name
+        counts[base] = counts.get(base, 0) + 1
+        names[node] = prefix + base + (f"#{counts[base]}" if counts[base] > 1 else "")
+    return names
+
+
+def _try_fold(site, ctx: FoldContext, backward: bool, forward: bool):
+    if site.foldable_reason:
+        return Rejected(site.foldable_reason), None
+    reasons = []
+    if backward:
+        outcome = fold_into_producer(site, ctx)
+        if isinstance(outcome, Folded):
+            return outcome, Action.FOLDED_BACKWARD
+        reasons.append(f"not into its producer: {outcome.reason}")
+    if forward:
+        outcome = fold_into_consumers(site, ctx)
+        if isinstance(outcome, Folded):
+            return outcome, Action.FOLDED_FORWARD
+        reasons.append(f"not into its consumers: {outcome.reason}")
+    return Rejected("; ".join(reasons) or "folding disabled"), None
+
+
+def fold_graph(
+    gm: fx.GraphModule, report: FoldReport, *, prefix: str = "", backward=True, forward=True
+) -> int:
+    """Fold the BN call sites of a traced graph in place. Returns how many were folded."""
+    ctx = FoldContext(gm)
+    names = _site_names(gm, prefix)
+    reasons: dict[fx.Node, str] = {}
+    folded = 0
+    changed = True
+    while changed:
+        changed = False
+        for node in list(gm.graph.nodes):
+            site = bn_site(node, gm)
+            if site is None:
+                continue
+            outcome, action = _try_fold(site, ctx, backward, forward)
+            if isinstance(outcome, Rejected):
+                reasons[node] = outcome.reason
+                continue
+            report.add(
+                BNEntry(names[node], site.kind, action, outcome.targets, "; ".join(outcome.notes))
+            )
+            folded += 1
+            changed = True
+    for node in gm.graph.nodes:
+        site = bn_site(node, gm)
+        if site is not None:
+            report.add(BNEntry(names[node], site.kind, Action.KEPT, [], reasons.get(node, "")))
+    gm.graph.lint()
+    gm.delete_all_unused_submodules()
+    gm.recompile()
+    return folded
+
+
+def _record_calls(model: nn.Module, example_inputs: tuple) -> dict[int, list]:
+    """Positional inputs of every call of every submodule during one forward pass
+    (None for a call with keyword arguments, which we do not replay)."""
+    calls: dict[int, list] = {}
+
+    def hook(module, args, kwargs):
+        calls.setdefault(id(module), []).append(None if kwargs else args)
+
+    handles = [m.register_forward_pre_hook(hook, with_kwargs=True) for m in model.modules()]
+    try:
+        with torch.no_grad():
+            model(*example_inputs)
+    finally:
+        for h in handles:
+            h.remove()
+    return calls
+
+
+def _fold_children(
+    parent: nn.Module, calls: dict[int, list], report: FoldReport, prefix: str, **flags
+) -> None:
+    for name, child in list(parent.named_children()):
+        path = f"{prefix}{name}"
+        recorded = calls.get(id(child))
+        if not recorded:
+            continue
+        ranks = {None if a is None else tuple(getattr(x, "ndim", -1) for x in a) for a in recorded}
+        try:
+            if None in ranks or len(ranks) != 1:
+                raise CaptureError("called with keyword arguments or inputs of different ranks")
+            gm = trace(child, recorded[0])
+        except CaptureError as exc:
+            if any(True for _ in child.children()):
+                _fold_children(child, calls, report, f"{path}.", **flags)
+            elif _is_bn_module(child):
+                report.add(
+                    BNEntry(path, type(child).__name__, Action.KEPT, [], f"not capturable: {exc}")
+                )
+            continue
+        if fold_graph(gm, report, prefix=f"{path}.", **flags):
+            setattr(parent, name, gm)
+
+
+def _is_bn_module(m: nn.Module) -> bool:
+    return isinstance(m, nn.modules.batchnorm._BatchNorm)
+
+
+def _float_dtype(model: nn.Module) -> torch.dtype | None:
+    for p in list(model.parameters()) + list(model.buffers()):
+        if p.is_floating_point():
+            return p.dtype
+    return None
+
+
+def _error_vs_float64(model: nn.Module, reference64: nn.Module, inputs: tuple) -> float:
+    from bnfold.verification import flatten_outputs
+
+    with torch.no_grad():
+        ref = flatten_outputs(reference64(*[_to64(x) for x in inputs]))
+        out = flatten_outputs(model(*inputs))
+    return max(
+        float((o.to(torch.float64) - r).abs().max()) if o.numel() else 0.0
+        for (_, o), (_, r) in zip(out, ref, strict=True)
+    )
+
+
+def _to64(x: Any) -> Any:
+    return x.to(torch.float64) if isinstance(x, torch.Tensor) and x.is_floating_point() else x
+
+
+def _precision_guard(
+    original: nn.Module, folded: nn.Module, inputs: tuple, report: FoldReport
+) -> nn.Module:
+    """In fp16/bf16, keep the folded model only if it is no less accurate than the original
+    against a float64 run of the original."""
+    dtype = _float_dtype(original)
+    if dtype not in _LOW_PRECISION or not report.folded:
+        return folded
+    reference64 = copy.deepcopy(original).to(torch.float64)
+    err_original = _error_vs_float64(original, reference64, inputs)
+    err_folded = _error_vs_float64(folded, reference64, inputs)
+    if err_folded <= err_original:
+        report.notes.append(
+            f"{dtype}: max error against float64 {err_folded:.3g} folded vs "
+            f"{err_original:.3g} unfolded"
+        )
+        return folded
+    reason = (
+        f"folding in {dtype} raised the max error against float64 from {err_original:.3g} "
+        f"to {err_folded:.3g}; all BatchNorm kept"
+    )
+    for entry in report.entries:
+        if entry.action is not Action.KEPT:
+            entry.action, entry.targets, entry.reason = Action.KEPT, [], reason
+    report.notes.append(reason)
+    return original
+
+
+def fold(
+    model: nn.Module,
+    example_inputs: Any,
+    *,
+    backward: bool = True,
+    forward: bool = True,
+) -> FoldResult:
+    """Fold every foldable BatchNorm of `model`; the model itself is left unchanged.
+
+    `example_inputs`: a tensor or a tuple of the model's positional inputs, used to capture
+    the graph and to prove axes from real shapes.
+    """
+    inputs = _as_tuple(example_inputs)
+    report = FoldReport()
+    if model.training:
+        report.notes.append(
+            "the model was in train mode: its eval-mode copy was folded (the model is unchanged)"
+        )
+    original = copy.deepcopy(model).eval()
+    work = copy.deepcopy(original)
+    flags = {"backward": backward, "forward": forward}
+    try:
+        gm = trace(work, inputs)
+    except CaptureError as exc:
+        report.notes.append(
+            f"{type(model).__name__} could not be captured as one graph ({exc}); "
+            "its submodules were captured and folded one by one"
+        )
+        _fold_children(work, _record_calls(work, inputs), report, "", **flags)
+        module: nn.Module = work
+    else:
+        fold_graph(gm, report, **flags)
+        module = gm
+    module = _precision_guard(original, module, inputs, report).eval()
+    log.info("fold: %s", report.counts())
+    return FoldResult(module, report)

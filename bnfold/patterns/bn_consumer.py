@@ -1,0 +1,152 @@
+"""Forward fold: BatchNorm -> affine layer(s), merged into the consumers
+(W' = W * s[in], b' = b + W t[in]). Used when the BN has no foldable producer, e.g. when it
+comes after the activation (Linear -> LeakyReLU -> BatchNorm1d -> Linear).
+
+Cases, each a guard below:
+1. Every user of the BN output must reach a stock Linear or Conv through nothing but
+   eval-mode identities (Dropout, Identity) and at most one flatten.
+2. A flatten must keep channel blocks: [N, C, *rest] -> [N, C * prod(rest)], so channel c
+   covers the features [c * block, (c + 1) * block) of the Linear.
+3. Without a flatten, a Linear reads the last dim; BN normalizes dim 1. Only a rank-2 tensor
+   has them equal.
+4. A Conv consumer is exact only if every input element it reads is a BN output. Zero
+   padding reads zeros that the BN would have shifted to t: exact when there is no zero
+   padding (padding 0, or reflect/replicate/circular) or when t is exactly 0.
+5. A transposed conv adds t's contribution a different number of times at the borders: kept.
+6. The BN input must not be written in place by another user, since the consumers now read
+   it directly and would see the new values.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import fx, nn
+
+from bnfold.capture import BNSite, fetch_attr, is_inplace, node_shape
+from bnfold.numerics import bn_scale_shift, channel_scale_for_features, fold_bn_into_consumer
+from bnfold.patterns.base import FoldContext, Folded, Rejected, conv_is_transposed, describe
+
+__all__ = ["fold_into_consumers"]
+
+_IDENTITY_MODULES = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout,
+                     nn.Identity)  # fmt: skip
+_FLATTEN_METHODS = {"flatten", "view", "reshape"}
+
+
+def _is_identity(node: fx.Node, gm: fx.GraphModule) -> bool:
+    if node.op == "call_module":
+        m = fetch_attr(gm, str(node.target))
+        return isinstance(m, _IDENTITY_MODULES) and (not m.training or isinstance(m, nn.Identity))
+    if node.op == "call_function" and node.target is F.dropout:
+        return node.kwargs.get("training", node.args[2] if len(node.args) > 2 else True) is False
+    return False
+
+
+def _is_flatten_call(node: fx.Node, gm: fx.GraphModule) -> bool:
+    if node.op == "call_module":
+        return isinstance(fetch_attr(gm, str(node.target)), nn.Flatten)
+    if node.op == "call_function":
+        return node.target in (torch.flatten, torch.reshape)
+    return node.op == "call_method" and node.target in _FLATTEN_METHODS
+
+
+def _channel_block(before: tuple[int, ...], after: tuple[int, ...] | None) -> int | None:
+    """Features per channel if `after` is `before` flattened from dim 1 on, else None."""
+    if after is None or len(before) < 3 or len(after) != 2 or after[0] != before[0]:
+        return None
+    block = math.prod(before[2:])
+    return block if after[1] == before[1] * block else None
+
+
+def _route(start: fx.Node, bn_shape: tuple[int, ...], gm: fx.GraphModule):
+    """Walk from a BN user to its consumer. Returns (consumer node, block, via_flatten) or a
+    rejection reason."""
+    node, block, flattened = start, 1, False
+    while True:
+        if _is_identity(node, gm) or _is_flatten_call(node, gm):
+            if _is_flatten_call(node, gm):
+                if flattened:
+                    return f"{describe(node)} reshapes the features a second time"
+                b = _channel_block(bn_shape, node_shape(node))
+                if b is None:
+                    return f"{describe(node)} does not keep channel blocks together"
+                block, flattened = b, True
+            if len(node.users) != 1:
+                return f"{describe(node)} has {len(node.users)} users"
+            node = next(iter(node.users))
+            continue
+        return node, block, flattened
+
+
+def _conv_reject(layer: nn.Module, t: torch.Tensor, name: str) -> str | None:
+    if conv_is_transposed(layer):
+        return f"consumer '{name}' is a transposed conv: the shift is not uniform at the borders"
+    padding = layer.padding
+    if isinstance(padding, str):
+        zero_pad = padding == "valid" or all(k == 1 for k in layer.kernel_size)
+    else:
+        zero_pad = all(p == 0 for p in padding)
+    if zero_pad or layer.padding_mode != "zeros" or bool(torch.all(t == 0)):
+        return None
+    return (
+        f"consumer conv '{name}' pads with zeros (padding={layer.padding}): the padded border "
+        "would not be shifted by the BN, so folding would be inexact at the borders"
+    )
+
+
+def fold_into_consumers(site: BNSite, ctx: FoldContext) -> Folded | Rejected:
+    bn = site.node
+    bn_shape = node_shape(bn)
+    if bn_shape is None or len(bn_shape) < 2:
+        return Rejected("its output shape is unknown")
+    if not bn.users:
+        return Rejected("its output is not used")
+    # case 6
+    writers = [u.name for u in site.input.users if u is not bn and is_inplace(u, ctx.gm)]
+    if writers:
+        return Rejected(f"its input is modified in place by {', '.join(writers)}")
+    s, t = bn_scale_shift(site.running_mean, site.running_var, site.weight, site.bias, site.eps)
+    plans = []
+    for user in list(bn.users):
+        # case 1, 2
+        route = _route(user, bn_shape, ctx.gm)
+        if isinstance(route, str):
+            return Rejected(route)
+        consumer, block, flattened = route
+        layer = ctx.module(consumer)
+        if not isinstance(layer, nn.Linear | nn.modules.conv._ConvNd):
+            return Rejected(f"its output goes to {describe(consumer)}, not a Linear/Conv layer")
+        if isinstance(layer, nn.Linear):
+            in_shape = node_shape(consumer.args[0])
+            # case 3
+            if not flattened and len(bn_shape) != 2:
+                return Rejected(
+                    f"Linear '{consumer.target}' reads the last dim of a rank-{len(bn_shape)} "
+                    "tensor; BN normalizes dim 1"
+                )
+            if in_shape is None or len(in_shape) != 2 or in_shape[1] != s.numel() * block:
+                return Rejected(f"Linear '{consumer.target}' input does not match BN channels")
+            plans.append((consumer, layer, block))
+        else:
+            if flattened:
+                return Rejected(f"conv '{consumer.target}' reads a flattened BN output")
+            # case 4, 5
+            reason = _conv_reject(layer, t, str(consumer.target))
+            if reason:
+                return Rejected(reason)
+            plans.append((consumer, layer, 1))
+    targets, notes = [], []
+    for consumer, layer, block in plans:
+        s_in = channel_scale_for_features(s, block)
+        t_in = channel_scale_for_features(t, block)
+        weight, bias = fold_bn_into_consumer(
+            layer.weight, layer.bias, s_in, t_in, groups=getattr(layer, "groups", 1)
+        )
+        target, layer_notes = ctx.replace_layer(consumer, weight, bias)
+        targets.append(target)
+        notes += layer_notes
+    ctx.remove_bn(bn, site.input)
+    return Folded(targets, notes)
