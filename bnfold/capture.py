@@ -116,7 +116,8 @@ def trace(model: nn.Module, example_inputs: tuple[Any, ...]) -> fx.GraphModule:
         name = model.__class__.__name__
         gm = fx.GraphModule(tracer.root, graph, name)
     except Exception as exc:  # tracing raises many kinds; all mean "not capturable"
-        raise CaptureError(f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
+        first_line = str(exc).splitlines()[0] if str(exc) else ""
+        raise CaptureError(f"{type(exc).__name__}: {first_line}") from exc
     try:
         with torch.no_grad():
             ShapeProp(gm).propagate(*example_inputs)

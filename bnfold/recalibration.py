@@ -40,7 +40,8 @@ class _Moments:
         m = x.numel() // x.shape[1]
         if self.m is not None and m != self.m:
             raise ValueError(
-                f"calibration batches must have equal sizes (got {m} and {self.m} elements per channel)"
+                "calibration batches must have equal sizes "
+                f"(got {m} and {self.m} elements per channel)"
             )
         self.m = m
         self.mean_sum = mean if self.mean_sum is None else self.mean_sum + mean
