@@ -30,6 +30,7 @@ __all__ = [
     "bn_site",
     "fetch_attr",
     "is_inplace",
+    "is_shape_only",
     "node_shape",
     "trace",
 ]
@@ -101,8 +102,9 @@ class _FoldTracer(fx.Tracer):
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
         if isinstance(m, nn.modules.batchnorm._BatchNorm | nn.Linear | nn.modules.conv._ConvNd):
-            if _has_stock_forward(m):
-                return True
+            # a subclass with its own forward (timm's BatchNormAct2d adds an activation) is
+            # traced through, so the BN inside it shows up as F.batch_norm
+            return _has_stock_forward(m)
         if is_frozen_bn(m) or isinstance(m, self._extra_leaves):
             return True
         return super().is_leaf_module(m, module_qualified_name)
@@ -172,6 +174,19 @@ def is_inplace(node: fx.Node, gm: fx.GraphModule) -> bool:
     return False
 
 
+_SHAPE_METHODS = {"size", "dim", "ndimension", "numel"}
+
+
+def is_shape_only(node: fx.Node) -> bool:
+    """Whether the node reads only the shape of its input (x.size(0), x.shape, x.dim()): a
+    BN preserves shapes, so such a user does not care whether the BN is there."""
+    if node.op == "call_method":
+        return node.target in _SHAPE_METHODS
+    if node.op == "call_function" and node.target is getattr:
+        return node.args[1] in ("shape", "ndim", "dtype", "device")
+    return False
+
+
 @dataclass
 class BNSite:
     """One BatchNorm call site, as eval mode computes it: y = s * x + t per channel of dim 1."""
@@ -210,7 +225,7 @@ def _module_site(node: fx.Node, gm: fx.GraphModule) -> BNSite | None:
             node, type(m).__name__, node.args[0], m.running_mean, m.running_var,
             m.weight, m.bias, float(m.eps), None, None,
         )  # fmt: skip
-    if not isinstance(m, nn.modules.batchnorm._BatchNorm):
+    if not isinstance(m, nn.modules.batchnorm._BatchNorm) or not _has_stock_forward(m):
         return None
     batch_stats = None
     if m.training:

@@ -106,10 +106,21 @@ def fold_graph(
         site = bn_site(node, gm)
         if site is not None:
             report.add(BNEntry(names[node], site.kind, Action.KEPT, [], reasons.get(node, "")))
+        elif node.op == "call_module":
+            _report_opaque(node, gm, report, prefix)
     gm.graph.lint()
     gm.delete_all_unused_submodules()
     gm.recompile()
     return folded
+
+
+def _report_opaque(node: fx.Node, gm: fx.GraphModule, report: FoldReport, prefix: str) -> None:
+    """BNs inside a module that the tracer kept as one call cannot be seen, let alone folded."""
+    for sub_name, sub in gm.get_submodule(str(node.target)).named_modules():
+        if sub_name and _is_bn_module(sub):
+            reason = f"inside '{node.target}', which is captured as one opaque call"
+            name = f"{prefix}{node.target}.{sub_name}"
+            report.add(BNEntry(name, type(sub).__name__, Action.KEPT, [], reason))
 
 
 def _record_calls(model: nn.Module, example_inputs: tuple) -> dict[int, list]:

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-from bnfold.capture import BNSite, fetch_attr, is_inplace, node_shape
+from bnfold.capture import BNSite, fetch_attr, is_inplace, is_shape_only, node_shape
 from bnfold.numerics import bn_scale_shift, channel_scale_for_features, fold_bn_into_consumer
 from bnfold.patterns.base import FoldContext, Folded, Rejected, conv_is_transposed, describe
 
@@ -102,7 +102,7 @@ def fold_into_consumers(site: BNSite, ctx: FoldContext) -> Folded | Rejected:
     bn_shape = node_shape(bn)
     if bn_shape is None or len(bn_shape) < 2:
         return Rejected("its output shape is unknown")
-    if not bn.users:
+    if all(is_shape_only(u) for u in bn.users):
         return Rejected("its output is not used")
     # case 6
     writers = [u.name for u in site.input.users if u is not bn and is_inplace(u, ctx.gm)]
@@ -111,6 +111,8 @@ def fold_into_consumers(site: BNSite, ctx: FoldContext) -> Folded | Rejected:
     s, t = bn_scale_shift(site.running_mean, site.running_var, site.weight, site.bias, site.eps)
     plans = []
     for user in list(bn.users):
+        if is_shape_only(user):
+            continue
         # case 1, 2
         route = _route(user, bn_shape, ctx.gm)
         if isinstance(route, str):

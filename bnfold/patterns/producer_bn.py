@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from bnfold.capture import AFFINE_TYPES, BNSite, node_shape
+from bnfold.capture import AFFINE_TYPES, BNSite, is_shape_only, node_shape
 from bnfold.numerics import bn_scale_shift, fold_bn_into_producer
 from bnfold.patterns.base import FoldContext, Folded, Rejected, conv_is_transposed, describe
 
@@ -28,7 +28,7 @@ def fold_into_producer(site: BNSite, ctx: FoldContext) -> Folded | Rejected:
     if not isinstance(layer, AFFINE_TYPES):
         return Rejected(f"its input comes from {describe(producer)}, not a Conv/Linear layer")
     # case 2
-    others = [u for u in producer.users if u is not site.node]
+    others = [u for u in producer.users if u is not site.node and not is_shape_only(u)]
     if others:
         names = ", ".join(u.name for u in others)
         return Rejected(f"the output of '{producer.target}' is also used by {names}")
