@@ -79,9 +79,17 @@ def _try_fold(site, ctx: FoldContext, backward: bool, forward: bool):
 
 
 def fold_graph(
-    gm: fx.GraphModule, report: FoldReport, *, prefix: str = "", backward=True, forward=True
+    gm: fx.GraphModule,
+    report: FoldReport,
+    *,
+    prefix: str = "",
+    backward: bool = True,
+    forward: bool = True,
+    only: frozenset[str] | None = None,
 ) -> int:
-    """Fold the BN call sites of a traced graph in place. Returns how many were folded."""
+    """Fold the BN call sites of a traced graph in place. Returns how many were folded.
+
+    `only`: fold just the call sites of these names (the precision guard's trials)."""
     ctx = FoldContext(gm)
     names = _site_names(gm, prefix)
     reasons: dict[fx.Node, str] = {}
@@ -92,6 +100,9 @@ def fold_graph(
         for node in list(gm.graph.nodes):
             site = bn_site(node, gm)
             if site is None:
+                continue
+            if only is not None and names[node] not in only:
+                reasons[node] = "not selected"
                 continue
             outcome, action = _try_fold(site, ctx, backward, forward)
             if isinstance(outcome, Rejected):
@@ -178,15 +189,18 @@ def _float_dtype(model: nn.Module) -> torch.dtype | None:
 
 
 def _error_vs_float64(model: nn.Module, reference64: nn.Module, inputs: tuple) -> float:
-    from bnfold.verification import flatten_outputs
+    """Max abs error against float64 over the inputs and verify's generated input sets."""
+    from bnfold.verification import flatten_outputs, generated_cases
 
+    worst = 0.0
     with torch.no_grad():
-        ref = flatten_outputs(reference64(*[_to64(x) for x in inputs]))
-        out = flatten_outputs(model(*inputs))
-    return max(
-        float((o.to(torch.float64) - r).abs().max()) if o.numel() else 0.0
-        for (_, o), (_, r) in zip(out, ref, strict=True)
-    )
+        for _, args in generated_cases(inputs):
+            ref = flatten_outputs(reference64(*[_to64(x) for x in args]))
+            out = flatten_outputs(model(*args))
+            for (_, o), (_, r) in zip(out, ref, strict=True):
+                if o.numel():
+                    worst = max(worst, float((o.to(torch.float64) - r).abs().max()))
+    return worst
 
 
 def _to64(x: Any) -> Any:
@@ -194,31 +208,66 @@ def _to64(x: Any) -> Any:
 
 
 def _precision_guard(
-    original: nn.Module, folded: nn.Module, inputs: tuple, report: FoldReport
-) -> nn.Module:
-    """In fp16/bf16, keep the folded model only if it is no less accurate than the original
-    against a float64 run of the original."""
+    original: nn.Module, folded: nn.Module, report: FoldReport, inputs: tuple, flags: dict
+) -> tuple[nn.Module, FoldReport]:
+    """In fp16/bf16 the folded weights are rounded once more. Keep a fold only if the model
+    stays at least as accurate as the unfolded one against a float64 run: first all folds
+    together, else each fold greedily, in graph order, keeping those that do not push the
+    error above the unfolded model's."""
     dtype = _float_dtype(original)
     if dtype not in _LOW_PRECISION or not report.folded:
-        return folded
+        return folded, report
     reference64 = copy.deepcopy(original).to(torch.float64)
-    err_original = _error_vs_float64(original, reference64, inputs)
-    err_folded = _error_vs_float64(folded, reference64, inputs)
-    if err_folded <= err_original:
+    baseline = _error_vs_float64(original, reference64, inputs)
+    error = _error_vs_float64(folded, reference64, inputs)
+    if error <= baseline:
         report.notes.append(
-            f"{dtype}: max error against float64 {err_folded:.3g} folded vs "
-            f"{err_original:.3g} unfolded"
+            f"{dtype}: max error against float64 {error:.3g} folded, {baseline:.3g} unfolded"
         )
-        return folded
-    reason = (
-        f"folding in {dtype} raised the max error against float64 from {err_original:.3g} "
-        f"to {err_folded:.3g}; all BatchNorm kept"
-    )
-    for entry in report.entries:
-        if entry.action is not Action.KEPT:
-            entry.action, entry.targets, entry.reason = Action.KEPT, [], reason
-    report.notes.append(reason)
-    return original
+        return folded, report
+    candidates = [e.name for e in report.folded]
+    allowed: frozenset[str] = frozenset()
+    best_module, best_report, best_error = copy.deepcopy(original), None, baseline
+    for name in candidates:
+        trial, trial_report = _fold_copy(original, inputs, {**flags, "only": allowed | {name}})
+        trial_error = _error_vs_float64(trial, reference64, inputs)
+        if trial_error <= baseline:
+            allowed |= {name}
+            best_module, best_report, best_error = trial, trial_report, trial_error
+    if best_report is None:
+        best_report = FoldReport()
+        best_report.entries = [copy.copy(e) for e in report.entries]
+        for entry in best_report.entries:
+            entry.action, entry.targets = Action.KEPT, []
+    for entry in best_report.entries:
+        if entry.name in candidates and entry.name not in allowed:
+            entry.reason = (
+                f"folding it in {dtype} raised the max error against float64 above the "
+                f"unfolded model's {baseline:.3g}"
+            )
+    best_report.notes = report.notes + [
+        f"{dtype}: all folds together raised the max error against float64 from "
+        f"{baseline:.3g} to {error:.3g}; kept {len(candidates) - len(allowed)} of "
+        f"{len(candidates)} folds back (now {best_error:.3g})"
+    ]
+    return best_module, best_report
+
+
+def _fold_copy(original: nn.Module, inputs: tuple, flags: dict) -> tuple[nn.Module, FoldReport]:
+    """Fold a deep copy of the eval-mode `original`."""
+    report = FoldReport()
+    work = copy.deepcopy(original)
+    try:
+        gm = trace(work, inputs)
+    except CaptureError as exc:
+        report.notes.append(
+            f"{type(original).__name__} could not be captured as one graph ({exc}); "
+            "its submodules were captured and folded one by one"
+        )
+        _fold_children(work, _record_calls(work, inputs), report, "", **flags)
+        return work, report
+    fold_graph(gm, report, **flags)
+    return gm, report
 
 
 def fold(
@@ -234,26 +283,14 @@ def fold(
     the graph and to prove axes from real shapes.
     """
     inputs = _as_tuple(example_inputs)
-    report = FoldReport()
-    if model.training:
-        report.notes.append(
-            "the model was in train mode: its eval-mode copy was folded (the model is unchanged)"
-        )
     original = copy.deepcopy(model).eval()
-    work = copy.deepcopy(original)
     flags = {"backward": backward, "forward": forward}
-    try:
-        gm = trace(work, inputs)
-    except CaptureError as exc:
-        report.notes.append(
-            f"{type(model).__name__} could not be captured as one graph ({exc}); "
-            "its submodules were captured and folded one by one"
+    module, report = _fold_copy(original, inputs, flags)
+    module, report = _precision_guard(original, module, report, inputs, flags)
+    if model.training:
+        report.notes.insert(
+            0, "the model was in train mode: its eval-mode copy was folded (the model is unchanged)"
         )
-        _fold_children(work, _record_calls(work, inputs), report, "", **flags)
-        module: nn.Module = work
-    else:
-        fold_graph(gm, report, **flags)
-        module = gm
-    module = _precision_guard(original, module, inputs, report).eval()
+    module.eval()
     log.info("fold: %s", report.counts())
     return FoldResult(module, report)
