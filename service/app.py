@@ -1,0 +1,101 @@
+"""The application factory: ``create_app(settings)`` wires store, runtime, handlers and routes.
+
+Nothing heavy happens at import or in the factory. At start-up (lifespan) the store is
+recovered and the token resolved; loading the deployed models, and on a fresh store deploying
+the zoo's defaults, runs in the background while ``/v2/health/live`` already answers and
+``/v2/health/ready`` says 503 until it is done.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import sys
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+from starlette.concurrency import run_in_threadpool
+
+import service
+from service.auth import TOKEN_FILE, load_or_create_token
+from service.errors import install_error_handlers
+from service.handlers import InferenceService, ModelService
+from service.limits import BodyLimitMiddleware
+from service.routes import health, inference, models
+from service.runtime.registry import ModelRegistry
+from service.settings import Settings
+from service.store import ModelStore
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_MODELS = ("mlp_bn_after_act", "resnet_small")  # models.DEFAULT_MODELS, without torch
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    settings = settings or Settings.from_env()
+    store = ModelStore(settings.store)
+    registry = ModelRegistry()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        deployed = await run_in_threadpool(store.recover)
+        token, created = load_or_create_token(store.root, settings.api_token)
+        if created:
+            print(
+                f"bnfold: generated API token (kept in {store.root / TOKEN_FILE}):\n{token}",
+                file=sys.stderr,
+                flush=True,
+            )
+        app.state.api_token = token
+        handlers = ModelService(settings, store, registry)
+        app.state.models = handlers
+        app.state.inference = InferenceService(settings, registry)
+        if settings.require_gpu:
+            provider = await run_in_threadpool(handlers.sessions.probe)  # raises without CUDA
+            logger.info("require_gpu: sessions get %s", provider)
+        task = asyncio.create_task(_warm_up(app, handlers, deployed))
+        try:
+            yield
+        finally:
+            task.cancel()
+
+    app = FastAPI(
+        title="bnfold service",
+        version=service.__version__,
+        description="POST a trained model: it is folded, verified and served over KServe v2.",
+        lifespan=lifespan,
+    )
+    app.state.settings = settings
+    app.state.ready = False
+    app.state.not_ready_reason = "starting"
+    install_error_handlers(app)
+    app.add_middleware(
+        BodyLimitMiddleware,
+        default_limit=settings.max_request_bytes,
+        limits={("POST", "/v1/models"): settings.max_upload_bytes},
+    )
+    app.include_router(health.router)
+    app.include_router(inference.router)
+    app.include_router(models.router)
+    return app
+
+
+async def _warm_up(app: FastAPI, handlers: ModelService, deployed) -> None:
+    state = app.state
+    state.not_ready_reason = "loading the deployed models"
+    await run_in_threadpool(handlers.load, deployed)
+    store = handlers.store
+    if store.is_fresh():
+        if handlers.settings.deploy_defaults:
+            state.not_ready_reason = "deploying the default models"
+            try:
+                await handlers.deploy_defaults(list(DEFAULT_MODELS))
+            except Exception:
+                logger.exception("deploying the default models failed; will retry next start")
+            else:
+                await run_in_threadpool(store.mark_initialized)
+        else:
+            await run_in_threadpool(store.mark_initialized)
+    state.ready = True
+    state.not_ready_reason = ""
+    logger.info("ready: %d model(s) loaded", len(handlers.registry.all()))

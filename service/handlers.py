@@ -1,0 +1,180 @@
+"""Transport-free handlers: what the routes call. Data flows one way,
+upload -> ingest (worker) -> store -> runtime registry."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from starlette.concurrency import run_in_threadpool
+
+from service.errors import BadRequest, NotFound, ServiceError, Unprocessable
+from service.ingest import Ingestor, IngestResult
+from service.protocol import v2
+from service.runtime.registry import LoadedModel, ModelRegistry
+from service.runtime.sessions import CUDA, ModelLoadError, SessionFactory, gpu_divergence
+from service.settings import Settings
+from service.store import ModelStore, StoredModel, validate_name
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_RTOL = 1e-4
+DEFAULT_ATOL = 1e-5
+
+
+@dataclass
+class UploadRequest:
+    name: str
+    upload: Path  # the uploaded file, in a scratch directory of the store
+    architecture: str | None = None
+    input_shape: Any = None
+    rtol: float = DEFAULT_RTOL
+    atol: float = DEFAULT_ATOL
+
+    def job(self) -> dict[str, Any]:
+        return {
+            "kind": "safetensors" if self.architecture else "onnx",
+            "architecture": self.architecture,
+            "input_shape": self.input_shape,
+            "rtol": self.rtol,
+            "atol": self.atol,
+        }
+
+
+class ModelService:
+    """Deploy, list, delete; loads the store at start."""
+
+    def __init__(self, settings: Settings, store: ModelStore, registry: ModelRegistry) -> None:
+        self.settings = settings
+        self.store = store
+        self.registry = registry
+        self.sessions = SessionFactory(settings.require_gpu)
+        self.ingestor = Ingestor(settings)
+        self._name_locks: dict[str, asyncio.Lock] = {}
+
+    # -- start-up ----------------------------------------------------------------------------
+    def load(self, deployed: list[StoredModel]) -> None:
+        """Build sessions for what the store holds (after ``store.recover()``)."""
+        for stored in deployed:
+            try:
+                self.registry.put(self._load(stored))
+            except (ModelLoadError, ServiceError) as exc:
+                logger.error("store: cannot load %s %s: %s", stored.name, stored.version, exc)
+
+    def _load(self, stored: StoredModel) -> LoadedModel:
+        runtime = self.sessions.create(str(stored.model_path))
+        return LoadedModel(stored.name, stored.version, stored.record, runtime)
+
+    async def deploy_defaults(self, architectures: list[str]) -> None:
+        """Deploy zoo models under their own names, each in its own worker, in parallel."""
+
+        async def one(arch: str) -> None:
+            scratch = await run_in_threadpool(self.store.scratch_dir, f"zoo-{arch}-")
+            try:
+                result = await self.ingestor.run(scratch, {"kind": "zoo", "architecture": arch})
+                await self._commit(arch, result)
+            finally:
+                await run_in_threadpool(shutil.rmtree, scratch, True)
+
+        await asyncio.gather(*(one(a) for a in architectures))
+
+    # -- management --------------------------------------------------------------------------
+    async def deploy(self, request: UploadRequest) -> LoadedModel:
+        validate_name(request.name)
+        result = await self.ingestor.run(request.upload.parent, request.job())
+        return await self._commit(request.name, result)
+
+    async def _commit(self, name: str, result: IngestResult) -> LoadedModel:
+        folded = await run_in_threadpool(result.folded_path.read_bytes)
+        version = hashlib.sha256(folded).hexdigest()[:16]
+        try:
+            runtime = await run_in_threadpool(self.sessions.create, folded)
+        except ModelLoadError as exc:
+            raise Unprocessable(f"the folded graph cannot be served: {exc}") from None
+        info = result.result
+        record = {
+            "name": name,
+            "version": version,
+            "platform": "onnxruntime_onnx",
+            "source": info["source"],
+            "inputs": [s.to_dict() for s in runtime.signature.inputs],
+            "outputs": [s.to_dict() for s in runtime.signature.outputs],
+            "input_shapes": info["input_shapes"],
+            "fold_report": info["fold_report"],
+            "verification": info["verification"],
+            "gpu_divergence": None,
+            "deployed_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        }
+        if runtime.provider == CUDA:
+            record["gpu_divergence"] = await run_in_threadpool(
+                gpu_divergence, str(result.original_path), runtime, info["input_shapes"]
+            )
+        lock = self._name_locks.setdefault(name, asyncio.Lock())
+        async with lock:
+            await run_in_threadpool(self.store.deploy, name, version, result.folded_path, record)
+            model = LoadedModel(name, version, record, runtime)
+            self.registry.put(model)
+        await run_in_threadpool(self.store.prune, name)
+        logger.info("deployed %s version %s on %s", name, version, runtime.provider)
+        return model
+
+    async def delete(self, name: str) -> None:
+        validate_name(name)
+        lock = self._name_locks.setdefault(name, asyncio.Lock())
+        async with lock:
+            await run_in_threadpool(self.store.delete, name)
+            self.registry.remove(name)
+
+    def onnx_path(self, name: str) -> Path:
+        validate_name(name)
+        model = self.registry.get(name)
+        return self.store.get(model.name).model_path
+
+
+class InferenceService:
+    def __init__(self, settings: Settings, registry: ModelRegistry) -> None:
+        self.settings = settings
+        self.registry = registry
+
+    def model(self, name: str, version: str | None = None) -> LoadedModel:
+        model = self.registry.get(name)
+        if version is not None and version != model.version:
+            raise NotFound(f"model {name!r} has no version {version!r} (serving {model.version})")
+        return model
+
+    async def infer(
+        self, name: str, version: str | None, body: bytes, header_length: str | None
+    ) -> tuple[bytes, int | None]:
+        model = self.model(name, version)  # held for the whole request: a swap cannot touch it
+        signature = model.runtime.signature
+        length = v2.parse_header_length(header_length, len(body))
+        request = v2.decode_request(
+            body,
+            length,
+            signature,
+            max_elements=self.settings.max_tensor_elements,
+            max_batch_size=self.settings.max_batch_size if signature.batched else 0,
+        )
+        names = [o.name for o in request.outputs]
+        results = await run_in_threadpool(_run, model, request.inputs, names)
+        return v2.encode_response(model.name, model.version, request.id, results, request.outputs)
+
+
+def _run(model: LoadedModel, inputs: dict[str, np.ndarray], names: list[str]):
+    try:
+        return model.runtime.run(inputs, names)
+    except Exception as exc:  # onnxruntime's own error types
+        message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        if "INVALID_ARGUMENT" in message or "Invalid" in message:
+            raise BadRequest(f"the model rejected the inputs: {message}") from None
+        logger.exception("inference failed on %s", model.name)
+        raise ServiceError(
+            "inference failed inside onnxruntime; the server log has details"
+        ) from None

@@ -1,0 +1,304 @@
+"""The ingest worker: ``python -m service.ingest_worker LIMITS_JSON JOB_DIR [JOB_DIR ...]``.
+
+Runs in its own process so that a model that crashes onnxruntime or torch takes down only this
+process. It sets its resource limits first, before any user byte is read (done here rather than
+in a ``preexec_fn``, which is unsafe in the threaded server). For each job directory it reads
+``job.json`` and ``upload``, and writes ``result.json`` (a status and the reports) and, on
+success, ``folded.onnx`` and ``original.onnx``.
+
+Uploaded bytes are never unpickled: ONNX is parsed as protobuf, weights with
+``safetensors.torch.load`` (a JSON header and raw buffers), and ``torch.load`` is disabled in
+this process as a second line of defence.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import sys
+import traceback
+from pathlib import Path
+from typing import Any
+
+
+class Refused(Exception):
+    """The upload cannot be deployed; ``status`` is the HTTP status the client gets."""
+
+    def __init__(self, status: int, message: str, **extra: Any) -> None:
+        super().__init__(message)
+        self.status = status
+        self.extra = extra
+
+
+def set_limits(limits: dict[str, int]) -> None:
+    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+    if limits.get("memory_bytes"):
+        resource.setrlimit(resource.RLIMIT_AS, (limits["memory_bytes"],) * 2)
+    if limits.get("cpu_s"):
+        resource.setrlimit(resource.RLIMIT_CPU, (limits["cpu_s"], limits["cpu_s"] + 5))
+    if limits.get("file_bytes"):
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limits["file_bytes"],) * 2)
+
+
+def _no_unpickling(*args: Any, **kwargs: Any) -> Any:
+    raise RuntimeError("unpickling is disabled in the ingest worker")
+
+
+def _disable_unpickling() -> None:
+    import torch
+
+    torch.load = _no_unpickling
+
+
+# -- parsing ------------------------------------------------------------------------------------
+
+
+def external_data_refs(model: Any) -> list[str]:
+    """Names of every tensor in the model (graphs, subgraphs, functions) stored outside it."""
+    from onnx import AttributeProto, TensorProto
+
+    found: list[str] = []
+
+    def tensor(t: Any) -> None:
+        if t.data_location == TensorProto.EXTERNAL or len(t.external_data):
+            found.append(t.name or "<unnamed>")
+
+    def graph(g: Any) -> None:
+        for t in g.initializer:
+            tensor(t)
+        for st in g.sparse_initializer:
+            tensor(st.values)
+            tensor(st.indices)
+        for node in g.node:
+            nodes_attrs(node.attribute)
+
+    def nodes_attrs(attrs: Any) -> None:
+        for a in attrs:
+            if a.type == AttributeProto.TENSOR:
+                tensor(a.t)
+            elif a.type == AttributeProto.TENSORS:
+                for t in a.tensors:
+                    tensor(t)
+            elif a.type == AttributeProto.SPARSE_TENSOR:
+                tensor(a.sparse_tensor.values)
+            elif a.type == AttributeProto.GRAPH:
+                graph(a.g)
+            elif a.type == AttributeProto.GRAPHS:
+                for g in a.graphs:
+                    graph(g)
+
+    graph(model.graph)
+    for fn in model.functions:
+        for node in fn.node:
+            nodes_attrs(node.attribute)
+    return found
+
+
+def parse_onnx(data: bytes) -> Any:
+    import onnx
+    from google.protobuf.message import DecodeError
+
+    try:
+        model = onnx.load_from_string(data)
+    except (DecodeError, ValueError, RuntimeError) as exc:
+        raise Refused(
+            400, f"the file is not a valid ONNX model (protobuf parse failed: {exc})"
+        ) from None
+    # before anything else looks at the graph: external data names a path on *our* disk
+    external = external_data_refs(model)
+    if external:
+        raise Refused(
+            400,
+            f"ONNX models with external data are refused (tensors {external[:5]}); "
+            "save the model with all tensors inside the file",
+        )
+    if not model.graph.node:
+        raise Refused(400, "the file is not a usable ONNX model: its graph has no nodes")
+    try:
+        onnx.checker.check_model(model)
+    except Exception as exc:  # onnx raises ValidationError and C++ errors
+        raise Refused(400, f"the ONNX model does not pass onnx.checker: {exc}") from None
+    return model
+
+
+def model_from_safetensors(data: bytes, architecture: str, input_shape: Any) -> tuple[Any, Any]:
+    """Build the zoo architecture with uploaded weights; return the unfolded ONNX + inputs."""
+    import models
+
+    if architecture not in models.names():
+        raise Refused(
+            400, f"unknown architecture {architecture!r}; known: {sorted(models.names())}"
+        )
+    from safetensors import SafetensorError
+    from safetensors.torch import load
+
+    try:
+        state = load(data)  # JSON header + raw buffers: no code runs
+    except (SafetensorError, ValueError, RuntimeError, OSError) as exc:
+        raise Refused(400, f"the file is not a valid safetensors state dict: {exc}") from None
+    module = models.get_spec(architecture).make()  # the architecture only: no training
+    try:
+        module.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        raise Refused(
+            400, f"the weights do not fit architecture {architecture!r}: {_first_lines(exc)}"
+        ) from None
+    return export_zoo_module(module, architecture, input_shape)
+
+
+def export_zoo_module(module: Any, architecture: str, input_shape: Any) -> tuple[Any, Any]:
+    import torch
+
+    import bnfold
+    import models
+
+    module.eval()
+    if input_shape is None:
+        example = tuple(models.example_inputs(architecture, batch=2))
+    else:
+        shapes = (
+            input_shape
+            if isinstance(input_shape, list) and input_shape and isinstance(input_shape[0], list)
+            else [input_shape]
+        )
+        example = tuple(torch.randn(*s) for s in shapes)
+    try:
+        with torch.no_grad():
+            original = bnfold.export_onnx(module, example, dynamic_batch=True)
+    except Exception as exc:
+        raise Refused(
+            422, f"exporting {architecture!r} to ONNX failed: {_first_lines(exc)}"
+        ) from None
+    return original, example
+
+
+def _first_lines(exc: BaseException, n: int = 3) -> str:
+    lines = [ln for ln in str(exc).splitlines() if ln.strip()]
+    return " / ".join(lines[:n]) + (" ..." if len(lines) > n else "")
+
+
+def _input_shapes(original: Any, input_shape: Any) -> dict[str, list[int]] | None:
+    """The caller's ``input_shape``: one list for a one-input model, or a dict by name."""
+    if input_shape is None:
+        return None
+    names = [i.name for i in original.graph.input]
+    inits = {t.name for t in original.graph.initializer}
+    names = [n for n in names if n not in inits]
+    if isinstance(input_shape, dict):
+        unknown = sorted(set(input_shape) - set(names))
+        if unknown:
+            raise Refused(400, f"input_shape names unknown inputs {unknown}; inputs are {names}")
+        return input_shape
+    if len(names) != 1:
+        raise Refused(
+            400, f"the model has inputs {names}: give input_shape as an object by input name"
+        )
+    return {names[0]: input_shape}
+
+
+# -- one job ------------------------------------------------------------------------------------
+
+
+def process(job_dir: Path) -> dict[str, Any]:
+    job = json.loads((job_dir / "job.json").read_text())
+    kind, arch = job["kind"], job.get("architecture")
+    input_shape = job.get("input_shape")
+    rtol, atol = job.get("rtol", 1e-4), job.get("atol", 1e-5)
+
+    if kind == "onnx":
+        original = parse_onnx((job_dir / "upload").read_bytes())
+        example = None
+        source = {"format": "onnx"}
+    elif kind == "safetensors":
+        _disable_unpickling()
+        original, example = model_from_safetensors(
+            (job_dir / "upload").read_bytes(), arch, input_shape
+        )
+        source = {"format": "safetensors", "architecture": arch}
+    elif kind == "zoo":
+        import models
+
+        _disable_unpickling()
+        original, example = export_zoo_module(models.build(arch), arch, input_shape)
+        source = {"format": "zoo", "architecture": arch}
+    else:
+        raise Refused(400, f"unknown job kind {kind!r}")
+
+    import bnfold
+
+    shapes = _input_shapes(original, input_shape) if kind == "onnx" else None
+    if example is not None:
+        names = [i.name for i in original.graph.input]
+        shapes = {n: list(t.shape) for n, t in zip(names, example, strict=False)}
+    try:
+        folded = bnfold.fold_onnx(original)
+    except Exception as exc:
+        raise Refused(422, f"folding failed: {_first_lines(exc)}") from None
+    fold_report = folded.report.to_dict()
+    try:
+        verification = bnfold.verify_onnx(
+            original, folded.model, None, rtol=rtol, atol=atol, input_shapes=shapes
+        )
+    except Exception as exc:
+        raise Refused(
+            422, f"verification could not run: {_first_lines(exc)}", fold_report=fold_report
+        ) from None
+    if not verification.ok:
+        raise Refused(
+            422,
+            "verification failed: the folded graph differs from the original beyond "
+            f"rtol={rtol:g}, atol={atol:g} (max_abs_err={verification.max_abs_err:.3g}); "
+            "nothing was deployed",
+            fold_report=fold_report,
+            verification=verification.to_dict(),
+        )
+    folded_bytes = folded.model.SerializeToString()
+    # the final load test: a session on the exact bytes that will be served
+    import onnxruntime as ort
+
+    try:
+        ort.InferenceSession(folded_bytes, providers=["CPUExecutionProvider"])
+    except Exception as exc:
+        raise Refused(
+            422, f"onnxruntime cannot load the folded graph: {_first_lines(exc)}"
+        ) from None
+    (job_dir / "folded.onnx").write_bytes(folded_bytes)
+    if kind == "onnx":
+        os.link(job_dir / "upload", job_dir / "original.onnx")
+    else:
+        (job_dir / "original.onnx").write_bytes(original.SerializeToString())
+    return {
+        "status": 200,
+        "source": source,
+        "input_shapes": shapes or {},
+        "fold_report": fold_report,
+        "verification": verification.to_dict(),
+    }
+
+
+def run_job(job_dir: Path) -> None:
+    try:
+        result = process(job_dir)
+    except Refused as exc:
+        result = {"status": exc.status, "error": str(exc), **exc.extra}
+    except MemoryError:
+        result = {"status": 413, "error": "processing the model ran out of the worker's memory"}
+    except Exception as exc:
+        traceback.print_exc()  # to the worker's log, which the server keeps to itself
+        result = {"status": 422, "error": f"the model could not be processed: {_first_lines(exc)}"}
+    tmp = job_dir / "result.json.tmp"
+    tmp.write_text(json.dumps(result))
+    os.replace(tmp, job_dir / "result.json")
+
+
+def main(argv: list[str]) -> int:
+    limits = json.loads(argv[0])
+    set_limits(limits)
+    for job_dir in argv[1:]:
+        run_job(Path(job_dir))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,1 @@
+"""Wire protocols, transport-free: bytes and dicts in, arrays and bytes out."""

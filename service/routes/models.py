@@ -1,0 +1,186 @@
+"""Management API: deploy (POST), list, read, delete, download. Every route needs the token."""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+from typing import Any
+
+from fastapi import APIRouter, Request, Response
+from fastapi.responses import FileResponse
+from starlette.concurrency import run_in_threadpool
+from starlette.datastructures import UploadFile
+
+from service.auth import Authorized
+from service.errors import BadRequest
+from service.handlers import DEFAULT_ATOL, DEFAULT_RTOL, UploadRequest
+from service.routes.deps import Models
+from service.schemas import ERROR_RESPONSES, ModelPublic, ModelsPublic, ModelSummary
+from service.store import validate_name
+
+router = APIRouter(prefix="/v1/models", tags=["models"], responses=ERROR_RESPONSES)
+
+_UPLOAD_SCHEMA = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "multipart/form-data": {
+                "schema": {
+                    "type": "object",
+                    "required": ["name", "file"],
+                    "properties": {
+                        "name": {"type": "string", "pattern": "^[A-Za-z0-9][A-Za-z0-9._-]*$"},
+                        "file": {
+                            "type": "string",
+                            "format": "binary",
+                            "description": "an .onnx model, or a .safetensors state dict "
+                            "together with 'architecture'",
+                        },
+                        "architecture": {"type": "string", "description": "a zoo model name"},
+                        "input_shape": {
+                            "type": "string",
+                            "description": 'JSON: [2,3,32,32], or {"input": [2,3,32,32]}',
+                        },
+                        "rtol": {"type": "number", "minimum": 0},
+                        "atol": {"type": "number", "minimum": 0},
+                    },
+                }
+            }
+        },
+    }
+}
+
+
+@router.post(
+    "",
+    status_code=201,
+    response_model=ModelPublic,
+    openapi_extra=_UPLOAD_SCHEMA,
+    summary="Upload a model: it is folded, verified and deployed",
+)
+async def create_model(request: Request, _: Authorized, models: Models) -> dict[str, Any]:
+    scratch = await run_in_threadpool(models.store.scratch_dir, "upload-")
+    try:
+        upload = await _read_upload_form(request, scratch)
+        model = await models.deploy(upload)
+        return model.public()
+    finally:
+        await run_in_threadpool(shutil.rmtree, scratch, True)
+
+
+@router.get("", response_model=ModelsPublic)
+def list_models(_: Authorized, models: Models) -> dict[str, Any]:
+    data = [ModelSummary.model_validate(m.public()) for m in models.registry.all()]
+    return {"data": data, "count": len(data)}
+
+
+@router.get("/{name}", response_model=ModelPublic)
+def read_model(name: str, _: Authorized, models: Models) -> dict[str, Any]:
+    return models.registry.get(validate_name(name)).public()
+
+
+@router.delete("/{name}", status_code=204)
+async def delete_model(name: str, _: Authorized, models: Models) -> Response:
+    await models.delete(name)
+    return Response(status_code=204)
+
+
+@router.get(
+    "/{name}/onnx",
+    response_class=FileResponse,
+    responses={200: {"content": {"application/octet-stream": {}}}},
+)
+def download_model(name: str, _: Authorized, models: Models) -> FileResponse:
+    model = models.registry.get(validate_name(name))
+    return FileResponse(
+        models.onnx_path(name),
+        media_type="application/octet-stream",
+        filename=f"{model.name}-{model.version}.onnx",
+    )
+
+
+# -- form parsing -------------------------------------------------------------------------------
+
+
+async def _read_upload_form(request: Request, scratch) -> UploadRequest:
+    content_type = request.headers.get("content-type", "")
+    if not content_type.startswith("multipart/form-data"):
+        raise BadRequest("send the model as multipart/form-data with fields 'name' and 'file'")
+    # the body limit middleware bounds what this reads; non-file fields are capped at 64 KiB
+    form = await request.form(max_files=1, max_fields=8, max_part_size=64 << 10)
+    try:
+        file = form.get("file")
+        if not isinstance(file, UploadFile):
+            raise BadRequest("missing the 'file' field (the model file)")
+        target = scratch / "upload"
+        await run_in_threadpool(_copy, file, target)
+        fields = {k: v for k, v in form.items() if isinstance(v, str)}
+        unknown = sorted(
+            set(form.keys()) - {"name", "file", "architecture", "input_shape", "rtol", "atol"}
+        )
+        if unknown:
+            raise BadRequest(f"unknown form field(s) {unknown}")
+        return UploadRequest(
+            name=validate_name(_required(fields, "name")),
+            upload=target,
+            architecture=fields.get("architecture") or None,
+            input_shape=_input_shape(fields.get("input_shape")),
+            rtol=_tolerance(fields, "rtol", DEFAULT_RTOL),
+            atol=_tolerance(fields, "atol", DEFAULT_ATOL),
+        )
+    finally:
+        await form.close()
+
+
+def _copy(file: UploadFile, target) -> None:
+    file.file.seek(0)
+    with open(target, "wb") as out:
+        shutil.copyfileobj(file.file, out, 1 << 20)
+
+
+def _required(fields: dict[str, str], key: str) -> str:
+    value = fields.get(key)
+    if not value:
+        raise BadRequest(f"missing the {key!r} field")
+    return value
+
+
+def _tolerance(fields: dict[str, str], key: str, default: float) -> float:
+    raw = fields.get(key)
+    if raw is None or raw == "":
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        raise BadRequest(f"{key} must be a number, got {raw!r}") from None
+    if not math.isfinite(value) or value < 0:
+        raise BadRequest(f"{key} must be a finite number >= 0, got {raw!r}")
+    return value
+
+
+def _input_shape(raw: str | None) -> list[int] | dict[str, list[int]] | None:
+    if raw is None or raw.strip() == "":
+        return None
+    text = raw.strip()
+    try:
+        value = json.loads(text if text[0] in "[{" else f"[{text}]")
+    except json.JSONDecodeError:
+        raise BadRequest(
+            f'input_shape must be JSON like [2,3,32,32] or {{"x": [2,3,32,32]}}, got {raw!r}'
+        ) from None
+    shapes = value.values() if isinstance(value, dict) else [value]
+    for shape in shapes:
+        if not (
+            isinstance(shape, list)
+            and shape
+            and all(
+                isinstance(d, int) and not isinstance(d, bool) and 0 < d <= 1 << 16 for d in shape
+            )
+        ):
+            raise BadRequest(
+                f"input_shape {raw!r}: each shape is a non-empty list of positive integers"
+            )
+        if math.prod(shape) > 1 << 24:
+            raise BadRequest(f"input_shape {shape} is too large to verify with (> 2**24 values)")
+    return value

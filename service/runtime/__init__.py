@@ -1,0 +1,1 @@
+"""Serving runtime: onnxruntime sessions and the registry of loaded models."""

@@ -1,0 +1,49 @@
+"""The models loaded in this process, by name.
+
+A deployment swaps the whole ``LoadedModel`` under the name in one assignment. A request takes
+its reference once at the start, so requests in flight finish on the session they started with,
+and the old session is freed when the last of them drops it.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+from typing import Any
+
+from service.errors import NotFound
+from service.runtime.sessions import LoadedSession
+
+
+@dataclass(frozen=True)
+class LoadedModel:
+    name: str
+    version: str
+    record: dict[str, Any]  # what the store keeps: signature, reports, source
+    runtime: LoadedSession
+
+    def public(self) -> dict[str, Any]:
+        return {**self.record, "execution_provider": self.runtime.provider}
+
+
+class ModelRegistry:
+    def __init__(self) -> None:
+        self._models: dict[str, LoadedModel] = {}
+        self._lock = threading.Lock()
+
+    def get(self, name: str) -> LoadedModel:
+        model = self._models.get(name)
+        if model is None:
+            raise NotFound(f"model {name!r} is not deployed")
+        return model
+
+    def put(self, model: LoadedModel) -> None:
+        with self._lock:
+            self._models[model.name] = model
+
+    def remove(self, name: str) -> None:
+        with self._lock:
+            self._models.pop(name, None)
+
+    def all(self) -> list[LoadedModel]:
+        return sorted(self._models.values(), key=lambda m: m.name)

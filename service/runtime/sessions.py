@@ -1,0 +1,160 @@
+"""onnxruntime sessions and the choice of execution provider.
+
+CUDA is tried only when onnxruntime lists it *and* a session really gets it: onnxruntime falls
+back to the CPU silently (it only logs) when the CUDA libraries or a device are missing, so the
+provider in use is read back from the session, reported per model, and ``require_gpu`` turns a
+fallback into an error instead.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from service.errors import ServiceUnavailable
+from service.protocol.v2 import DATATYPES, Signature, TensorSpec
+
+logger = logging.getLogger(__name__)
+
+CUDA = "CUDAExecutionProvider"
+CPU = "CPUExecutionProvider"
+
+# onnxruntime's type strings -> v2 datatypes
+ORT_TYPES = {
+    "tensor(bool)": "BOOL",
+    "tensor(uint8)": "UINT8",
+    "tensor(uint16)": "UINT16",
+    "tensor(uint32)": "UINT32",
+    "tensor(uint64)": "UINT64",
+    "tensor(int8)": "INT8",
+    "tensor(int16)": "INT16",
+    "tensor(int32)": "INT32",
+    "tensor(int64)": "INT64",
+    "tensor(float16)": "FP16",
+    "tensor(float)": "FP32",
+    "tensor(double)": "FP64",
+    "tensor(string)": "BYTES",
+    "tensor(bfloat16)": "BF16",
+}
+
+
+class ModelLoadError(Exception):
+    """The stored graph could not be turned into a session."""
+
+
+@dataclass
+class LoadedSession:
+    session: Any  # onnxruntime.InferenceSession
+    provider: str
+    signature: Signature
+
+    def run(self, inputs: dict[str, np.ndarray], output_names: list[str]) -> dict[str, np.ndarray]:
+        values = self.session.run(output_names, inputs)
+        return dict(zip(output_names, values, strict=True))
+
+
+class SessionFactory:
+    """Builds sessions with the best provider available, once probed, for every model."""
+
+    def __init__(self, require_gpu: bool = False) -> None:
+        self.require_gpu = require_gpu
+
+    def create(self, model: bytes | str) -> LoadedSession:
+        import onnxruntime as ort
+
+        options = ort.SessionOptions()
+        options.log_severity_level = 3  # the fallback is detected below, not read from logs
+        providers = [CUDA, CPU] if CUDA in ort.get_available_providers() else [CPU]
+        try:
+            session = ort.InferenceSession(model, options, providers=providers)
+        except Exception as exc:  # onnxruntime raises its own exception types
+            if providers[0] != CUDA:
+                raise ModelLoadError(str(exc)) from exc
+            logger.warning("CUDA session failed (%s); trying the CPU", exc)
+            session = None
+        provider = session.get_providers()[0] if session is not None else CPU
+        if provider != CUDA and self.require_gpu:
+            raise ServiceUnavailable(
+                "require_gpu is set but the CUDA execution provider is not usable here "
+                f"(onnxruntime offers {ort.get_available_providers()}); refusing to use the CPU"
+            )
+        if session is None:
+            try:
+                session = ort.InferenceSession(model, options, providers=[CPU])
+            except Exception as exc:
+                raise ModelLoadError(str(exc)) from exc
+        return LoadedSession(session, provider, signature_of(session))
+
+    def probe(self) -> str:
+        """The provider a model would get here (used at start for ``require_gpu``)."""
+        return self.create(_identity_model()).provider
+
+
+def cpu_session(model: bytes | str) -> Any:
+    import onnxruntime as ort
+
+    return ort.InferenceSession(model, providers=[CPU])
+
+
+def signature_of(session: Any) -> Signature:
+    def spec(arg: Any) -> TensorSpec:
+        shape = [d if isinstance(d, int) and d >= 0 else -1 for d in (arg.shape or [])]
+        datatype = ORT_TYPES.get(arg.type)
+        if datatype is None:
+            raise ModelLoadError(f"{arg.name!r} has type {arg.type}, which v2 cannot carry")
+        return TensorSpec(arg.name, datatype, shape)
+
+    return Signature(
+        [spec(a) for a in session.get_inputs()], [spec(a) for a in session.get_outputs()]
+    )
+
+
+def _identity_model() -> bytes:
+    from onnx import TensorProto, helper
+
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])
+    graph = helper.make_graph([helper.make_node("Identity", ["x"], ["y"])], "probe", [x], [y])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    return model.SerializeToString()
+
+
+def gpu_divergence(
+    original: bytes | str, loaded: LoadedSession, input_shapes: dict[str, list[int]]
+) -> dict[str, Any]:
+    """How far the served (GPU) folded graph is from the original graph run on the CPU in fp32.
+
+    Verification certifies the fold on the CPU; the CUDA provider computes convolutions and
+    matmuls in TF32 by default, so this reports what serving on the GPU adds on top.
+    """
+    rng = np.random.default_rng(0)
+    feeds = {}
+    for spec in loaded.signature.inputs:
+        shape = input_shapes.get(spec.name) or [2 if d == -1 else d for d in spec.shape]
+        dtype = DATATYPES[spec.datatype]
+        if dtype.kind == "f":
+            feeds[spec.name] = rng.standard_normal(shape).astype(dtype)
+        else:
+            feeds[spec.name] = np.zeros(shape, dtype=dtype)
+    names = [o.name for o in loaded.signature.outputs]
+    want = cpu_session(original).run(names, feeds)
+    got = loaded.run(feeds, names)
+    outputs = []
+    for name, w, g in zip(names, want, [got[n] for n in names], strict=True):
+        w64, g64 = np.asarray(w, np.float64), np.asarray(g, np.float64)
+        max_abs = float(np.max(np.abs(g64 - w64))) if w64.size else 0.0
+        scale = float(np.max(np.abs(w64))) if w64.size else 0.0
+        outputs.append(
+            {"name": name, "max_abs_err": max_abs, "max_rel_err": max_abs / scale if scale else 0.0}
+        )
+    return {
+        "provider": loaded.provider,
+        "reference": "original graph on CPUExecutionProvider, fp32",
+        "input_shapes": {k: list(v.shape) for k, v in feeds.items()},
+        "max_abs_err": max((o["max_abs_err"] for o in outputs), default=0.0),
+        "outputs": outputs,
+    }

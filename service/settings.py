@@ -1,0 +1,80 @@
+"""The service's one settings class.
+
+Every field can be set from the environment as ``BNFOLD_<FIELD>`` (``BNFOLD_PORT=9000``,
+``BNFOLD_REQUIRE_GPU=1``); the command line overrides the environment.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+ENV_PREFIX = "BNFOLD_"
+_TRUE = {"1", "true", "yes", "on"}
+_FALSE = {"0", "false", "no", "off", ""}
+
+MiB = 1 << 20
+
+
+@dataclass(frozen=True)
+class Settings:
+    host: str = "127.0.0.1"
+    port: int = 8000
+    store: Path = field(default_factory=lambda: Path("bnfold-store"))
+    api_token: str | None = None  # None: read from the store, or generate one there
+    require_gpu: bool = False  # refuse to start / deploy when CUDA is not the provider in use
+    deploy_defaults: bool = True  # a fresh store gets the zoo's default models
+
+    # limits, all enforced before the memory is spent
+    max_upload_bytes: int = 256 * MiB  # POST /v1/models body
+    max_request_bytes: int = 64 * MiB  # any other request body
+    max_tensor_elements: int = 1 << 24  # per input tensor
+    max_batch_size: int = 64  # advertised in /config and enforced on a variable batch dim
+
+    # the ingest worker: one process per upload, with resource limits
+    worker_timeout_s: float = 300.0  # wall clock
+    worker_cpu_s: int = 300  # RLIMIT_CPU
+    worker_memory_bytes: int = 8 << 30  # RLIMIT_AS
+    worker_concurrency: int = 2  # worker processes at once; further uploads wait their turn
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
+        """Defaults, then ``BNFOLD_*`` variables, then ``overrides`` that are not None."""
+        environ = os.environ if environ is None else environ
+        values: dict[str, Any] = {}
+        for f in fields(cls):
+            raw = environ.get(ENV_PREFIX + f.name.upper())
+            if raw is not None:
+                values[f.name] = _parse(f.name, f.type, raw)
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        if "store" in values:
+            values["store"] = Path(values["store"])
+        return cls(**values)
+
+    def replace(self, **changes: Any) -> Settings:
+        return dataclasses.replace(self, **changes)
+
+
+def _parse(name: str, type_: Any, raw: str) -> Any:
+    type_name = type_ if isinstance(type_, str) else getattr(type_, "__name__", str(type_))
+    try:
+        if type_name == "bool":
+            low = raw.strip().lower()
+            if low in _TRUE:
+                return True
+            if low in _FALSE:
+                return False
+            raise ValueError(raw)
+        if type_name == "int":
+            return int(raw)
+        if type_name == "float":
+            return float(raw)
+    except ValueError:
+        raise ValueError(f"{ENV_PREFIX}{name.upper()}={raw!r} is not a valid {type_name}") from None
+    if type_name == "str | None":
+        return raw or None
+    return raw

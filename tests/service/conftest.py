@@ -1,0 +1,185 @@
+"""Fixtures for the service tests: a real uvicorn server in a subprocess on 127.0.0.1.
+
+``server`` is shared by the module-independent tests (fresh store, so the zoo defaults are
+deployed at start); tests that restart or kill a server start their own with ``start_server``.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+ROOT = Path(__file__).resolve().parents[2]
+TOKEN = "test-token-0123456789"
+
+# small limits so that the limit tests send little
+TEST_ENV = {
+    "BNFOLD_MAX_UPLOAD_BYTES": str(4 << 20),
+    "BNFOLD_MAX_REQUEST_BYTES": str(1 << 20),
+    "BNFOLD_MAX_TENSOR_ELEMENTS": str(1 << 16),
+    "BNFOLD_WORKER_TIMEOUT_S": "120",
+}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class Server:
+    store: Path
+    env: dict[str, str]
+    port: int = field(default_factory=free_port)
+    proc: subprocess.Popen | None = None
+    ready_after_s: float | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def hostport(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    @property
+    def log(self) -> Path:
+        return self.store.parent / f"server-{self.port}.log"
+
+    def start(self, wait: bool = True, timeout: float = 90) -> Server:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("BNFOLD_")}
+        env.update(self.env)
+        env.update({"BNFOLD_STORE": str(self.store), "BNFOLD_PORT": str(self.port)})
+        env["PYTHONPATH"] = str(ROOT)
+        t0 = time.monotonic()
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "service", "--log-level", "warning"],
+            cwd=ROOT,
+            env=env,
+            stdout=open(self.log, "ab"),
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        if wait:
+            self.wait_ready(timeout)
+            self.ready_after_s = time.monotonic() - t0
+        return self
+
+    def wait_ready(self, timeout: float = 90) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"server exited:\n{self.log.read_text()[-3000:]}")
+            try:
+                if httpx.get(self.url + "/v2/health/ready", timeout=1).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.1)
+        raise TimeoutError(f"server not ready in {timeout}s:\n{self.log.read_text()[-3000:]}")
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.kill()
+
+    def kill(self) -> None:
+        """kill -9 the server and every worker it started (they share its session)."""
+        if self.proc and self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(10)
+
+    def client(self, token: str | None = TOKEN) -> httpx.Client:
+        headers = {"Authorization": f"Bearer {token}"} if token else {}
+        return httpx.Client(base_url=self.url, headers=headers, timeout=120)
+
+
+@pytest.fixture
+def start_server(tmp_path):
+    started: list[Server] = []
+
+    def start(
+        store: Path | None = None, wait: bool = True, defaults: bool = False, **env: str
+    ) -> Server:
+        settings = {**TEST_ENV, "BNFOLD_API_TOKEN": TOKEN}
+        settings["BNFOLD_DEPLOY_DEFAULTS"] = "1" if defaults else "0"
+        settings.update(env)
+        server = Server(store or tmp_path / "store", settings)
+        started.append(server)
+        return server.start(wait=wait)
+
+    yield start
+    for server in started:
+        server.stop()
+
+
+@pytest.fixture(scope="session")
+def server(tmp_path_factory):
+    """One server for the whole session, started on a fresh store (defaults deployed)."""
+    root = tmp_path_factory.mktemp("shared")
+    srv = Server(root / "store", {**TEST_ENV, "BNFOLD_API_TOKEN": TOKEN})
+    srv.start()
+    yield srv
+    srv.stop()
+
+
+@pytest.fixture
+def api(server):
+    with server.client() as client:
+        yield client
+
+
+# -- models built inline ------------------------------------------------------------------------
+
+
+def conv_bn_model(channels: int = 4, seed: int = 0) -> onnx.ModelProto:
+    """x[N,3,8,8] -> Conv -> BatchNormalization -> Relu -> y, batch dimension dynamic."""
+    rng = np.random.default_rng(seed)
+    w = rng.standard_normal((channels, 3, 3, 3)).astype(np.float32)
+    b = rng.standard_normal(channels).astype(np.float32)
+    scale = rng.uniform(0.5, 2, channels).astype(np.float32)
+    shift = rng.standard_normal(channels).astype(np.float32)
+    mean = rng.standard_normal(channels).astype(np.float32)
+    var = rng.uniform(0.5, 2, channels).astype(np.float32)
+    inits = [
+        numpy_helper.from_array(a, n)
+        for a, n in [(w, "w"), (b, "b"), (scale, "s"), (shift, "t"), (mean, "m"), (var, "v")]
+    ]
+    nodes = [
+        helper.make_node("Conv", ["x", "w", "b"], ["c"], pads=[1, 1, 1, 1], name="conv"),
+        helper.make_node("BatchNormalization", ["c", "s", "t", "m", "v"], ["n"], name="bn"),
+        helper.make_node("Relu", ["n"], ["y"], name="relu"),
+    ]
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 8, 8])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", channels, 8, 8])
+    graph = helper.make_graph(nodes, "conv_bn", [x], [y], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    return model
+
+
+@pytest.fixture(scope="session")
+def conv_bn_bytes() -> bytes:
+    return conv_bn_model().SerializeToString()
+
+
+def upload(client: httpx.Client, name: str, data: bytes, filename="model.onnx", **fields):
+    form = {"name": name, **{k: str(v) for k, v in fields.items()}}
+    return client.post("/v1/models", data=form, files={"file": (filename, data)})
