@@ -1,0 +1,243 @@
+"""The ``bnfold`` command.
+
+    bnfold fold IN [-o OUT.onnx] [--report REPORT.json] [--verify] [--input-shape NAME=1,3,H,W]
+
+IN is an ONNX file or ``zoo:NAME``. The summary goes to stdout, progress to stderr. Exit codes:
+0 done (and verified, when asked), 1 verification failed, 2 bad input (one line on stderr).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+__all__ = ["main"]
+
+EXIT_OK, EXIT_VERIFY_FAILED, EXIT_BAD_INPUT = 0, 1, 2
+
+
+class BadInput(Exception):
+    """A user mistake: reported in one line, exit code 2."""
+
+
+class _Progress:
+    """Stage lines on stderr with the time since start; a bar for many verification cases."""
+
+    def __init__(self) -> None:
+        self.start = time.monotonic()
+
+    def stage(self, message: str) -> None:
+        print(f"[{time.monotonic() - self.start:6.1f}s] {message}", file=sys.stderr, flush=True)
+
+    def cases(self, what: str):
+        bar = None
+
+        def update(done: int, total: int) -> None:
+            nonlocal bar
+            if bar is None:
+                from tqdm import tqdm
+
+                bar = tqdm(total=total, desc=what, unit="input set", file=sys.stderr, leave=False)
+            bar.update(done - bar.n)
+            if done == total:
+                bar.close()
+
+        return update
+
+
+def _parse_shapes(items: list[str]) -> dict[str, list[int]]:
+    shapes = {}
+    for item in items:
+        name, sep, dims = item.partition("=")
+        try:
+            shape = [int(d) for d in dims.split(",")]
+        except ValueError:
+            shape = []
+        if not sep or not name or not shape or any(d <= 0 for d in shape):
+            raise BadInput(f"bad --input-shape {item!r}; expected NAME=D1,D2,... (positive ints)")
+        shapes[name] = shape
+    return shapes
+
+
+def _load_onnx(path: Path):
+    import onnx
+    from google.protobuf.message import DecodeError
+
+    if not path.is_file():
+        raise BadInput(f"{path}: no such file")
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except (DecodeError, RuntimeError, ValueError) as exc:
+        raise BadInput(f"{path}: not an ONNX model ({exc})") from None
+    if not model.graph.output:
+        raise BadInput(f"{path}: not an ONNX model (no graph outputs)")
+    try:
+        onnx.checker.check_model(model)
+    except onnx.checker.ValidationError as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else "invalid"
+        raise BadInput(f"{path}: invalid ONNX model: {first}") from None
+    return model
+
+
+def _fold_onnx_file(args, progress: _Progress, out: dict) -> int:
+    import onnx
+
+    from bnfold.onnx.external_data import ExternalDataError
+    from bnfold.onnx.fold import fold_onnx
+    from bnfold.onnx.verify import verify_onnx
+
+    progress.stage(f"loading {args.input}")
+    model = _load_onnx(Path(args.input))
+    progress.stage(f"folding BatchNormalization ({len(model.graph.node)} nodes)")
+    try:
+        result = fold_onnx(model, base_dir=args.base_dir)
+    except ExternalDataError as exc:
+        raise BadInput(str(exc)) from None
+    print(result.report.summary())
+    print(f"nodes: {result.nodes_before} before, {result.nodes_after} after")
+    out["fold"] = result.to_dict()
+    if args.output:
+        progress.stage(f"writing {args.output}")
+        onnx.save(result.model, args.output)
+    if not args.verify:
+        return EXIT_OK
+    original = model if args.base_dir is None else _with_data(model, args.base_dir)
+    progress.stage("verifying in onnxruntime")
+    try:
+        check = verify_onnx(
+            original,
+            result.model,
+            input_shapes=args.input_shapes,
+            progress=progress.cases("verify"),
+        )
+    except ValueError as exc:
+        raise BadInput(str(exc)) from None
+    print(check.summary())
+    out["verify_onnx"] = check.to_dict()
+    return EXIT_OK if check.ok else EXIT_VERIFY_FAILED
+
+
+def _with_data(model, base_dir):
+    from bnfold.onnx.external_data import load_external_data
+
+    return load_external_data(model, base_dir)
+
+
+def _fold_zoo(name: str, args, progress: _Progress, out: dict) -> int:
+    import bnfold
+    import models
+
+    try:
+        spec = models.get_spec(name)
+    except models.UnknownModelError as exc:
+        raise BadInput(str(exc)) from None
+    progress.stage(f"building zoo model {spec.name} (trains on first use)")
+    model = models.build(name)
+    inputs = models.example_inputs(name, batch=2)
+    progress.stage("folding BatchNorm (torch)")
+    result = bnfold.fold(model, inputs)
+    print(result.report.summary())
+    out["fold"] = {"report": result.report.to_dict()}
+    progress.stage("verifying (torch)")
+    check = bnfold.verify(model, result.module, inputs)
+    print(check.summary())
+    out["verify"] = check.to_dict()
+    status = EXIT_OK if check.ok else EXIT_VERIFY_FAILED
+    if not args.output:
+        return status
+    from bnfold.onnx.export import export_onnx
+    from bnfold.onnx.fold import count_nodes
+    from bnfold.onnx.verify import verify_onnx
+
+    progress.stage(f"exporting the folded model to {args.output}")
+    folded = export_onnx(result.module, inputs, path=args.output)
+    bn_left = sum(n.op_type == "BatchNormalization" for n in folded.graph.node)
+    print(f"ONNX: {count_nodes(folded)} nodes, {bn_left} BatchNormalization")
+    out["onnx"] = {"nodes": count_nodes(folded), "batch_norm_nodes": bn_left}
+    if args.verify:
+        progress.stage("exporting the original for comparison")
+        original = export_onnx(model, inputs)
+        out["onnx"]["nodes_original"] = count_nodes(original)
+        # the zoo knows its sample shapes; the exported graph leaves spatial dims symbolic
+        known = dict(
+            zip((v.name for v in original.graph.input), models.input_shapes(name), strict=False)
+        )
+        shapes = {**{k: list(v) for k, v in known.items()}, **args.input_shapes}
+        progress.stage("verifying the exported graphs in onnxruntime")
+        try:
+            onnx_check = verify_onnx(
+                original, folded, input_shapes=shapes, progress=progress.cases("verify")
+            )
+        except ValueError as exc:
+            raise BadInput(str(exc)) from None
+        print("ONNX " + onnx_check.summary())
+        out["verify_onnx"] = onnx_check.to_dict()
+        if not onnx_check.ok:
+            status = EXIT_VERIFY_FAILED
+    return status
+
+
+def _cmd_fold(args) -> int:
+    args.input_shapes = _parse_shapes(args.input_shape)
+    progress = _Progress()
+    out: dict = {"input": args.input}
+    if args.input.startswith("zoo:"):
+        status = _fold_zoo(args.input[len("zoo:") :], args, progress, out)
+    else:
+        status = _fold_onnx_file(args, progress, out)
+    if args.report:
+        Path(args.report).write_text(json.dumps(out, indent=2) + "\n")
+        progress.stage(f"report written to {args.report}")
+    return status
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # one line, like every other bad input
+        self.exit(EXIT_BAD_INPUT, f"bnfold: error: {message}\n")
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="bnfold", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    fold = sub.add_parser("fold", help="fold BatchNorm in an ONNX file or a zoo model")
+    fold.add_argument("input", metavar="IN", help="an .onnx file or zoo:NAME")
+    fold.add_argument("-o", "--output", metavar="OUT.onnx", help="write the folded ONNX graph")
+    fold.add_argument("--report", metavar="REPORT.json", help="write the reports as JSON")
+    fold.add_argument("--verify", action="store_true", help="compare with the original")
+    fold.add_argument(
+        "--input-shape",
+        action="append",
+        default=[],
+        metavar="NAME=D1,D2,...",
+        help="shape of a graph input with symbolic dims, for generated verification inputs",
+    )
+    fold.add_argument(
+        "--base-dir",
+        metavar="DIR",
+        help="directory allowed for the model's external data files (only this one is read)",
+    )
+    fold.set_defaults(func=_cmd_fold)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except BadInput as exc:
+        print(f"bnfold: error: {exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except KeyboardInterrupt:
+        print("bnfold: error: interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:  # noqa: BLE001 - one line for the user, never a traceback
+        print(f"bnfold: error: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return EXIT_VERIFY_FAILED
+
+
+if __name__ == "__main__":
+    sys.exit(main())

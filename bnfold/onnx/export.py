@@ -1,0 +1,160 @@
+"""export_onnx: a torch module (folded or not) to an ONNX graph that onnxruntime loads.
+
+The dynamo exporter with ``optimize=True`` runs onnxscript's rewriter, whose default rules
+fuse Conv/ConvTranspose/Gemm + BatchNormalization. That would hide what ``bnfold.fold`` left
+unfolded (and claim folds nobody verified), so we export with ``optimize=False`` and run the
+same optimizer pipeline ourselves with the BatchNorm fusion rules taken out: constant folding,
+the other rewrite rules, dead-code removal, constant lifting. The graph keeps exactly the
+BatchNormalization nodes the module still computes.
+
+The IR version is lowered to what the installed onnxruntime reads (a newer onnx writes a
+newer one by default), and the result passes ``onnx.checker`` with ``full_check``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import io
+import logging
+import os
+from collections.abc import Sequence
+
+import onnx
+import onnx_ir as ir
+import onnx_ir.passes.common as common_passes
+import onnxruntime as ort
+import torch
+from onnx import TensorProto, helper
+
+__all__ = ["export_onnx", "ort_max_ir_version"]
+
+logger = logging.getLogger(__name__)
+
+
+@functools.cache
+def ort_max_ir_version() -> int:
+    """The newest ONNX IR version the installed onnxruntime loads (probed once)."""
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])
+    graph = helper.make_graph([helper.make_node("Identity", ["x"], ["y"])], "probe", [x], [y])
+    for version in range(onnx.IR_VERSION, 6, -1):
+        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+        model.ir_version = version
+        try:
+            ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+        except Exception:  # noqa: BLE001 - any failure means "not this version"
+            continue
+        return version
+    return 7
+
+
+def _rewrite_rules_without_bn_fusion():
+    """onnxscript's default rewrite rules minus its BatchNormalization fusions, or None when
+    the private names moved (then we skip pattern rewriting altogether)."""
+    try:
+        from onnxscript import rewriter
+        from onnxscript.rewriter.rules.common import _fuse_batchnorm
+    except ImportError:
+        return None
+    rules = getattr(rewriter, "_DEFAULT_REWRITE_RULES", None)
+    bn_rules = getattr(getattr(_fuse_batchnorm, "rules", None), "rules", None)
+    if rules is None or bn_rules is None:
+        return None
+    return [r for r in rules if all(r is not b for b in bn_rules)]
+
+
+def _optimize_keeping_bn(model: ir.Model) -> None:
+    """onnxscript.optimizer.optimize_ir's pipeline, without fusing BatchNormalization."""
+    from onnxscript import rewriter
+    from onnxscript.optimizer import _constant_folding
+
+    rules = _rewrite_rules_without_bn_fusion()
+    step = [
+        _constant_folding.FoldConstantsPass(
+            shape_inference=True,
+            input_size_limit=_constant_folding.DEFAULT_CONSTANT_FOLD_INPUT_SIZE_LIMIT,
+            output_size_limit=_constant_folding.DEFAULT_CONSTANT_FOLD_OUTPUT_SIZE_LIMIT,
+        )
+    ]
+    if rules:
+        step.append(rewriter.RewritePass(rules))
+    else:
+        logger.warning("onnxscript rewrite rules not found; exporting without pattern rewrites")
+    step += [common_passes.RemoveUnusedNodesPass(), common_passes.RemoveUnusedOpsetsPass()]
+    ir.passes.Sequential(
+        common_passes.InlinePass(),
+        ir.passes.PassManager(step, steps=2, early_stop=True),
+        common_passes.RemoveUnusedNodesPass(),
+        common_passes.LiftConstantsToInitializersPass(lift_all_constants=True, size_limit=0),
+        common_passes.DeduplicateInitializersPass(),
+        common_passes.CommonSubexpressionEliminationPass(),
+        common_passes.OutputFixPass(),
+        common_passes.NameFixPass(),
+    )(model)
+
+
+def _dynamic_shapes(inputs: Sequence, batch: bool, spatial: bool) -> tuple:
+    auto = torch.export.Dim.AUTO
+    shapes = []
+    for x in inputs:
+        if not isinstance(x, torch.Tensor) or x.dim() == 0:
+            shapes.append(None)
+            continue
+        dims = {0: auto} if batch else {}
+        if spatial and x.dim() >= 3:
+            dims.update({d: auto for d in range(2, x.dim())})
+        shapes.append(dims or None)
+    return tuple(shapes)
+
+
+def export_onnx(
+    module: torch.nn.Module,
+    example_inputs: Sequence | torch.Tensor,
+    path: str | os.PathLike | None = None,
+    *,
+    dynamic_batch: bool = True,
+    dynamic_spatial: bool = True,
+    opset_version: int | None = None,
+) -> onnx.ModelProto:
+    """Export `module` in eval mode; returns the ModelProto (and writes it to `path`).
+
+    The batch dimension (and spatial dims of rank >= 3 inputs) are dynamic where the model
+    allows it; the exporter keeps a dimension static when the model's code needs it static.
+    """
+    inputs = (
+        (example_inputs,) if isinstance(example_inputs, torch.Tensor) else tuple(example_inputs)
+    )
+    if dynamic_batch:
+        # a batch of 1 would be specialised (0/1 specialisation); export with 2 instead
+        inputs = tuple(
+            torch.cat([x, x]) if isinstance(x, torch.Tensor) and x.dim() and x.shape[0] == 1 else x
+            for x in inputs
+        )
+    was_training = module.training
+    module.eval()
+    try:
+        with torch.no_grad(), contextlib.redirect_stdout(io.StringIO()):
+            program = torch.onnx.export(
+                module,
+                inputs,
+                dynamo=True,
+                optimize=False,  # see the module docstring: its rewriter fuses BN
+                verbose=False,
+                opset_version=opset_version,
+                dynamic_shapes=_dynamic_shapes(inputs, dynamic_batch, dynamic_spatial),
+            )
+    finally:
+        module.train(was_training)
+    _optimize_keeping_bn(program.model)
+    proto = ir.to_proto(program.model)
+    proto.ir_version = min(proto.ir_version, ort_max_ir_version())
+    onnx.checker.check_model(proto, full_check=True)
+    if dynamic_batch:
+        for value in proto.graph.input:
+            dims = value.type.tensor_type.shape.dim
+            if dims and dims[0].HasField("dim_value"):
+                logger.warning("input %r keeps a static batch dimension", value.name)
+    if path is not None:
+        onnx.save(proto, os.fspath(path))
+    return proto
