@@ -192,7 +192,7 @@ def render(path: Path) -> str:
     rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
     head = (
         "| model | BN | bnfold left | bnfold rel L2 | bnfold s | fx fuse left | fx rel L2 "
-        "| fx s | dynamo left | dynamo rel L2 | dynamo s |\n|---|---|---|---|---|---|---|---|---|---|---|"
+        "| fx s | dynamo left | dynamo rel L2 | dynamo s |\n" + "|---" * 11 + "|"
     )
     lines = [head]
 
