@@ -1,0 +1,195 @@
+"""The zoo by name: specs, deterministic builds and their in-process cache.
+
+A build is a pure function of the zoo name: the module's initial weights come from the
+global RNG seeded inside `torch.random.fork_rng` (so the caller's RNG state is left as it
+was), and the synthetic data and training run draw from explicit generators seeded from the
+spec (see `models.training`). The first build of a name trains the model; later builds copy
+the cached result, so no caller can change what the next one gets.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from models.cnn import SmallCNN, SmallCNNConfig
+from models.decoder import Decoder, DecoderConfig
+from models.mlp import MLP, MLPConfig
+from models.mobilenet import MobileNetSmall, MobileNetSmallConfig
+from models.preact import PreActNet, PreActNetConfig
+from models.resnet import ResNetSmall, ResNetSmallConfig
+from models.seq import SequenceCNN, SequenceCNNConfig
+from models.synthetic import InputDistribution, sample_inputs
+from models.training import train_on_synthetic
+
+__all__ = [
+    "DEFAULT_MODELS",
+    "ModelSpec",
+    "UnknownModelError",
+    "build",
+    "clear_cache",
+    "example_inputs",
+    "get_spec",
+    "input_shapes",
+    "names",
+]
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    name: str
+    make: Callable[[], nn.Module]  # untrained module; draws its init from the global RNG
+    sample_shapes: tuple[tuple[int, ...], ...]  # per input, one sample without the batch dim
+    seed: int
+    description: str
+
+
+_SPECS = (
+    ModelSpec(
+        "mlp_bn_after_act",
+        lambda: MLP(MLPConfig(bn_after_act=True)),
+        ((300,),),
+        seed=1001,
+        description="MLP 300-200-100-50-10, Linear -> LeakyReLU -> BatchNorm1d",
+    ),
+    ModelSpec(
+        "mlp_bn_before_act",
+        lambda: MLP(MLPConfig(bn_after_act=False)),
+        ((300,),),
+        seed=1002,
+        description="MLP 300-200-100-50-10, Linear -> BatchNorm1d -> LeakyReLU",
+    ),
+    ModelSpec(
+        "cnn_conv_bn_relu",
+        lambda: SmallCNN(SmallCNNConfig()),
+        ((3, 32, 32),),
+        seed=1003,
+        description="Conv-BN-ReLU stages with max pooling and a Linear head",
+    ),
+    ModelSpec(
+        "resnet_small",
+        lambda: ResNetSmall(ResNetSmallConfig()),
+        ((3, 16, 16),),
+        seed=1004,
+        description="ResNet with BasicBlocks, one with a 1x1 conv + BN downsample shortcut",
+    ),
+    ModelSpec(
+        "mobilenet_small",
+        lambda: MobileNetSmall(MobileNetSmallConfig()),
+        ((3, 16, 16),),
+        seed=1005,
+        description="MobileNet: depthwise conv + BN + ReLU6, pointwise conv + BN + ReLU6",
+    ),
+    ModelSpec(
+        "preact_net",
+        lambda: PreActNet(PreActNetConfig()),
+        ((3, 16, 16),),
+        seed=1006,
+        description="pre-activation ResNet: BN -> ReLU -> Conv, then BN -> ReLU -> pool -> Linear",
+    ),
+    ModelSpec(
+        "convtranspose_decoder",
+        lambda: Decoder(DecoderConfig()),
+        ((16,),),
+        seed=1007,
+        description="latent -> Linear -> ConvTranspose2d (grouped, then plain) -> BN -> ReLU",
+    ),
+    ModelSpec(
+        "conv1d_seq",
+        lambda: SequenceCNN(SequenceCNNConfig()),
+        ((8, 64),),
+        seed=1008,
+        description="Conv1d -> BatchNorm1d -> ReLU stack, global average pool, Linear",
+    ),
+)
+_ZOO = {spec.name: spec for spec in _SPECS}
+
+DEFAULT_MODELS: tuple[str, ...] = ("mlp_bn_after_act", "resnet_small")
+
+_cache: dict[str, nn.Module] = {}
+_cache_lock = threading.Lock()
+
+
+class UnknownModelError(KeyError):
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.valid_names = names()
+        super().__init__(f"unknown model {name!r}; valid names: {', '.join(self.valid_names)}")
+
+    def __str__(self) -> str:
+        # KeyError's own __str__ would repr() the message and wrap it in quotes
+        return str(self.args[0])
+
+
+def names() -> list[str]:
+    """All zoo names, in a stable order."""
+    return [spec.name for spec in _SPECS]
+
+
+def get_spec(name: str) -> ModelSpec:
+    try:
+        return _ZOO[name]
+    except KeyError:
+        raise UnknownModelError(name) from None
+
+
+def input_shapes(name: str) -> list[tuple[int, ...]]:
+    """Shape of every input of the model, with a batch dim of 1 first."""
+    return [(1, *shape) for shape in get_spec(name).sample_shapes]
+
+
+def example_inputs(name: str, batch: int = 2) -> tuple[Tensor, ...]:
+    """Deterministic inputs from the distribution the model was trained on."""
+    spec = get_spec(name)
+    generator = torch.Generator().manual_seed(spec.seed + 2)
+    xs, _ = sample_inputs(_input_distributions(spec), batch, generator)
+    return xs
+
+
+def build(name: str) -> nn.Module:
+    """The trained model, in eval mode: a fresh copy of the same weights on every call."""
+    spec = get_spec(name)
+    with _cache_lock:
+        if name not in _cache:
+            _cache[name] = _train(spec)
+        return copy.deepcopy(_cache[name])
+
+
+def clear_cache() -> None:
+    """Forget built models, so that the next build of each name trains it again."""
+    with _cache_lock:
+        _cache.clear()
+
+
+def _input_distributions(spec: ModelSpec) -> list[InputDistribution]:
+    generator = torch.Generator().manual_seed(spec.seed)
+    return [InputDistribution.seeded(shape, generator) for shape in spec.sample_shapes]
+
+
+def _train(spec: ModelSpec) -> nn.Module:
+    start = time.perf_counter()
+    with torch.random.fork_rng(devices=[]), torch.inference_mode(False):
+        # seeds the CPU generator only: torch.manual_seed would also seed CUDA generators,
+        # whose state fork_rng(devices=[]) does not restore
+        torch.random.default_generator.manual_seed(spec.seed)
+        model = spec.make()
+        generator = torch.Generator().manual_seed(spec.seed + 1)
+        log = train_on_synthetic(model, _input_distributions(spec), generator)
+    logger.info(
+        "built %s in %.2fs: loss %.4f -> %.4f over %d steps",
+        spec.name,
+        time.perf_counter() - start,
+        log.first_loss,
+        log.last_loss,
+        log.steps,
+    )
+    return model
