@@ -1,0 +1,184 @@
+"""Backward folds on ONNX graphs: Conv / ConvTranspose / Gemm / MatMul(+Add) -> BN."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper
+from onnx_graphs import GraphBuilder, assert_same_outputs, op_types
+
+from bnfold.onnx.fold import fold_onnx
+from bnfold.report import Action
+
+
+@pytest.mark.parametrize("opset", [9, 14, 15])
+@pytest.mark.parametrize("transposed", [False, True])
+@pytest.mark.parametrize("groups", [1, 2])
+@pytest.mark.parametrize("bias", [False, True])
+def test_conv_bn_folds_backward(bias, groups, transposed, opset):
+    g = GraphBuilder(seed=groups + 2 * transposed)
+    cin, cout = 4, 6
+    if transposed:  # weight [in, out/groups, k, k]
+        w = g.weight("w", cin, cout // groups, 3, 3)
+    else:  # weight [out, in/groups, k, k]
+        w = g.weight("w", cout, cin // groups, 3, 3)
+    ins = ["x", w] + ([g.weight("b", cout)] if bias else [])
+    g.node("ConvTranspose" if transposed else "Conv", ins, ["c"], group=groups, pads=[1, 1, 1, 1])
+    g.bn("c", "y", cout)
+    g.node("Relu", ["y"], ["out"])
+    model = g.model({"x": ["N", cin, 5, 5]}, {"out": ["N", cout, 5, 5]}, opset=opset)
+
+    result = fold_onnx(model)
+
+    assert result.modified
+    assert "BatchNormalization" not in op_types(result.model)
+    (entry,) = result.report.entries
+    assert entry.action is Action.FOLDED_BACKWARD
+    onnx.checker.check_model(result.model, full_check=True)
+    for batch in (1, 3):
+        x = np.random.default_rng(batch).standard_normal((batch, cin, 5, 5)).astype(np.float32)
+        assert_same_outputs(model, result.model, {"x": x})
+
+
+@pytest.mark.parametrize("trans_b", [0, 1])
+@pytest.mark.parametrize("bias", [False, True])
+def test_gemm_bn_folds_backward(trans_b, bias):
+    g = GraphBuilder(seed=trans_b)
+    w = g.weight("w", 5, 7) if trans_b else g.weight("w", 7, 5)
+    ins = ["x", w] + ([g.weight("c", 5)] if bias else [])
+    g.node("Gemm", ins, ["h"], transB=trans_b, alpha=0.5, beta=2.0)
+    g.bn("h", "y", 5)
+    model = g.model({"x": ["N", 7]}, {"y": ["N", 5]})
+
+    result = fold_onnx(model)
+
+    assert op_types(result.model) == ["Gemm"]
+    x = np.random.default_rng(0).standard_normal((3, 7)).astype(np.float32)
+    assert_same_outputs(model, result.model, {"x": x})
+
+
+@pytest.mark.parametrize("with_add", [False, True])
+def test_matmul_bn_folds_backward(with_add):
+    g = GraphBuilder()
+    g.node("MatMul", ["x", g.weight("w", 7, 5)], ["m"])
+    if with_add:
+        g.node("Add", [g.weight("b", 5), "m"], ["h"])  # bias first: either order is a Linear
+    g.bn("h" if with_add else "m", "y", 5)
+    model = g.model({"x": ["N", 7]}, {"y": ["N", 5]})
+
+    result = fold_onnx(model)
+
+    assert "BatchNormalization" not in op_types(result.model)
+    assert [o.name for o in result.model.graph.output] == ["y"]
+    x = np.random.default_rng(1).standard_normal((4, 7)).astype(np.float32)
+    assert_same_outputs(model, result.model, {"x": x})
+
+
+def test_matmul_bn_on_rank3_is_kept():
+    g = GraphBuilder()
+    g.node("MatMul", ["x", g.weight("w", 7, 5)], ["m"])
+    g.node("Add", ["m", g.weight("b", 5)], ["h"])
+    g.bn("h", "y", 4)  # BN axis 1 is the sequence axis L=4, not the features
+    model = g.model({"x": ["N", 4, 7]}, {"y": ["N", 4, 5]})
+
+    result = fold_onnx(model)
+
+    assert not result.modified and result.model is model
+    assert "rank 3" in result.report.entries[0].reason
+
+
+def test_matmul_bn_with_unknown_rank_is_kept():
+    g = GraphBuilder()
+    g.node("MatMul", ["x", g.weight("w", 7, 5)], ["m"])
+    g.bn("m", "y", 5)
+    x_info = helper.make_tensor_value_info("x", TensorProto.FLOAT, None)  # no shape at all
+    model = g.model({}, {"y": None}, graph_inputs_extra=[x_info], check=False)
+
+    result = fold_onnx(model)
+
+    assert not result.modified
+    assert "rank unknown" in result.report.entries[0].reason
+
+
+def test_producer_with_two_consumers_is_not_folded_backward():
+    g = GraphBuilder()
+    g.node("Conv", ["x", g.weight("w", 4, 3, 1, 1)], ["c"])
+    g.bn("c", "y", 4)
+    g.node("Add", ["c", "y"], ["out"])
+    model = g.model({"x": ["N", 3, 4, 4]}, {"out": ["N", 4, 4, 4]})
+
+    result = fold_onnx(model)
+
+    assert not result.modified
+    assert "2 consumers" in result.report.entries[0].reason
+
+
+def test_weight_that_is_a_graph_input_stays():
+    g = GraphBuilder()
+    g.init("w", np.ones((4, 3, 1, 1), np.float32))  # an initializer that is also an input
+    g.node("Conv", ["x", "w"], ["c"])
+    g.bn("c", "y", 4)
+    w_info = helper.make_tensor_value_info("w", TensorProto.FLOAT, [4, 3, 1, 1])
+    model = g.model({"x": ["N", 3, 4, 4]}, {"y": ["N", 4, 4, 4]}, graph_inputs_extra=[w_info])
+
+    result = fold_onnx(model)
+
+    assert not result.modified
+    assert "weight is not a constant" in result.report.entries[0].reason
+
+
+def test_computed_weight_stays():
+    g = GraphBuilder()
+    g.node("Abs", [g.weight("w0", 4, 3, 1, 1)], ["w"])
+    g.node("Conv", ["x", "w"], ["c"])
+    g.bn("c", "y", 4)
+    model = g.model({"x": ["N", 3, 4, 4]}, {"y": ["N", 4, 4, 4]})
+
+    assert not fold_onnx(model).modified
+
+
+def test_shared_weight_gets_its_own_initializer():
+    g = GraphBuilder()
+    w = g.weight("w", 4, 3, 1, 1)
+    g.node("Conv", ["x", w], ["c1"])
+    g.bn("c1", "y1", 4)
+    g.node("Conv", ["x", w], ["y2"])  # same weight, no BN: must keep seeing the original
+    model = g.model({"x": ["N", 3, 4, 4]}, {"y1": ["N", 4, 4, 4], "y2": ["N", 4, 4, 4]})
+
+    result = fold_onnx(model)
+
+    assert result.modified
+    inits = {i.name for i in result.model.graph.initializer}
+    assert "w" in inits
+    convs = [n for n in result.model.graph.node if n.op_type == "Conv"]
+    assert convs[0].input[1] != "w" and convs[1].input[1] == "w"
+    x = np.random.default_rng(2).standard_normal((2, 3, 4, 4)).astype(np.float32)
+    assert_same_outputs(model, result.model, {"x": x})
+
+
+def test_training_mode_bn_is_kept():
+    g = GraphBuilder()
+    g.node("Conv", ["x", g.weight("w", 4, 3, 1, 1)], ["c"])
+    bn = g.bn("c", "y", 4, training_mode=1)
+    bn.output.extend(["running_mean", "running_var"])
+    model = g.model({"x": ["N", 3, 4, 4]}, {"y": ["N", 4, 4, 4]})
+
+    result = fold_onnx(model)
+
+    assert not result.modified
+    assert "training_mode=1" in result.report.entries[0].reason
+
+
+def test_bn_output_that_is_a_graph_output_keeps_its_name_type_and_shape():
+    g = GraphBuilder()
+    g.node("Conv", ["x", g.weight("w", 4, 3, 1, 1)], ["c"])
+    g.bn("c", "y", 4)
+    model = g.model({"x": ["N", 3, 4, 4]}, {"y": ["N", 4, 4, 4]})
+
+    result = fold_onnx(model)
+
+    (conv,) = result.model.graph.node
+    assert conv.output[0] == "y"
+    assert result.model.graph.output[0] == model.graph.output[0]
+    assert result.model.graph.input[0] == model.graph.input[0]
