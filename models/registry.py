@@ -151,14 +151,17 @@ def example_inputs(name: str, batch: int = 2) -> tuple[Tensor, ...]:
     """Deterministic inputs from the distribution the model was trained on."""
     spec = get_spec(name)
     generator = torch.Generator().manual_seed(spec.seed + 2)
-    xs, _ = sample_inputs(_input_distributions(spec), batch, generator)
+    # normal tensors even for a caller in inference mode, so that they can enter autograd later
+    with torch.inference_mode(False):
+        xs, _ = sample_inputs(_input_distributions(spec), batch, generator)
     return xs
 
 
 def build(name: str) -> nn.Module:
     """The trained model, in eval mode: a fresh copy of the same weights on every call."""
     spec = get_spec(name)
-    with _cache_lock:
+    # a copy taken in inference mode would hold inference tensors, which can never be trained
+    with _cache_lock, torch.inference_mode(False):
         if name not in _cache:
             _cache[name] = _train(spec)
         return copy.deepcopy(_cache[name])
@@ -177,7 +180,7 @@ def _input_distributions(spec: ModelSpec) -> list[InputDistribution]:
 
 def _train(spec: ModelSpec) -> nn.Module:
     start = time.perf_counter()
-    with torch.random.fork_rng(devices=[]), torch.inference_mode(False):
+    with torch.random.fork_rng(devices=[]):
         # seeds the CPU generator only: torch.manual_seed would also seed CUDA generators,
         # whose state fork_rng(devices=[]) does not restore
         torch.random.default_generator.manual_seed(spec.seed)

@@ -255,7 +255,7 @@ def first_builds() -> dict[str, nn.Module]:
 # two cheap models suffice: this test is about the caller's state, the one above about weights
 @pytest.mark.parametrize("name", ["mlp_bn_after_act", "conv1d_seq"])
 def test_build_retrains_identically_and_leaves_caller_state_alone(name, first_builds):
-    # runs last in this file: it empties the cache, so that the build below really trains
+    # near the end of this file: it empties the cache, so that the build below really trains
     models.clear_cache()
     with torch.random.fork_rng(devices=[]):
         torch.random.default_generator.manual_seed(12345)  # the caller's RNG must not matter
@@ -272,3 +272,14 @@ def test_build_retrains_identically_and_leaves_caller_state_alone(name, first_bu
     inputs = models.example_inputs(name, batch=3)
     with torch.no_grad():
         assert torch.equal(first_builds[name](*inputs), retrained(*inputs))
+
+
+def test_build_in_inference_mode_gives_a_trainable_model():
+    models.clear_cache()  # so that the build trains inside the caller's inference mode
+    with torch.inference_mode():
+        model = models.build("mlp_bn_after_act")
+        (x,) = models.example_inputs("mlp_bn_after_act", batch=4)
+    assert not any(t.is_inference() for t in [x, *model.state_dict().values()])
+    model.train()
+    model(x).sum().backward()
+    assert all(p.grad is not None for p in model.parameters())
