@@ -1,0 +1,91 @@
+"""export_onnx: dynamic dims, checker, onnxruntime, torch parity, BN kept exactly as folded."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from onnx_graphs import run
+from torch import nn
+
+import bnfold
+from bnfold.onnx.export import export_onnx, ort_max_ir_version
+
+
+class _Net(nn.Module):
+    """Conv-BN-ReLU (foldable), ReLU-BN-ReLU (not foldable), pooled head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.bn1 = nn.BatchNorm2d(8)
+        self.bn2 = nn.BatchNorm2d(8)
+        self.head = nn.Linear(8, 4)
+
+    def forward(self, x):
+        x = torch.relu(self.bn1(self.conv(x)))
+        x = torch.relu(self.bn2(x))
+        return self.head(x.mean(dim=(2, 3)))
+
+
+def _bn_count(model: onnx.ModelProto) -> int:
+    return sum(n.op_type == "BatchNormalization" for n in model.graph.node)
+
+
+@pytest.fixture(scope="module")
+def net() -> nn.Module:
+    torch.manual_seed(0)
+    model = _Net()
+    for bn in (model.bn1, model.bn2):
+        bn.running_mean.uniform_(-1, 1)
+        bn.running_var.uniform_(0.5, 2)
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def exported(net, tmp_path_factory) -> tuple[onnx.ModelProto, str]:
+    path = tmp_path_factory.mktemp("export") / "net.onnx"
+    return export_onnx(net, (torch.randn(1, 3, 8, 8),), path=path), str(path)
+
+
+def test_export_keeps_every_batchnorm_of_an_unfolded_module(exported):
+    model, _ = exported
+    assert _bn_count(model) == 2  # onnxscript's Conv+BN fusion is not applied
+
+
+def test_export_writes_a_checked_model_that_onnxruntime_loads(exported):
+    model, path = exported
+    assert onnx.load(path) == model
+    assert model.ir_version <= ort_max_ir_version()
+    onnx.checker.check_model(model, full_check=True)
+
+
+def test_export_has_dynamic_batch_and_spatial_dims(exported):
+    model, _ = exported
+    dims = model.graph.input[0].type.tensor_type.shape.dim
+    assert [d.HasField("dim_param") for d in dims] == [True, False, True, True]
+
+
+@pytest.mark.parametrize("shape", [(1, 3, 8, 8), (2, 3, 8, 8), (5, 3, 12, 10)])
+def test_export_matches_torch_eval(net, exported, shape):
+    model, _ = exported
+    x = torch.randn(*shape)
+    with torch.no_grad():
+        expected = net(x).numpy()
+    (got,) = run(model, {model.graph.input[0].name: x.numpy()})
+    np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-5)
+
+
+def test_export_of_a_folded_module_holds_exactly_the_kept_batchnorms(net):
+    x = torch.randn(2, 3, 8, 8)
+    result = bnfold.fold(net, (x,))
+    kept = len(result.report.kept)
+    assert kept == 1  # bn2 sits between two ReLUs
+
+    model = export_onnx(result.module, (x,))
+
+    assert _bn_count(model) == kept
+    (got,) = run(model, {model.graph.input[0].name: x.numpy()})
+    with torch.no_grad():
+        np.testing.assert_allclose(got, net(x).numpy(), rtol=1e-4, atol=1e-5)
