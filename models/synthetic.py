@@ -25,7 +25,7 @@ from torch import Tensor
 __all__ = ["InputDistribution", "RandomTeacher", "sample_inputs"]
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)  # tensors have no single truth value to compare by
 class InputDistribution:
     """One model input: x = z * scale[c] + offset[c] with z ~ N(0, 1)."""
 
