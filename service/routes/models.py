@@ -137,6 +137,8 @@ def _copy(file: UploadFile, target) -> None:
     file.file.seek(0)
     with open(target, "wb") as out:
         shutil.copyfileobj(file.file, out, 1 << 20)
+        if out.tell() == 0:
+            raise BadRequest("the uploaded 'file' is empty")
 
 
 def _required(fields: dict[str, str], key: str) -> str:

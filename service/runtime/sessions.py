@@ -9,6 +9,7 @@ fallback into an error instead.
 from __future__ import annotations
 
 import logging
+import threading
 from dataclasses import dataclass
 from typing import Any
 
@@ -57,26 +58,33 @@ class LoadedSession:
 
 
 class SessionFactory:
-    """Builds sessions with the best provider available, once probed, for every model."""
+    """Builds sessions with the best provider this machine really offers.
+
+    The first session tries CUDA when onnxruntime lists it; if that session does not get it
+    (missing CUDA libraries, no device) later ones go straight to the CPU instead of failing
+    the same way, and logging the same errors, for every model.
+    """
 
     def __init__(self, require_gpu: bool = False) -> None:
         self.require_gpu = require_gpu
+        self._cuda_usable: bool | None = None  # unknown until a session tells
+        self._lock = threading.Lock()
 
     def create(self, model: bytes | str) -> LoadedSession:
         import onnxruntime as ort
 
         options = ort.SessionOptions()
-        options.log_severity_level = 3  # the fallback is detected below, not read from logs
-        providers = [CUDA, CPU] if CUDA in ort.get_available_providers() else [CPU]
-        try:
-            session = ort.InferenceSession(model, options, providers=providers)
-        except Exception as exc:  # onnxruntime raises its own exception types
-            if providers[0] != CUDA:
-                raise ModelLoadError(str(exc)) from exc
-            logger.warning("CUDA session failed (%s); trying the CPU", exc)
-            session = None
-        provider = session.get_providers()[0] if session is not None else CPU
-        if provider != CUDA and self.require_gpu:
+        options.log_severity_level = 3  # a fallback is detected below, not read from logs
+        session = None
+        with self._lock:
+            if self._cuda_usable is None and CUDA not in ort.get_available_providers():
+                self._cuda_usable = False
+            if self._cuda_usable is not False:
+                session = self._cuda_session(ort, model, options)
+                if session is not None:  # a failure of this one model says nothing of CUDA
+                    self._cuda_usable = session.get_providers()[0] == CUDA
+        on_gpu = session is not None and session.get_providers()[0] == CUDA
+        if self.require_gpu and not on_gpu:
             raise ServiceUnavailable(
                 "require_gpu is set but the CUDA execution provider is not usable here "
                 f"(onnxruntime offers {ort.get_available_providers()}); refusing to use the CPU"
@@ -84,13 +92,26 @@ class SessionFactory:
         if session is None:
             try:
                 session = ort.InferenceSession(model, options, providers=[CPU])
-            except Exception as exc:
-                raise ModelLoadError(str(exc)) from exc
-        return LoadedSession(session, provider, signature_of(session))
+            except Exception as exc:  # onnxruntime raises its own exception types
+                raise ModelLoadError(_first_line(exc)) from exc
+        return LoadedSession(session, session.get_providers()[0], signature_of(session))
+
+    @staticmethod
+    def _cuda_session(ort: Any, model: bytes | str, options: Any) -> Any:
+        try:
+            return ort.InferenceSession(model, options, providers=[CUDA, CPU])
+        except Exception as exc:
+            logger.warning("a session with CUDA failed (%s); using the CPU", _first_line(exc))
+            return None
 
     def probe(self) -> str:
         """The provider a model would get here (used at start for ``require_gpu``)."""
         return self.create(_identity_model()).provider
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
 
 
 def cpu_session(model: bytes | str) -> Any:
