@@ -1,0 +1,111 @@
+"""The `bnfold` command, run for real in a subprocess."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+_SCRIPT = Path(sys.executable).with_name("bnfold")
+_CMD = [str(_SCRIPT)] if _SCRIPT.exists() else [sys.executable, "-m", "bnfold.cli"]
+
+
+def bnfold(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([*_CMD, *args], cwd=cwd, capture_output=True, text=True, timeout=300)
+
+
+def _conv_bn(path: Path, spatial=(6, 6)) -> Path:
+    rng = np.random.default_rng(0)
+    arrays = {
+        "w": rng.standard_normal((4, 3, 3, 3)).astype(np.float32),
+        "scale": rng.uniform(0.5, 2, 4).astype(np.float32),
+        "bias": rng.uniform(-1, 1, 4).astype(np.float32),
+        "mean": rng.uniform(-1, 1, 4).astype(np.float32),
+        "var": rng.uniform(0.5, 2, 4).astype(np.float32),
+    }
+    graph = helper.make_graph(
+        [
+            helper.make_node("Conv", ["x", "w"], ["c"], pads=[1, 1, 1, 1]),
+            helper.make_node("BatchNormalization", ["c", "scale", "bias", "mean", "var"], ["y"]),
+        ],
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, *spatial])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4, *spatial])],
+        [numpy_helper.from_array(v, k) for k, v in arrays.items()],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 15)])
+    model.ir_version = 8
+    onnx.save(model, path)
+    return path
+
+
+def _one_error_line(proc: subprocess.CompletedProcess) -> str:
+    assert proc.returncode == 2, proc.stderr
+    assert "Traceback" not in proc.stderr
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("bnfold: error:")]
+    assert len(errors) == 1, proc.stderr
+    return errors[0]
+
+
+def test_cli_folds_an_onnx_file_verifies_and_reports(tmp_path):
+    _conv_bn(tmp_path / "in.onnx")
+
+    proc = bnfold(
+        "fold", "in.onnx", "-o", "out.onnx", "--verify", "--report", "r.json", cwd=tmp_path
+    )
+
+    assert proc.returncode == 0, proc.stderr
+    assert "1 folded backward" in proc.stdout
+    assert "nodes: 2 before, 1 after" in proc.stdout
+    assert "verification OK" in proc.stdout
+    assert "verifying" in proc.stderr  # progress goes to stderr
+    out = onnx.load(tmp_path / "out.onnx")
+    assert [n.op_type for n in out.graph.node] == ["Conv"]
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert report["fold"]["report"]["counts"]["folded_backward"] == 1
+    assert report["fold"]["nodes_after"] == 1 and report["verify_onnx"]["ok"] is True
+
+
+def test_cli_symbolic_spatial_dims_need_input_shape(tmp_path):
+    _conv_bn(tmp_path / "in.onnx", spatial=("H", "W"))
+
+    line = _one_error_line(bnfold("fold", "in.onnx", "--verify", cwd=tmp_path))
+    assert "--input-shape x=" in line
+
+    proc = bnfold("fold", "in.onnx", "--verify", "--input-shape", "x=1,3,7,5", cwd=tmp_path)
+    assert proc.returncode == 0 and "verification OK" in proc.stdout
+
+
+@pytest.mark.parametrize(
+    "args,expected",
+    [
+        (["fold", "missing.onnx"], "no such file"),
+        (["fold", "garbage.onnx"], "not an ONNX model"),
+        (["fold", "zoo:no_such_model"], "unknown model"),
+        (["fold", "in.onnx", "--input-shape", "x=1,three"], "bad --input-shape"),
+        (["fold", "external.onnx"], "external data"),
+    ],
+)
+def test_cli_bad_input_exits_2_with_one_line(tmp_path, args, expected):
+    (tmp_path / "garbage.onnx").write_text("this is not protobuf\n" * 10)
+    model = onnx.load(_conv_bn(tmp_path / "in.onnx"))
+    onnx.save_model(model, tmp_path / "external.onnx", save_as_external_data=True, size_threshold=0)
+
+    assert expected in _one_error_line(bnfold(*args, cwd=tmp_path))
+
+
+def test_cli_zoo_model_folds_exports_and_verifies(tmp_path):
+    proc = bnfold("fold", "zoo:mlp_bn_before_act", "-o", "m.onnx", "--verify", cwd=tmp_path)
+
+    assert proc.returncode == 0, proc.stderr
+    assert "3 folded backward" in proc.stdout
+    assert "ONNX: " in proc.stdout and "0 BatchNormalization" in proc.stdout
+    assert proc.stdout.count("verification OK") == 2  # torch, then the exported graphs
+    out = onnx.load(tmp_path / "m.onnx")
+    assert not any(n.op_type == "BatchNormalization" for n in out.graph.node)
