@@ -104,8 +104,6 @@ class ModelService:
             "version": version,
             "platform": "onnxruntime_onnx",
             "source": info["source"],
-            "inputs": [s.to_dict() for s in runtime.signature.inputs],
-            "outputs": [s.to_dict() for s in runtime.signature.outputs],
             "input_shapes": info["input_shapes"],
             "fold_report": info["fold_report"],
             "verification": info["verification"],

@@ -19,11 +19,18 @@ from service.runtime.sessions import LoadedSession
 class LoadedModel:
     name: str
     version: str
-    record: dict[str, Any]  # what the store keeps: signature, reports, source
+    record: dict[str, Any]  # what the store keeps: source, reports
     runtime: LoadedSession
 
     def public(self) -> dict[str, Any]:
-        return {**self.record, "execution_provider": self.runtime.provider}
+        """The record, with what the session in this process says: signature and provider."""
+        signature = self.runtime.signature
+        return {
+            **self.record,
+            "inputs": [s.to_dict() for s in signature.inputs],
+            "outputs": [s.to_dict() for s in signature.outputs],
+            "execution_provider": self.runtime.provider,
+        }
 
 
 class ModelRegistry:

@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from service.errors import ServiceUnavailable
+from service.errors import BadRequest, ServiceUnavailable
 from service.protocol.v2 import DATATYPES, Signature, TensorSpec
 
 logger = logging.getLogger(__name__)
@@ -53,8 +53,21 @@ class LoadedSession:
     signature: Signature
 
     def run(self, inputs: dict[str, np.ndarray], output_names: list[str]) -> dict[str, np.ndarray]:
-        values = self.session.run(output_names, inputs)
+        feeds = {k: _text(k, v) if v.dtype == object else v for k, v in inputs.items()}
+        values = self.session.run(output_names, feeds)
         return dict(zip(output_names, values, strict=True))
+
+
+def _text(name: str, array: np.ndarray) -> np.ndarray:
+    """onnxruntime string tensors take ``str``; it would ``str()`` a bytes object instead."""
+    out = np.empty(array.shape, dtype=object)
+    try:
+        out.flat[:] = [v.decode() if isinstance(v, bytes) else v for v in array.flat]
+    except UnicodeDecodeError:
+        raise BadRequest(
+            f"input {name!r}: BYTES elements must be UTF-8 text for this model"
+        ) from None
+    return out
 
 
 class SessionFactory:

@@ -6,6 +6,7 @@ deployed at start); tests that restart or kill a server start their own with ``s
 
 from __future__ import annotations
 
+import hashlib
 import os
 import signal
 import socket
@@ -131,8 +132,10 @@ def start_server(tmp_path):
 
 @pytest.fixture(scope="session")
 def server(tmp_path_factory):
-    """One server for the whole session, started on a fresh store (defaults deployed)."""
+    """One server for the whole session, started on a fresh store (defaults deployed), which
+    also holds ``identity_all``, a model with one input of every v2 datatype."""
     root = tmp_path_factory.mktemp("shared")
+    seed_store(root / "store", "identity_all", all_datatypes_model())
     srv = Server(root / "store", {**TEST_ENV, "BNFOLD_API_TOKEN": TOKEN})
     srv.start()
     yield srv
@@ -173,6 +176,64 @@ def conv_bn_model(channels: int = 4, seed: int = 0) -> onnx.ModelProto:
     model.ir_version = 8
     onnx.checker.check_model(model)
     return model
+
+
+# v2 datatype -> ONNX element type, for the identity model
+ONNX_TYPES = {
+    "BOOL": TensorProto.BOOL,
+    "UINT8": TensorProto.UINT8,
+    "UINT16": TensorProto.UINT16,
+    "UINT32": TensorProto.UINT32,
+    "UINT64": TensorProto.UINT64,
+    "INT8": TensorProto.INT8,
+    "INT16": TensorProto.INT16,
+    "INT32": TensorProto.INT32,
+    "INT64": TensorProto.INT64,
+    "FP16": TensorProto.FLOAT16,
+    "FP32": TensorProto.FLOAT,
+    "FP64": TensorProto.DOUBLE,
+    "BYTES": TensorProto.STRING,
+}
+
+
+def all_datatypes_model() -> onnx.ModelProto:
+    """in_<TYPE>[N, 3] -> Identity -> out_<TYPE>, for every v2 datatype."""
+    inputs, outputs, nodes = [], [], []
+    for dt, elem in ONNX_TYPES.items():
+        inputs.append(helper.make_tensor_value_info(f"in_{dt}", elem, ["N", 3]))
+        outputs.append(helper.make_tensor_value_info(f"out_{dt}", elem, ["N", 3]))
+        nodes.append(helper.make_node("Identity", [f"in_{dt}"], [f"out_{dt}"]))
+    graph = helper.make_graph(nodes, "identity_all", inputs, outputs)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    return model
+
+
+def seed_store(root: Path, name: str, model: onnx.ModelProto) -> None:
+    """Deploy a graph straight into a store, as a previous run would have left it.
+
+    For graphs that ingest cannot verify (bnfold generates float inputs only), so that the
+    protocol tests can cover every datatype."""
+    from service.store import ModelStore
+
+    store = ModelStore(root)
+    store.open()
+    data = model.SerializeToString()
+    version = hashlib.sha256(data).hexdigest()[:16]
+    scratch = store.scratch_dir("seed-")
+    (scratch / "model.onnx").write_bytes(data)
+    record = {
+        "name": name,
+        "version": version,
+        "platform": "onnxruntime_onnx",
+        "source": {"format": "onnx", "note": "seeded by the tests"},
+        "input_shapes": {},
+        "fold_report": {},
+        "verification": {},
+        "gpu_divergence": None,
+        "deployed_at": "2026-01-01T00:00:00Z",
+    }
+    store.deploy(name, version, scratch / "model.onnx", record)
 
 
 @pytest.fixture(scope="session")
