@@ -101,6 +101,8 @@ def _collect(
         return f"{value.name!r} has no consumers"
     leaves: list[_Leaf] = []
     for node, index in value.uses():
+        if node.graph is not value.graph:
+            return f"read by {node_label(node)} inside a subgraph"
         if is_op(node, "Identity", "Dropout") and index == 0:
             reason = _dropout_reason(node, ctx) if node.op_type == "Dropout" else None
             found = reason or _collect(node.outputs[0], flat, ctx, bn_input)

@@ -46,6 +46,9 @@ def producer_guard(bn_affine: BNAffine, op_types: tuple[str, ...]) -> ir.Node | 
     producer = bn_affine.x.producer()
     if not is_op(producer, *op_types):
         return None
+    if producer.graph is not bn_affine.y.producer().graph:
+        # the producer lives in an enclosing graph: rewriting it would change that scope
+        return f"producer {node_label(producer)} is in an enclosing graph"
     reason = FoldContext.sole_consumer(bn_affine.x)
     if reason is not None:
         return f"producer {node_label(producer)}: {reason}"

@@ -198,3 +198,41 @@ def test_folded_model_runs_like_the_original_at_several_batches():
         x = RNG.standard_normal((batch, 3, 6, 6)).astype(np.float32)
         assert run(result.model, {"x": x})[0].shape == (batch, 4, 6, 6)
         assert_same_outputs(model, result.model, {"x": x})
+
+
+def test_bn_in_a_branch_is_not_folded_into_a_conv_of_the_enclosing_graph():
+    rng = np.random.default_rng(6)
+    params = bn_arrays(3, rng)
+    inits = [numpy_helper.from_array(v, f"bn_{k}") for k, v in params.items()]
+    out = helper.make_tensor_value_info("branch_out", TensorProto.FLOAT, ["N", 3, 4, 4])
+    then_graph = helper.make_graph(
+        [helper.make_node("BatchNormalization", ["c", *(i.name for i in inits)], ["branch_out"])],
+        "then",
+        [],
+        [out],
+        inits,
+    )
+    else_graph = helper.make_graph(
+        [helper.make_node("Relu", ["c"], ["branch_out"])], "else", [], [out]
+    )
+    w = numpy_helper.from_array(rng.standard_normal((3, 3, 1, 1)).astype(np.float32), "w")
+    graph = helper.make_graph(
+        [
+            helper.make_node("Conv", ["x", "w"], ["c"]),
+            helper.make_node("If", ["cond"], ["y"], then_branch=then_graph, else_branch=else_graph),
+        ],
+        "main",
+        [
+            helper.make_tensor_value_info("cond", TensorProto.BOOL, []),
+            helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 4, 4]),
+        ],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 3, 4, 4])],
+        [w],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 15)])
+    model.ir_version = 8
+
+    result = fold_onnx(model)
+
+    assert not result.modified
+    assert "enclosing graph" in result.report.entries[0].reason
