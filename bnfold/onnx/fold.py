@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import logging
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import onnx
 import onnx_ir as ir
@@ -42,7 +42,6 @@ class OnnxFoldResult:
     modified: bool = False
     nodes_before: int = 0
     nodes_after: int = 0
-    notes: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict:
         return {

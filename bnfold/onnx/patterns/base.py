@@ -28,7 +28,6 @@ from bnfold.report import Action
 __all__ = ["BNAffine", "FoldContext", "Pattern", "Plan", "bn_label"]
 
 _ONNX_DOMAINS = ("", "ai.onnx")
-_FLOAT_TYPES = (ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.DOUBLE, ir.DataType.BFLOAT16)
 
 
 def is_op(node: ir.Node | None, *op_types: str) -> bool:
@@ -104,13 +103,11 @@ class FoldContext:
 
     def float_const(self, value: ir.Value | None) -> np.ndarray | None:
         arr = self.const(value)
-        if (
-            arr is None
-            or not np.issubdtype(arr.dtype, np.floating)
-            and arr.dtype.name != "bfloat16"
-        ):
+        if arr is None:
             return None
-        return arr
+        return (
+            arr if np.issubdtype(arr.dtype, np.floating) or arr.dtype.name == "bfloat16" else None
+        )
 
     def shape(self, value: ir.Value) -> tuple[int | str | None, ...] | None:
         """Shape from the model's own annotations, else from onnx shape inference."""
