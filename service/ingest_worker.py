@@ -1,9 +1,9 @@
-"""The ingest worker: ``python -m service.ingest_worker LIMITS_JSON JOB_DIR [JOB_DIR ...]``.
+"""The ingest worker: ``python -m service.ingest_worker LIMITS_JSON JOB_DIR``.
 
 Runs in its own process so that a model that crashes onnxruntime or torch takes down only this
 process. It sets its resource limits first, before any user byte is read (done here rather than
-in a ``preexec_fn``, which is unsafe in the threaded server). For each job directory it reads
-``job.json`` and ``upload``, and writes ``result.json`` (a status and the reports) and, on
+in a ``preexec_fn``, which is unsafe in the threaded server). It reads ``job.json`` and
+``upload`` from the job directory, and writes ``result.json`` (a status and the reports) and, on
 success, ``folded.onnx`` and ``original.onnx``.
 
 Uploaded bytes are never unpickled: ONNX is parsed as protobuf, weights with
@@ -244,6 +244,14 @@ def process(job_dir: Path) -> dict[str, Any]:
         raise Refused(
             422, f"verification could not run: {_first_lines(exc)}", fold_report=fold_report
         ) from None
+    if not verification.ok and verification.error:
+        raise Refused(
+            422,
+            f"verification could not run the graphs: {_first_lines(verification.error, 1)}; "
+            "nothing was deployed",
+            fold_report=fold_report,
+            verification=verification.to_dict(),
+        )
     if not verification.ok:
         raise Refused(
             422,
@@ -287,17 +295,55 @@ def run_job(job_dir: Path) -> None:
     except Exception as exc:
         traceback.print_exc()  # to the worker's log, which the server keeps to itself
         result = {"status": 422, "error": f"the model could not be processed: {_first_lines(exc)}"}
+    write_result(job_dir, result)
+
+
+def write_result(job_dir: Path, result: dict[str, Any]) -> None:
     tmp = job_dir / "result.json.tmp"
     tmp.write_text(json.dumps(result))
     os.replace(tmp, job_dir / "result.json")
 
 
+def load_libraries(limits: dict[str, int]) -> str | None:
+    """Import what every job needs, up front, so that a limit too tight for the libraries
+    themselves reads as a configuration problem rather than as a fault of the model."""
+    try:
+        import onnx  # noqa: F401
+        import onnxruntime  # noqa: F401
+
+        import bnfold.onnx.fold  # noqa: F401
+        import bnfold.onnx.verify  # noqa: F401
+    except (ImportError, OSError, MemoryError) as exc:
+        return (
+            "the ingest worker could not load its libraries within its resource limits "
+            f"(memory {limits.get('memory_bytes')} bytes: BNFOLD_WORKER_MEMORY_BYTES): "
+            f"{_first_lines(exc, 1)}"
+        )
+    return None
+
+
 def main(argv: list[str]) -> int:
     limits = json.loads(argv[0])
+    job_dir = Path(argv[1])
     set_limits(limits)
-    for job_dir in argv[1:]:
-        run_job(Path(job_dir))
+    _die_with_parent()
+    problem = load_libraries(limits)
+    if problem:
+        write_result(job_dir, {"status": 503, "error": problem})
+    else:
+        run_job(job_dir)
     return 0
+
+
+def _die_with_parent() -> None:
+    """Linux: get SIGKILL when the server dies, so a killed server leaves no orphan worker."""
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        libc.prctl(1, 9)  # PR_SET_PDEATHSIG, SIGKILL
+    except OSError:
+        pass
 
 
 if __name__ == "__main__":
