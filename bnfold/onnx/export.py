@@ -108,6 +108,19 @@ def _dynamic_shapes(inputs: Sequence, batch: bool, spatial: bool) -> tuple:
     return tuple(shapes)
 
 
+def _torch_export(module, inputs: tuple, batch: bool, spatial: bool, opset_version: int | None):
+    with torch.no_grad(), contextlib.redirect_stdout(io.StringIO()):
+        return torch.onnx.export(
+            module,
+            inputs,
+            dynamo=True,
+            optimize=False,  # see the module docstring: its rewriter fuses BN
+            verbose=False,
+            opset_version=opset_version,
+            dynamic_shapes=_dynamic_shapes(inputs, batch, spatial),
+        )
+
+
 def export_onnx(
     module: torch.nn.Module,
     example_inputs: Sequence | torch.Tensor,
@@ -122,28 +135,35 @@ def export_onnx(
     The batch dimension (and spatial dims of rank >= 3 inputs) are dynamic where the model
     allows it; the exporter keeps a dimension static when the model's code needs it static.
     """
-    inputs = (
-        (example_inputs,) if isinstance(example_inputs, torch.Tensor) else tuple(example_inputs)
+    given = (example_inputs,) if isinstance(example_inputs, torch.Tensor) else tuple(example_inputs)
+    # a batch of 1 would be specialised (0/1 specialisation); export with 2 instead
+    doubled = tuple(
+        torch.cat([x, x]) if isinstance(x, torch.Tensor) and x.dim() and x.shape[0] == 1 else x
+        for x in given
     )
-    if dynamic_batch:
-        # a batch of 1 would be specialised (0/1 specialisation); export with 2 instead
-        inputs = tuple(
-            torch.cat([x, x]) if isinstance(x, torch.Tensor) and x.dim() and x.shape[0] == 1 else x
-            for x in inputs
-        )
+    # symbolic reasoning about dynamic spatial dims fails on some models (sympy cannot solve
+    # the stride arithmetic); fall back to fewer dynamic dims rather than not exporting
+    attempts = [(dynamic_batch, dynamic_spatial), (dynamic_batch, False), (False, False)]
+    attempts = list(dict.fromkeys(attempts))
     was_training = module.training
     module.eval()
     try:
-        with torch.no_grad(), contextlib.redirect_stdout(io.StringIO()):
-            program = torch.onnx.export(
-                module,
-                inputs,
-                dynamo=True,
-                optimize=False,  # see the module docstring: its rewriter fuses BN
-                verbose=False,
-                opset_version=opset_version,
-                dynamic_shapes=_dynamic_shapes(inputs, dynamic_batch, dynamic_spatial),
-            )
+        for i, (batch, spatial) in enumerate(attempts):
+            try:
+                program = _torch_export(
+                    module, doubled if batch else given, batch, spatial, opset_version
+                )
+                break
+            except Exception as exc:
+                if i == len(attempts) - 1:
+                    raise
+                logger.warning(
+                    "export with dynamic batch=%s spatial=%s failed (%s); retrying with fewer "
+                    "dynamic dims",
+                    batch,
+                    spatial,
+                    str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__,
+                )
     finally:
         module.train(was_training)
     _optimize_keeping_bn(program.model)
