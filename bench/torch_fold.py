@@ -61,12 +61,19 @@ def build(name: str) -> tuple[nn.Module, torch.Tensor]:
         model = tvm.get_model(name, weights=None)
         size = (3, 299, 299) if name == "inception_v3" else (3, 224, 224)
     gen = torch.Generator().manual_seed(0)
+    # Statistics of the activations this network really produces (as after training), then
+    # perturbed: random buffers alone make deep nets blow up, and then every method's fp32
+    # rounding noise is amplified past any tolerance.
+    import bnfold
+
+    model = bnfold.recalibrate(model, [torch.randn(2, *size, generator=gen)])
     for m in model.modules():
         if isinstance(getattr(m, "running_mean", None), torch.Tensor):
             n = m.running_mean.numel()
             with torch.no_grad():
-                m.running_mean.copy_(torch.randn(n, generator=gen) * 0.1)
-                m.running_var.copy_(torch.rand(n, generator=gen) * 0.5 + 0.75)
+                scale = m.running_var.sqrt()
+                m.running_mean.add_(torch.randn(n, generator=gen) * 0.1 * scale)
+                m.running_var.mul_(torch.rand(n, generator=gen) * 0.5 + 0.75)
                 if isinstance(getattr(m, "weight", None), torch.Tensor):
                     m.weight.copy_(torch.rand(n, generator=gen) * 0.5 + 0.75)
                     m.bias.copy_(torch.randn(n, generator=gen) * 0.1)
@@ -130,6 +137,10 @@ def bench_one(name: str) -> dict:
     except Exception as exc:
         return row | {"error": f"build: {exc}"}
     ref, row["bn_original"] = run_torch(model, x)
+    # how far fp32 itself is from float64 on this network: no fp32 method can be closer
+    with torch.no_grad():
+        ref64 = copy.deepcopy(model).double()(x.double())
+    row["fp32_noise_rel_l2"] = rel_l2(ref, ref64 if isinstance(ref64, torch.Tensor) else ref64[0])
 
     t = time.perf_counter()
     try:
@@ -191,8 +202,8 @@ def count_onnx_bn(proto) -> int:
 def render(path: Path) -> str:
     rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
     head = (
-        "| model | BN | bnfold left | bnfold rel L2 | bnfold s | fx fuse left | fx rel L2 "
-        "| fx s | dynamo left | dynamo rel L2 | dynamo s |\n" + "|---" * 11 + "|"
+        "| model | BN | fp32 vs f64 | bnfold left | bnfold rel L2 | bnfold s | fx fuse left "
+        "| fx rel L2 | fx s | dynamo left | dynamo rel L2 | dynamo s |\n" + "|---" * 12 + "|"
     )
     lines = [head]
 
@@ -206,6 +217,7 @@ def render(path: Path) -> str:
     for r in rows:
         lines.append(
             f"| {r['model']} | {r.get('bn_original', '-')} "
+            f"| {cell(r, 'fp32_noise_rel_l2', '{:.1e}')} "
             f"| {cell(r, 'bnfold_bn_left', '{}')} | {cell(r, 'bnfold_rel_l2', '{:.1e}')} "
             f"| {cell(r, 'bnfold_time_s', '{:.2f}')} "
             f"| {cell(r, 'fx_bn_left', '{}')} | {cell(r, 'fx_rel_l2', '{:.1e}')} "
@@ -215,13 +227,20 @@ def render(path: Path) -> str:
         )
         left = r.get("bnfold_bn_left")
         anchors = [r[k] for k in ("dynamo_bn_left",) if k in r]
-        if left is None or (anchors and left > min(anchors)) or r.get("bnfold_rel_l2", 1) > 2e-5:
+        # fp32 itself cannot be closer to the original than its own distance from float64
+        tolerance = max(2e-5, 2 * r.get("fp32_noise_rel_l2", 0.0))
+        if (
+            left is None
+            or (anchors and left > min(anchors))
+            or r.get("bnfold_rel_l2", 1) > tolerance
+        ):
             worse.append(r["model"])
     n = len(rows)
     ok = n - len(worse)
     summary = (
         f"\n{ok} of {n} models: bnfold leaves no more BN running than the dynamo exporter and "
-        f"matches the eval original to rel L2 <= 2e-5."
+        "matches the eval original to rel L2 <= 2e-5 (or, where fp32 itself is further than "
+        "that from float64, within twice that distance)."
     )
     if worse:
         summary += f" Not met on: {', '.join(worse)}."

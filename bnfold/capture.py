@@ -27,7 +27,10 @@ __all__ = [
     "AFFINE_TYPES",
     "BNSite",
     "CaptureError",
+    "bn_arguments",
     "bn_site",
+    "constant_value",
+    "is_constant",
     "fetch_attr",
     "is_inplace",
     "is_shape_only",
@@ -187,6 +190,40 @@ def is_shape_only(node: fx.Node) -> bool:
     return False
 
 
+_NOT_CONSTANT = object()
+
+
+def constant_value(node: Any, gm: fx.GraphModule, memo: dict) -> Any:
+    """The value of `node` if it depends on no model input (only on parameters, buffers and
+    literals), computed here; else the marker _NOT_CONSTANT. Modules are never called, and
+    ops that may write in place are not evaluated."""
+    if not isinstance(node, fx.Node):
+        if isinstance(node, list | tuple):
+            values = [constant_value(a, gm, memo) for a in node]
+            return _NOT_CONSTANT if any(v is _NOT_CONSTANT for v in values) else type(node)(values)
+        return node
+    if node in memo:
+        return memo[node]
+    value = _NOT_CONSTANT
+    if node.op == "get_attr":
+        value = fetch_attr(gm, str(node.target))
+    elif node.op in ("call_function", "call_method") and not is_inplace(node, gm):
+        args = constant_value(tuple(node.args), gm, memo)
+        kwargs = {k: constant_value(v, gm, memo) for k, v in node.kwargs.items()}
+        if args is not _NOT_CONSTANT and all(v is not _NOT_CONSTANT for v in kwargs.values()):
+            with torch.no_grad():
+                if node.op == "call_function":
+                    value = node.target(*args, **kwargs)
+                else:
+                    value = getattr(args[0], str(node.target))(*args[1:], **kwargs)
+    memo[node] = value
+    return value
+
+
+def is_constant(value: Any) -> bool:
+    return value is not _NOT_CONSTANT
+
+
 @dataclass
 class BNSite:
     """One BatchNorm call site, as eval mode computes it: y = s * x + t per channel of dim 1."""
@@ -240,17 +277,26 @@ def _module_site(node: fx.Node, gm: fx.GraphModule) -> BNSite | None:
     )  # fmt: skip
 
 
-def _function_site(node: fx.Node, gm: fx.GraphModule) -> BNSite | None:
+def bn_arguments(node: fx.Node) -> dict[str, Any]:
+    """The arguments of a functional batch_norm call by name (input, running_mean,
+    running_var, weight, bias, training, momentum, eps)."""
     if node.target is F.batch_norm:
         bound = _F_BN_SIG.bind(*node.args, **node.kwargs)
         bound.apply_defaults()
-        a = dict(bound.arguments)
+        return dict(bound.arguments)
+    a = dict(zip(_TORCH_BN_PARAMS, node.args, strict=False)) | dict(node.kwargs)
+    a.pop("cudnn_enabled", None)
+    return a
+
+
+def _function_site(node: fx.Node, gm: fx.GraphModule) -> BNSite | None:
+    if node.target is F.batch_norm:
         kind = "F.batch_norm"
     elif node.target is torch.batch_norm:
-        a = dict(zip(_TORCH_BN_PARAMS, node.args, strict=False)) | dict(node.kwargs)
         kind = "torch.batch_norm"
     else:
         return None
+    a = bn_arguments(node)
     tensors = {}
     not_constant = []
     for key in ("running_mean", "running_var", "weight", "bias"):

@@ -2,6 +2,8 @@
 fold, and say for every one of them what happened.
 
 For each BN call site, in graph order, until nothing changes (so Conv -> BN -> BN folds both):
+0. a BN whose input is a constant (weight standardization) is computed once
+   (patterns/constant_bn.py);
 1. a BN that normalizes with batch statistics in eval mode stays;
 2. else fold backward into its producer (patterns/producer_bn.py);
 3. else fold forward into its consumers (patterns/bn_consumer.py);
@@ -27,7 +29,14 @@ import torch
 from torch import fx, nn
 
 from bnfold.capture import CaptureError, bn_site, trace
-from bnfold.patterns import FoldContext, Folded, Rejected, fold_into_consumers, fold_into_producer
+from bnfold.patterns import (
+    FoldContext,
+    Folded,
+    Rejected,
+    fold_into_consumers,
+    fold_into_producer,
+    precompute_constant_bn,
+)
 from bnfold.report import Action, BNEntry, FoldReport
 
 log = logging.getLogger(__name__)
@@ -62,6 +71,9 @@ def _site_names(gm: fx.GraphModule, prefix: str) -> dict[fx.Node, str]:
 
 
 def _try_fold(site, ctx: FoldContext, backward: bool, forward: bool):
+    outcome = precompute_constant_bn(site, ctx)
+    if isinstance(outcome, Folded):
+        return outcome, Action.PRECOMPUTED
     if site.foldable_reason:
         return Rejected(site.foldable_reason), None
     reasons = []
@@ -117,21 +129,10 @@ def fold_graph(
         site = bn_site(node, gm)
         if site is not None:
             report.add(BNEntry(names[node], site.kind, Action.KEPT, [], reasons.get(node, "")))
-        elif node.op == "call_module":
-            _report_opaque(node, gm, report, prefix)
     gm.graph.lint()
     gm.delete_all_unused_submodules()
     gm.recompile()
     return folded
-
-
-def _report_opaque(node: fx.Node, gm: fx.GraphModule, report: FoldReport, prefix: str) -> None:
-    """BNs inside a module that the tracer kept as one call cannot be seen, let alone folded."""
-    for sub_name, sub in gm.get_submodule(str(node.target)).named_modules():
-        if sub_name and _is_bn_module(sub):
-            reason = f"inside '{node.target}', which is captured as one opaque call"
-            name = f"{prefix}{node.target}.{sub_name}"
-            report.add(BNEntry(name, type(sub).__name__, Action.KEPT, [], reason))
 
 
 def _record_calls(model: nn.Module, example_inputs: tuple) -> dict[int, list]:
@@ -155,26 +156,55 @@ def _record_calls(model: nn.Module, example_inputs: tuple) -> dict[int, list]:
 def _fold_children(
     parent: nn.Module, calls: dict[int, list], report: FoldReport, prefix: str, **flags
 ) -> None:
-    for name, child in list(parent.named_children()):
-        path = f"{prefix}{name}"
-        recorded = calls.get(id(child))
-        if not recorded:
-            continue
-        ranks = {None if a is None else tuple(getattr(x, "ndim", -1) for x in a) for a in recorded}
-        try:
-            if None in ranks or len(ranks) != 1:
-                raise CaptureError("called with keyword arguments or inputs of different ranks")
-            gm = trace(child, recorded[0])
-        except CaptureError as exc:
-            if any(True for _ in child.children()):
-                _fold_children(child, calls, report, f"{path}.", **flags)
-            elif _is_bn_module(child):
-                report.add(
-                    BNEntry(path, type(child).__name__, Action.KEPT, [], f"not capturable: {exc}")
-                )
-            continue
-        if fold_graph(gm, report, prefix=f"{path}.", **flags):
-            setattr(parent, name, gm)
+    for name in [n for n, _ in parent.named_children()]:
+        _fold_module(parent, name, calls, report, f"{prefix}{name}", **flags)
+
+
+def _fold_module(
+    parent: nn.Module, name: str, calls: dict[int, list], report: FoldReport, path: str, **flags
+) -> None:
+    """Capture and fold `parent.<name>` on its own, with the inputs it was called with;
+    if it cannot be captured, go down to its children."""
+    child = getattr(parent, name)
+    recorded = calls.get(id(child))
+    if not recorded:
+        return
+    if _is_bn_module(child) or "FrozenBatchNorm" in type(child).__name__:
+        reason = "its producer and consumers are in a part of the model that could not be captured"
+        report.add(BNEntry(path, type(child).__name__, Action.KEPT, [], reason))
+        return
+    ranks = {None if a is None else tuple(getattr(x, "ndim", -1) for x in a) for a in recorded}
+    try:
+        if None in ranks or len(ranks) != 1:
+            raise CaptureError("called with keyword arguments or inputs of different ranks")
+        gm = trace(child, recorded[0])
+    except CaptureError:
+        _fold_children(child, calls, report, f"{path}.", **flags)
+        return
+    if fold_graph(gm, report, prefix=f"{path}.", **flags):
+        setattr(parent, name, gm)
+    _fold_opaque(gm, calls, report, f"{path}.", **flags)
+
+
+def _opaque_calls(gm: fx.GraphModule) -> list[str]:
+    """Modules the tracer kept as one call although they are not stock torch.nn layers
+    (timm's notrace modules): BN inside them is only reached by folding them on their own."""
+    targets = []
+    for node in gm.graph.nodes:
+        if node.op == "call_module" and bn_site(node, gm) is None:
+            m = gm.get_submodule(str(node.target))
+            if not type(m).__module__.startswith("torch.nn") and node.target not in targets:
+                targets.append(str(node.target))
+    return targets
+
+
+def _fold_opaque(
+    gm: fx.GraphModule, calls: dict[int, list], report: FoldReport, prefix: str, **flags
+) -> None:
+    for target in _opaque_calls(gm):
+        parent_name, _, leaf = target.rpartition(".")
+        parent = gm.get_submodule(parent_name) if parent_name else gm
+        _fold_module(parent, leaf, calls, report, f"{prefix}{target}", **flags)
 
 
 def _is_bn_module(m: nn.Module) -> bool:
@@ -267,6 +297,8 @@ def _fold_copy(original: nn.Module, inputs: tuple, flags: dict) -> tuple[nn.Modu
         _fold_children(work, _record_calls(work, inputs), report, "", **flags)
         return work, report
     fold_graph(gm, report, **flags)
+    if _opaque_calls(gm):
+        _fold_opaque(gm, _record_calls(gm, inputs), report, "", **flags)
     return gm, report
 
 

@@ -16,6 +16,7 @@ __all__ = ["Action", "BNEntry", "FoldReport", "OutputError", "VerifyCase", "Veri
 class Action(StrEnum):
     FOLDED_BACKWARD = "folded_backward"  # merged into the affine layer that produces its input
     FOLDED_FORWARD = "folded_forward"  # merged into the affine layer(s) that consume its output
+    PRECOMPUTED = "precomputed"  # its input is a constant (weight standardization): computed once
     KEPT = "kept"
 
 
@@ -74,7 +75,8 @@ class FoldReport:
         c = self.counts()
         lines = [
             f"BatchNorm: {c['total']} found, {c['folded_backward']} folded backward, "
-            f"{c['folded_forward']} folded forward, {c['kept']} kept"
+            f"{c['folded_forward']} folded forward, {c['precomputed']} precomputed, "
+            f"{c['kept']} kept"
         ]
         lines += [f"  kept {e.name} ({e.kind}): {e.reason}" for e in self.kept]
         lines += [f"  note: {n}" for n in self.notes]

@@ -6,6 +6,14 @@ it never raises for a model it cannot fold.
 
 from bnfold.patterns.base import FoldContext, Folded, Rejected
 from bnfold.patterns.bn_consumer import fold_into_consumers
+from bnfold.patterns.constant_bn import precompute_constant_bn
 from bnfold.patterns.producer_bn import fold_into_producer
 
-__all__ = ["FoldContext", "Folded", "Rejected", "fold_into_consumers", "fold_into_producer"]
+__all__ = [
+    "FoldContext",
+    "Folded",
+    "Rejected",
+    "fold_into_consumers",
+    "fold_into_producer",
+    "precompute_constant_bn",
+]

@@ -42,6 +42,20 @@ def describe(node: fx.Node) -> str:
 @dataclass
 class FoldContext:
     gm: fx.GraphModule
+    constants: dict = field(default_factory=dict)  # memo of capture.constant_value
+
+    def add_constant(self, value: Tensor, replaces: fx.Node) -> str:
+        """Store `value` as a buffer of the graph module and use it in place of `replaces`."""
+        i = 0
+        while hasattr(self.gm, f"_bnfold_const{i}"):
+            i += 1
+        name = f"_bnfold_const{i}"
+        self.gm.register_buffer(name, value.detach().clone())
+        with self.gm.graph.inserting_before(replaces):
+            const = self.gm.graph.get_attr(name)
+        replaces.replace_all_uses_with(const)
+        self.gm.graph.erase_node(replaces)
+        return name
 
     def module(self, node: fx.Node) -> nn.Module | None:
         if node.op != "call_module":

@@ -92,3 +92,35 @@ def test_bn_1d_and_3d(dim):
     bn = {1: nn.BatchNorm1d, 3: nn.BatchNorm3d}[dim](3)
     result = fold_and_check(randomize_bn(nn.Sequential(conv, bn)), torch.randn(2, 2, *[5] * dim))
     assert result.report.entries[0].action is Action.FOLDED_BACKWARD
+
+
+def test_weight_standardization_bn_on_constant_weight_is_precomputed():
+    from timm.layers import ScaledStdConv2d
+
+    model = nn.Sequential(ScaledStdConv2d(3, 4, 3), nn.ReLU()).eval()
+    result = fold_and_check(model, torch.randn(2, 3, 6, 6))
+    (entry,) = result.report.entries
+    assert entry.action is Action.PRECOMPUTED
+    # the standardized weight is now a buffer: no batch_norm runs in the forward pass
+    assert "batch_norm" not in result.module.code
+
+
+class Opaque(nn.Module):
+    """A module the tracer must not enter (as timm marks some), with Conv -> BN inside."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(4, 4, 3, padding=1)
+        self.bn = nn.BatchNorm2d(4)
+
+    def forward(self, x):
+        return self.bn(self.conv(x)) + x
+
+
+def test_bn_inside_a_module_kept_as_one_call_is_folded(monkeypatch):
+    from timm.layers import _fx as timm_fx
+
+    monkeypatch.setattr(timm_fx, "_leaf_modules", timm_fx._leaf_modules | {Opaque})
+    model = randomize_bn(nn.Sequential(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4), Opaque()))
+    result = fold_and_check(model, torch.randn(2, 3, 5, 5))
+    assert [e.name for e in result.report.folded] == ["1", "2.bn"]
