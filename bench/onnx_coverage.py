@@ -3,7 +3,8 @@
     .venv/bin/python bench/onnx_coverage.py [--models resnet18,timm:dla34,zoo:preact_net]
         [--size 64] [--json results.json]
 
-Each model is exported with its BN intact (bnfold.export_onnx), then handed to:
+Each model is exported with its BN intact (bnfold.export_onnx, dynamic batch, static spatial
+dims), then handed to:
 fold_onnx, onnxscript's optimizer (what the dynamo exporter's optimize=True runs),
 onnxoptimizer's fuse_bn_into_conv, onnxsim, and onnxruntime's own optimizer (ORT_ENABLE_EXTENDED,
 the optimized graph saved and counted). fold_onnx's output is also verified in onnxruntime.
@@ -98,7 +99,9 @@ def measure(name: str, size: int) -> dict:
     row: dict = {"model": name}
     model, inputs, meta = build(name, size)
     t0 = time.perf_counter()
-    exported = export_onnx(model, inputs)
+    # static spatial dims: they do not change what folds, and torch.export's symbolic
+    # reasoning about them takes minutes on some models (timm's tf_* "same" padding)
+    exported = export_onnx(model, inputs, dynamic_spatial=False)
     row["export_s"] = round(time.perf_counter() - t0, 1)
     row["nodes"] = len(exported.graph.node)
     row["bn_exported"] = bn_count(exported)

@@ -71,7 +71,7 @@ def session(model: onnx.ModelProto, level: str, threads: int) -> ort.InferenceSe
 def bench_model(name: str, size: int, batch: int, threads: int, rounds: int) -> dict:
     model, _, _ = build(name, size)
     x = torch.randn(batch, 3, size, size)
-    unfolded = export_onnx(model, (x,))
+    unfolded = export_onnx(model, (x,), dynamic_spatial=False)  # like the anchor
     folded = fold_onnx(unfolded).model
     anchor = anchor_export(model, torch.cat([x, x]) if batch == 1 else x)
     configs = {f"U/{lv}": (unfolded, lv) for lv in LEVELS}
