@@ -72,11 +72,11 @@ def build(name: str) -> tuple[nn.Module, torch.Tensor]:
             n = m.running_mean.numel()
             with torch.no_grad():
                 scale = m.running_var.sqrt()
-                m.running_mean.add_(torch.randn(n, generator=gen) * 0.1 * scale)
-                m.running_var.mul_(torch.rand(n, generator=gen) * 0.5 + 0.75)
+                m.running_mean.add_(torch.randn(n, generator=gen) * 0.05 * scale)
+                m.running_var.mul_(torch.rand(n, generator=gen) * 0.2 + 0.9)
                 if isinstance(getattr(m, "weight", None), torch.Tensor):
-                    m.weight.copy_(torch.rand(n, generator=gen) * 0.5 + 0.75)
-                    m.bias.copy_(torch.randn(n, generator=gen) * 0.1)
+                    m.weight.copy_(torch.rand(n, generator=gen) * 0.2 + 0.9)
+                    m.bias.copy_(torch.randn(n, generator=gen) * 0.05)
     x = torch.randn(1, *size, generator=gen)
     return model.eval(), x
 
