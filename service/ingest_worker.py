@@ -96,6 +96,7 @@ def external_data_refs(model: Any) -> list[str]:
 
 
 def parse_onnx(data: bytes) -> Any:
+    require("onnx")
     import onnx
     from google.protobuf.message import DecodeError
 
@@ -124,17 +125,24 @@ def parse_onnx(data: bytes) -> Any:
 
 def model_from_safetensors(data: bytes, architecture: str, input_shape: Any) -> tuple[Any, Any]:
     """Build the zoo architecture with uploaded weights; return the unfolded ONNX + inputs."""
+    from safetensors import SafetensorError, deserialize
+
+    try:
+        deserialize(data)  # validates header and buffers (JSON + raw bytes: no code runs)
+    except (SafetensorError, ValueError, OSError) as exc:
+        raise Refused(400, f"the file is not a valid safetensors state dict: {exc}") from None
+    require("torch", "models", *_FOLDING)
     import models
 
     if architecture not in models.names():
         raise Refused(
             400, f"unknown architecture {architecture!r}; known: {sorted(models.names())}"
         )
-    from safetensors import SafetensorError
+    _disable_unpickling()
     from safetensors.torch import load
 
     try:
-        state = load(data)  # JSON header + raw buffers: no code runs
+        state = load(data)
     except (SafetensorError, ValueError, RuntimeError, OSError) as exc:
         raise Refused(400, f"the file is not a valid safetensors state dict: {exc}") from None
     module = models.get_spec(architecture).make()  # the architecture only: no training
@@ -208,15 +216,16 @@ def process(job_dir: Path) -> dict[str, Any]:
 
     if kind == "onnx":
         original = parse_onnx((job_dir / "upload").read_bytes())
+        require(*_FOLDING)
         example = None
         source = {"format": "onnx"}
     elif kind == "safetensors":
-        _disable_unpickling()
         original, example = model_from_safetensors(
             (job_dir / "upload").read_bytes(), arch, input_shape
         )
         source = {"format": "safetensors", "architecture": arch}
     elif kind == "zoo":
+        require("torch", "models", *_FOLDING)
         import models
 
         _disable_unpickling()
@@ -304,34 +313,33 @@ def write_result(job_dir: Path, result: dict[str, Any]) -> None:
     os.replace(tmp, job_dir / "result.json")
 
 
-def load_libraries(limits: dict[str, int]) -> str | None:
-    """Import what every job needs, up front, so that a limit too tight for the libraries
-    themselves reads as a configuration problem rather than as a fault of the model."""
-    try:
-        import onnx  # noqa: F401
-        import onnxruntime  # noqa: F401
+def require(*modules: str) -> None:
+    """Import libraries the job needs. Called in stages, so that a file that is not a model at
+    all is refused before torch is loaded, and a limit too tight for the libraries themselves
+    reads as a configuration problem rather than as a fault of the model."""
+    import importlib
 
-        import bnfold.onnx.fold  # noqa: F401
-        import bnfold.onnx.verify  # noqa: F401
-    except (ImportError, OSError, MemoryError) as exc:
-        return (
-            "the ingest worker could not load its libraries within its resource limits "
-            f"(memory {limits.get('memory_bytes')} bytes: BNFOLD_WORKER_MEMORY_BYTES): "
-            f"{_first_lines(exc, 1)}"
-        )
-    return None
+    limit = _LIMITS.get("memory_bytes")
+    for name in modules:
+        try:
+            importlib.import_module(name)
+        except (ImportError, OSError, MemoryError) as exc:
+            raise Refused(
+                503,
+                f"the ingest worker could not load {name} within its resource limits (memory "
+                f"{limit} bytes, BNFOLD_WORKER_MEMORY_BYTES): {_first_lines(exc, 1)}",
+            ) from None
+
+
+_LIMITS: dict[str, int] = {}
+_FOLDING = ("onnxruntime", "bnfold.onnx.fold", "bnfold.onnx.verify")
 
 
 def main(argv: list[str]) -> int:
-    limits = json.loads(argv[0])
-    job_dir = Path(argv[1])
-    set_limits(limits)
+    _LIMITS.update(json.loads(argv[0]))
+    set_limits(_LIMITS)
     _die_with_parent()
-    problem = load_libraries(limits)
-    if problem:
-        write_result(job_dir, {"status": 503, "error": problem})
-    else:
-        run_job(job_dir)
+    run_job(Path(argv[1]))
     return 0
 
 
