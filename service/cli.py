@@ -29,8 +29,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if args.__dict__.pop("serve", None):
-        pass
     try:
         settings = Settings.from_env(
             host=args.host, port=args.port, store=args.store, require_gpu=args.require_gpu

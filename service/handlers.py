@@ -8,6 +8,8 @@ import hashlib
 import logging
 import shutil
 import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -72,16 +74,22 @@ class ModelService:
         runtime = self.sessions.create(str(stored.model_path))
         return LoadedModel(stored.name, stored.version, stored.record, runtime)
 
+    @asynccontextmanager
+    async def scratch(self, prefix: str) -> AsyncIterator[Path]:
+        """A private directory in the store's tmp/ for one upload, removed afterwards."""
+        path = await run_in_threadpool(self.store.scratch_dir, prefix)
+        try:
+            yield path
+        finally:
+            await run_in_threadpool(shutil.rmtree, path, True)
+
     async def deploy_defaults(self, architectures: list[str]) -> None:
         """Deploy zoo models under their own names, each in its own worker, in parallel."""
 
         async def one(arch: str) -> None:
-            scratch = await run_in_threadpool(self.store.scratch_dir, f"zoo-{arch}-")
-            try:
+            async with self.scratch(f"zoo-{arch}-") as scratch:
                 result = await self.ingestor.run(scratch, {"kind": "zoo", "architecture": arch})
                 await self._commit(arch, result)
-            finally:
-                await run_in_threadpool(shutil.rmtree, scratch, True)
 
         await asyncio.gather(*(one(a) for a in architectures))
 

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import service
-from service.errors import ServiceError, Unprocessable
+from service.errors import ServiceError, ServiceUnavailable, Unprocessable
 from service.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -53,6 +53,7 @@ class Ingestor:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self._slots = asyncio.Semaphore(max(1, settings.worker_concurrency))
+        self._waiting = 0
 
     def _limits(self) -> dict[str, int]:
         s = self.settings
@@ -65,9 +66,20 @@ class Ingestor:
 
     async def run(self, job_dir: Path, job: dict[str, Any]) -> IngestResult:
         """Process one job in its own worker, waiting for a free slot; raises the refusal."""
+        if self._slots.locked() and self._waiting >= self.settings.worker_queue:
+            raise ServiceUnavailable(
+                f"{self._waiting} uploads are already waiting for a worker; retry later"
+            )
         (job_dir / "job.json").write_text(json.dumps(job))
-        async with self._slots:
+        self._waiting += 1
+        try:
+            await self._slots.acquire()
+        finally:
+            self._waiting -= 1
+        try:
             returncode = await self._run_worker(job_dir)
+        finally:
+            self._slots.release()
         return self._read(job_dir, returncode)
 
     async def _run_worker(self, job_dir: Path) -> int:
@@ -94,14 +106,16 @@ class Ingestor:
             )
             try:
                 await asyncio.wait_for(proc.wait(), self.settings.worker_timeout_s)
-            except (TimeoutError, asyncio.CancelledError):
+            except TimeoutError:
                 _kill_group(proc.pid)
                 await proc.wait()
-                if not (job_dir / "result.json").exists():
-                    raise Unprocessable(
-                        f"processing the upload took longer than {self.settings.worker_timeout_s:g}"
-                        " s and was stopped"
-                    ) from None
+                raise Unprocessable(
+                    f"processing the upload took longer than {self.settings.worker_timeout_s:g} s"
+                    " and was stopped; nothing was deployed"
+                ) from None
+            except asyncio.CancelledError:  # the server is shutting down
+                _kill_group(proc.pid)
+                raise
         if proc.returncode != 0:
             logger.warning(
                 "ingest worker exited with %s; log tail:\n%s", proc.returncode, _tail(log_path)

@@ -6,7 +6,6 @@ Every field can be set from the environment as ``BNFOLD_<FIELD>`` (``BNFOLD_PORT
 
 from __future__ import annotations
 
-import dataclasses
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
@@ -40,6 +39,7 @@ class Settings:
     worker_cpu_s: int = 300  # RLIMIT_CPU
     worker_memory_bytes: int = 8 << 30  # RLIMIT_AS
     worker_concurrency: int = 2  # worker processes at once; further uploads wait their turn
+    worker_queue: int = 8  # uploads allowed to wait for a worker; beyond it, 503
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
@@ -54,9 +54,6 @@ class Settings:
         if "store" in values:
             values["store"] = Path(values["store"])
         return cls(**values)
-
-    def replace(self, **changes: Any) -> Settings:
-        return dataclasses.replace(self, **changes)
 
 
 def _parse(name: str, type_: Any, raw: str) -> Any:

@@ -60,13 +60,10 @@ _UPLOAD_SCHEMA = {
     summary="Upload a model: it is folded, verified and deployed",
 )
 async def create_model(request: Request, _: Authorized, models: Models) -> dict[str, Any]:
-    scratch = await run_in_threadpool(models.store.scratch_dir, "upload-")
-    try:
+    async with models.scratch("upload-") as scratch:
         upload = await _read_upload_form(request, scratch)
         model = await models.deploy(upload)
         return model.public()
-    finally:
-        await run_in_threadpool(shutil.rmtree, scratch, True)
 
 
 @router.get("", response_model=ModelsPublic)
@@ -102,6 +99,8 @@ def download_model(name: str, _: Authorized, models: Models) -> FileResponse:
 
 # -- form parsing -------------------------------------------------------------------------------
 
+_FIELDS = {"name", "file", "architecture", "input_shape", "rtol", "atol"}
+
 
 async def _read_upload_form(request: Request, scratch) -> UploadRequest:
     content_type = request.headers.get("content-type", "")
@@ -110,25 +109,23 @@ async def _read_upload_form(request: Request, scratch) -> UploadRequest:
     # the body limit middleware bounds what this reads; non-file fields are capped at 64 KiB
     form = await request.form(max_files=1, max_fields=8, max_part_size=64 << 10)
     try:
+        unknown = sorted(set(form.keys()) - _FIELDS)
+        if unknown:
+            raise BadRequest(f"unknown form field(s) {unknown}; expected {sorted(_FIELDS)}")
+        fields = {k: v for k, v in form.items() if isinstance(v, str)}
+        request_fields = {
+            "name": validate_name(_required(fields, "name")),
+            "architecture": fields.get("architecture") or None,
+            "input_shape": _input_shape(fields.get("input_shape")),
+            "rtol": _tolerance(fields, "rtol", DEFAULT_RTOL),
+            "atol": _tolerance(fields, "atol", DEFAULT_ATOL),
+        }
         file = form.get("file")
         if not isinstance(file, UploadFile):
             raise BadRequest("missing the 'file' field (the model file)")
         target = scratch / "upload"
         await run_in_threadpool(_copy, file, target)
-        fields = {k: v for k, v in form.items() if isinstance(v, str)}
-        unknown = sorted(
-            set(form.keys()) - {"name", "file", "architecture", "input_shape", "rtol", "atol"}
-        )
-        if unknown:
-            raise BadRequest(f"unknown form field(s) {unknown}")
-        return UploadRequest(
-            name=validate_name(_required(fields, "name")),
-            upload=target,
-            architecture=fields.get("architecture") or None,
-            input_shape=_input_shape(fields.get("input_shape")),
-            rtol=_tolerance(fields, "rtol", DEFAULT_RTOL),
-            atol=_tolerance(fields, "atol", DEFAULT_ATOL),
-        )
+        return UploadRequest(upload=target, **request_fields)
     finally:
         await form.close()
 

@@ -6,6 +6,8 @@ import io
 import json
 import pickle
 import socket
+import threading
+import time
 import zipfile
 
 import numpy as np
@@ -253,3 +255,29 @@ def test_worker_killed_by_cpu_limit_is_a_clear_refusal(start_server, conv_bn_byt
         assert "CPU time limit" in r.json()["error"]
         assert api.get("/v2/health/live").status_code == 200
         assert list((server.store / "models").iterdir()) == []
+
+
+def test_parallel_uploads_queue_boundedly_and_health_stays_fast(start_server, conv_bn_bytes):
+    server = start_server(BNFOLD_WORKER_CONCURRENCY="1", BNFOLD_WORKER_QUEUE="1")
+    statuses: list[int] = []
+
+    def post(i: int) -> None:
+        with server.client() as api:
+            statuses.append(upload(api, f"par{i}", conv_bn_bytes).status_code)
+
+    threads = [threading.Thread(target=post, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    latencies = []
+    with server.client() as api:
+        while any(t.is_alive() for t in threads):
+            t0 = time.monotonic()
+            assert api.get("/v2/health/live").status_code == 200
+            latencies.append(time.monotonic() - t0)
+            time.sleep(0.05)
+    for t in threads:
+        t.join()
+    # one in a worker, one waiting, the others refused at once
+    assert sorted(statuses) == [201, 201, 503, 503]
+    print(f"\nlive during uploads: max {max(latencies) * 1000:.0f} ms over {len(latencies)}")
+    assert max(latencies) < 1.0
