@@ -88,11 +88,10 @@ async def _warm_up(app: FastAPI, handlers: ModelService, deployed) -> None:
     if store.is_fresh():
         if handlers.settings.deploy_defaults:
             state.not_ready_reason = "deploying the default models"
-            try:
-                await handlers.deploy_defaults(list(DEFAULT_MODELS))
-            except Exception:
-                logger.exception("deploying the default models failed; will retry next start")
-            else:
+            failures = await handlers.deploy_defaults(list(DEFAULT_MODELS))
+            for failure in failures:
+                logger.error("default model not deployed (retried next start): %s", failure)
+            if not failures:
                 await run_in_threadpool(store.mark_initialized)
         else:
             await run_in_threadpool(store.mark_initialized)

@@ -83,15 +83,21 @@ class ModelService:
         finally:
             await run_in_threadpool(shutil.rmtree, path, True)
 
-    async def deploy_defaults(self, architectures: list[str]) -> None:
-        """Deploy zoo models under their own names, each in its own worker, in parallel."""
+    async def deploy_defaults(self, architectures: list[str]) -> list[str]:
+        """Deploy zoo models under their own names, each in its own worker, in parallel.
+        Returns what failed, one line per model."""
 
         async def one(arch: str) -> None:
             async with self.scratch(f"zoo-{arch}-") as scratch:
                 result = await self.ingestor.run(scratch, {"kind": "zoo", "architecture": arch})
                 await self._commit(arch, result)
 
-        await asyncio.gather(*(one(a) for a in architectures))
+        outcomes = await asyncio.gather(*(one(a) for a in architectures), return_exceptions=True)
+        return [
+            f"{arch}: {exc}"
+            for arch, exc in zip(architectures, outcomes, strict=True)
+            if isinstance(exc, Exception)
+        ]
 
     # -- management --------------------------------------------------------------------------
     async def deploy(self, request: UploadRequest) -> LoadedModel:
@@ -119,15 +125,20 @@ class ModelService:
             "deployed_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         }
         if runtime.provider == CUDA:
-            record["gpu_divergence"] = await run_in_threadpool(
-                gpu_divergence, str(result.original_path), runtime, info["input_shapes"]
-            )
+            try:
+                record["gpu_divergence"] = await run_in_threadpool(
+                    gpu_divergence, str(result.original_path), runtime, info["input_shapes"]
+                )
+            except Exception as exc:  # a measurement, not a reason to refuse the model
+                logger.warning("GPU divergence of %s not measured: %s", name, exc)
+                record["gpu_divergence"] = {"error": str(exc).splitlines()[0] if str(exc) else ""}
         lock = self._name_locks.setdefault(name, asyncio.Lock())
         async with lock:
             await run_in_threadpool(self.store.deploy, name, version, result.folded_path, record)
             model = LoadedModel(name, version, record, runtime)
             self.registry.put(model)
-        await run_in_threadpool(self.store.prune, name)
+            # under the lock: a concurrent deploy's new directory is not yet current
+            await run_in_threadpool(self.store.prune, name)
         logger.info("deployed %s version %s on %s", name, version, runtime.provider)
         return model
 

@@ -55,7 +55,10 @@ def _disable_unpickling() -> None:
 
 
 def external_data_refs(model: Any) -> list[str]:
-    """Names of every tensor in the model (graphs, subgraphs, functions) stored outside it."""
+    """Names of every tensor in the model (graphs, subgraphs, functions) stored outside it.
+
+    Wider than onnx's own tensor walk (and so ``bnfold.onnx.external_data``): sparse
+    initializers and sparse attribute tensors are checked too."""
     from onnx import AttributeProto, TensorProto
 
     found: list[str] = []

@@ -281,3 +281,36 @@ def test_parallel_uploads_queue_boundedly_and_health_stays_fast(start_server, co
     assert sorted(statuses) == [201, 201, 503, 503]
     print(f"\nlive during uploads: max {max(latencies) * 1000:.0f} ms over {len(latencies)}")
     assert max(latencies) < 1.0
+
+
+def _external(tensor, location: str = "x.bin") -> None:
+    tensor.data_location = TensorProto.EXTERNAL
+    entry = tensor.external_data.add()
+    entry.key, entry.value = "location", location
+
+
+def test_external_data_hidden_in_attributes_or_sparse_tensors_is_refused(api):
+    # a Constant node whose value tensor is external
+    value = numpy_helper.from_array(np.zeros(2, np.float32), "c")
+    value.ClearField("raw_data")
+    _external(value)
+    const = conv_bn_model()
+    const.graph.node.insert(0, helper.make_node("Constant", [], ["c"], value=value))
+    # a sparse initializer whose values are external
+    sparse = conv_bn_model()
+    values = numpy_helper.from_array(np.ones(1, np.float32), "sv")
+    values.ClearField("raw_data")
+    _external(values)
+    indices = numpy_helper.from_array(np.zeros(1, np.int64), "si")
+    sparse.graph.sparse_initializer.append(helper.make_sparse_tensor(values, indices, [4]))
+    for model in (const, sparse):
+        r = upload(api, "hidden-external", model.SerializeToString())
+        assert r.status_code == 400, r.text
+        assert "external data" in r.json()["error"]
+
+
+def test_default_models_are_the_zoo_defaults():
+    models = pytest.importorskip("models")
+    from service.app import DEFAULT_MODELS
+
+    assert tuple(DEFAULT_MODELS) == tuple(models.DEFAULT_MODELS)
