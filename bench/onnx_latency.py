@@ -7,7 +7,8 @@ Graphs per model: U = bnfold.export_onnx (BN intact), F = fold_onnx(U), A = the 
 torch.onnx.export(dynamo=True, optimize=True) whose onnxscript rewriter fuses Conv+BN.
 U and F run at each ORT level (DISABLE_ALL, ENABLE_BASIC, ENABLE_ALL), A at ENABLE_ALL.
 Sessions use fixed thread counts; runs are interleaved (one run of every session per round,
-the order rotating) and the median per session is reported, so drift hits all alike.
+the order rotating); the median per session is reported, and paired ratios: the median over
+rounds of one session's time over another's in the same round, which cancels drift.
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ LEVELS = {
     "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
     "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
 }
+PAIRS = [("F/off", "U/off"), ("F/basic", "U/basic"), ("F/all", "U/all"), ("F/all", "A/all")]
 DEFAULT_MODELS = "resnet18,resnet50,mobilenet_v3_small,efficientnet_b0,regnet_y_400mf,timm:dla34"
 
 
@@ -94,6 +96,10 @@ def bench_model(name: str, size: int, batch: int, threads: int, rounds: int) -> 
             times[k].append(time.perf_counter() - t0)
     row = {"model": name, "max_abs_diff": max_diff}
     row.update({k: statistics.median(v) * 1e3 for k, v in times.items()})
+    # paired: the ratio of two sessions' times within one round, median over rounds; drift
+    # and neighbours' load hit both halves of a pair alike
+    for a, b in PAIRS:
+        row[f"{a}÷{b}"] = statistics.median(x / y for x, y in zip(times[a], times[b], strict=True))
     bn = {
         "U": sum(n.op_type == "BatchNormalization" for n in unfolded.graph.node),
         "F": sum(n.op_type == "BatchNormalization" for n in folded.graph.node),
@@ -105,17 +111,20 @@ def bench_model(name: str, size: int, batch: int, threads: int, rounds: int) -> 
 
 def markdown(rows: list[dict]) -> str:
     cols = ["U/off", "F/off", "U/basic", "F/basic", "U/all", "F/all", "A/all"]
+    pairs = [f"{a}÷{b}" for a, b in PAIRS]
     lines = [
-        "| model | BN U/F/A | " + " | ".join(f"{c} ms" for c in cols) + " | F/all ÷ A/all |",
-        "|" + "---|" * (len(cols) + 3),
+        "| model | BN U/F/A | "
+        + " | ".join(f"{c} ms" for c in cols)
+        + " | "
+        + " | ".join(pairs)
+        + " |",
+        "|" + "---|" * (len(cols) + len(pairs) + 2),
     ]
     for r in rows:
         bn = r["bn"]
         cells = " | ".join(f"{r[c]:.2f}" for c in cols)
-        lines.append(
-            f"| {r['model']} | {bn['U']}/{bn['F']}/{bn['A']} | {cells} | "
-            f"{r['F/all'] / r['A/all']:.3f} |"
-        )
+        ratios = " | ".join(f"{r[p]:.3f}" for p in pairs)
+        lines.append(f"| {r['model']} | {bn['U']}/{bn['F']}/{bn['A']} | {cells} | {ratios} |")
     return "\n".join(lines)
 
 

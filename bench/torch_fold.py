@@ -50,6 +50,7 @@ def model_names() -> list[str]:
 
 
 def build(name: str) -> tuple[nn.Module, torch.Tensor]:
+    torch.manual_seed(0)  # the libraries initialize weights from the global generator
     if name.startswith("timm:"):
         import timm
 
@@ -140,7 +141,8 @@ def bench_one(name: str) -> dict:
     # how far fp32 itself is from float64 on this network: no fp32 method can be closer
     with torch.no_grad():
         ref64 = copy.deepcopy(model).double()(x.double())
-    row["fp32_noise_rel_l2"] = rel_l2(ref, ref64 if isinstance(ref64, torch.Tensor) else ref64[0])
+    ref64 = ref64 if isinstance(ref64, torch.Tensor) else ref64[0]
+    row["fp32_noise_rel_l2"] = rel_l2(ref, ref64)
 
     t = time.perf_counter()
     try:
@@ -148,6 +150,7 @@ def bench_one(name: str) -> dict:
         row["bnfold_time_s"] = time.perf_counter() - t
         out, row["bnfold_bn_left"] = run_torch(result.module, x)
         row["bnfold_rel_l2"] = rel_l2(out, ref)
+        row["bnfold_vs_f64_rel_l2"] = rel_l2(out, ref64)
         row["bnfold_report_kept"] = len(result.report.kept)
         row["bnfold_capture"] = "fallback" if result.report.notes else "graph"
     except Exception as exc:
