@@ -89,3 +89,17 @@ def test_export_of_a_folded_module_holds_exactly_the_kept_batchnorms(net):
     (got,) = run(model, {model.graph.input[0].name: x.numpy()})
     with torch.no_grad():
         np.testing.assert_allclose(got, net(x).numpy(), rtol=1e-4, atol=1e-5)
+
+
+def test_fold_onnx_on_an_exported_graph_matches_the_torch_fold(exported):
+    from bnfold.onnx.fold import fold_onnx
+    from bnfold.onnx.verify import verify_onnx
+
+    model, _ = exported
+    result = fold_onnx(model)
+
+    assert _bn_count(result.model) == 1  # bn2 sits between two ReLUs, as on the torch side
+    (kept,) = result.report.kept
+    assert "Relu" in kept.reason
+    check = verify_onnx(model, result.model, input_shapes={model.graph.input[0].name: [1, 3, 8, 8]})
+    assert check.ok, check.summary()

@@ -5,6 +5,8 @@ from __future__ import annotations
 import numpy as np
 import onnx
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from onnx import TensorProto, helper
 from onnx_graphs import GraphBuilder, assert_same_outputs, op_types
 
@@ -182,3 +184,31 @@ def test_bn_output_that_is_a_graph_output_keeps_its_name_type_and_shape():
     assert conv.output[0] == "y"
     assert result.model.graph.output[0] == model.graph.output[0]
     assert result.model.graph.input[0] == model.graph.input[0]
+
+
+@settings(max_examples=15, deadline=None)
+@given(
+    groups=st.sampled_from([1, 2, 3]),
+    per_group=st.tuples(st.integers(1, 3), st.integers(1, 3)),
+    kernel=st.integers(1, 3),
+    stride=st.integers(1, 2),
+    transposed=st.booleans(),
+    eps=st.sampled_from([1e-5, 1e-3, 0.1]),
+)
+def test_conv_bn_fold_is_exact_for_any_conv_shape(
+    groups, per_group, kernel, stride, transposed, eps
+):
+    cin, cout = groups * per_group[0], groups * per_group[1]
+    g = GraphBuilder(seed=cin * 7 + cout)
+    shape = (cin, cout // groups) if transposed else (cout, cin // groups)
+    w = g.weight("w", *shape, kernel, kernel)
+    op = "ConvTranspose" if transposed else "Conv"
+    g.node(op, ["x", w], ["c"], group=groups, strides=[stride, stride])
+    g.bn("c", "y", cout, epsilon=eps)
+    model = g.model({"x": [2, cin, 5, 5]}, {"y": None}, check=False)
+
+    result = fold_onnx(model)
+
+    assert op_types(result.model) == [op]
+    x = np.random.default_rng(0).standard_normal((2, cin, 5, 5)).astype(np.float32)
+    assert_same_outputs(model, result.model, {"x": x})
