@@ -204,46 +204,47 @@ def count_onnx_bn(proto) -> int:
 
 def render(path: Path) -> str:
     rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    head = (
-        "| model | BN | fp32 vs f64 | bnfold left | bnfold rel L2 | bnfold s | fx fuse left "
-        "| fx rel L2 | fx s | dynamo left | dynamo rel L2 | dynamo s |\n" + "|---" * 12 + "|"
-    )
-    lines = [head]
+    columns = [
+        ("BN", "bn_original", "{}"),
+        ("fp32 vs f64", "fp32_noise_rel_l2", "{:.1e}"),
+        ("bnfold left", "bnfold_bn_left", "{}"),
+        ("bnfold rel L2", "bnfold_rel_l2", "{:.1e}"),
+        ("bnfold vs f64", "bnfold_vs_f64_rel_l2", "{:.1e}"),
+        ("bnfold s", "bnfold_time_s", "{:.2f}"),
+        ("fx fuse left", "fx_bn_left", "{}"),
+        ("fx rel L2", "fx_rel_l2", "{:.1e}"),
+        ("fx s", "fx_time_s", "{:.2f}"),
+        ("dynamo left", "dynamo_bn_left", "{}"),
+        ("dynamo rel L2", "dynamo_rel_l2", "{:.1e}"),
+        ("dynamo s", "dynamo_time_s", "{:.1f}"),
+    ]
+    lines = [
+        "| model | " + " | ".join(c[0] for c in columns) + " |",
+        "|---" * (len(columns) + 1) + "|",
+    ]
 
     def cell(r, key, fmt):
         if key in r:
             return fmt.format(r[key])
-        prefix = key.split("_")[0]
-        return "fail" if f"{prefix}_error" in r else "-"
+        return "fail" if f"{key.split('_')[0]}_error" in r else "-"
 
     worse = []
     for r in rows:
-        lines.append(
-            f"| {r['model']} | {r.get('bn_original', '-')} "
-            f"| {cell(r, 'fp32_noise_rel_l2', '{:.1e}')} "
-            f"| {cell(r, 'bnfold_bn_left', '{}')} | {cell(r, 'bnfold_rel_l2', '{:.1e}')} "
-            f"| {cell(r, 'bnfold_time_s', '{:.2f}')} "
-            f"| {cell(r, 'fx_bn_left', '{}')} | {cell(r, 'fx_rel_l2', '{:.1e}')} "
-            f"| {cell(r, 'fx_time_s', '{:.2f}')} "
-            f"| {cell(r, 'dynamo_bn_left', '{}')} | {cell(r, 'dynamo_rel_l2', '{:.1e}')} "
-            f"| {cell(r, 'dynamo_time_s', '{:.1f}')} |"
-        )
+        lines.append(f"| {r['model']} | " + " | ".join(cell(r, k, f) for _, k, f in columns) + " |")
         left = r.get("bnfold_bn_left")
         anchors = [r[k] for k in ("dynamo_bn_left",) if k in r]
-        # fp32 itself cannot be closer to the original than its own distance from float64
-        tolerance = max(2e-5, 2 * r.get("fp32_noise_rel_l2", 0.0))
-        if (
-            left is None
-            or (anchors and left > min(anchors))
-            or r.get("bnfold_rel_l2", 1) > tolerance
-        ):
+        # Where fp32 itself is further than 2e-5 from float64 (a sensitive network), the
+        # folded model is measured against float64 as well: no more than twice as far as
+        # the original fp32 model is.
+        noise = r.get("fp32_noise_rel_l2", 0.0)
+        close = r.get("bnfold_rel_l2", 1) <= 2e-5 or r.get("bnfold_vs_f64_rel_l2", 1) <= 2 * noise
+        if left is None or (anchors and left > min(anchors)) or not close:
             worse.append(r["model"])
-    n = len(rows)
-    ok = n - len(worse)
     summary = (
-        f"\n{ok} of {n} models: bnfold leaves no more BN running than the dynamo exporter and "
-        "matches the eval original to rel L2 <= 2e-5 (or, where fp32 itself is further than "
-        "that from float64, within twice that distance)."
+        f"\n{len(rows) - len(worse)} of {len(rows)} models: bnfold leaves no more BN running "
+        "than the dynamo exporter and matches the eval original to rel L2 <= 2e-5 (or, on a "
+        "network where fp32 itself is further than that from float64, is no more than twice "
+        "as far from float64 as the original fp32 model)."
     )
     if worse:
         summary += f" Not met on: {', '.join(worse)}."
