@@ -109,3 +109,14 @@ def test_cli_zoo_model_folds_exports_and_verifies(tmp_path):
     assert proc.stdout.count("verification OK") == 2  # torch, then the exported graphs
     out = onnx.load(tmp_path / "m.onnx")
     assert not any(n.op_type == "BatchNormalization" for n in out.graph.node)
+
+
+def test_cli_reads_external_data_only_with_base_dir(tmp_path):
+    model = onnx.load(_conv_bn(tmp_path / "in.onnx"))
+    onnx.save_model(model, tmp_path / "ext.onnx", save_as_external_data=True, size_threshold=0)
+
+    proc = bnfold("fold", "ext.onnx", "--base-dir", ".", "-o", "out.onnx", "--verify", cwd=tmp_path)
+
+    assert proc.returncode == 0, proc.stderr
+    assert "verification OK" in proc.stdout
+    assert [n.op_type for n in onnx.load(tmp_path / "out.onnx").graph.node] == ["Conv"]
