@@ -8,7 +8,7 @@ import pytest
 import tritonclient.http as httpclient
 from tritonclient.utils import InferenceServerException, np_to_triton_dtype
 
-from tests.service.conftest import ONNX_TYPES
+from tests.service.support import ONNX_TYPES
 
 NP = {
     "BOOL": np.bool_,

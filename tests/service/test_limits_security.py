@@ -15,7 +15,7 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from tests.service.conftest import TOKEN, conv_bn_model, upload
+from tests.service.support import TOKEN, conv_bn_model, upload
 
 LIMIT_UPLOAD = 4 << 20  # conftest.TEST_ENV
 

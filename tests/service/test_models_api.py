@@ -10,7 +10,7 @@ import onnx
 import onnxruntime as ort
 import pytest
 
-from tests.service.conftest import conv_bn_model, upload
+from tests.service.support import conv_bn_model, upload
 
 
 def run_original(model: onnx.ModelProto, x: np.ndarray) -> np.ndarray:

@@ -12,7 +12,7 @@ import time
 import httpx
 import pytest
 
-from tests.service.conftest import ROOT, TOKEN, conv_bn_model, upload
+from tests.service.support import ROOT, TOKEN, conv_bn_model, upload
 
 
 def deployed(server) -> dict[str, str]:

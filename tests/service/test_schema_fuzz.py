@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from hypothesis import HealthCheck, given, settings
 
-from tests.service.conftest import TEST_ENV, TOKEN, Server, conv_bn_model, upload
+from tests.service.support import TEST_ENV, TOKEN, Server, conv_bn_model, upload
 
 schemathesis = pytest.importorskip("schemathesis")
 

@@ -11,7 +11,7 @@ import pytest
 from service.errors import ServiceUnavailable
 from service.runtime import sessions
 from service.runtime.sessions import CPU, CUDA, SessionFactory, gpu_divergence
-from tests.service.conftest import conv_bn_model
+from tests.service.support import conv_bn_model
 
 
 class FakeOrt:
