@@ -389,11 +389,15 @@ def _to_json(array: np.ndarray, datatype: str) -> list[Any]:
 # -- metadata -----------------------------------------------------------------------------------
 
 
-def model_metadata(name: str, version: str, signature: Signature) -> dict[str, Any]:
+def model_metadata(
+    name: str, version: str, signature: Signature, execution_provider: str
+) -> dict[str, Any]:
+    """The v2 metadata, plus the onnxruntime provider in use (clients ignore extra keys)."""
     return {
         "name": name,
         "versions": [version],
         "platform": "onnxruntime_onnx",
+        "execution_provider": execution_provider,
         "inputs": [s.to_dict() for s in signature.inputs],
         "outputs": [s.to_dict() for s in signature.outputs],
     }

@@ -55,7 +55,9 @@ _INFER_SCHEMA = {
 @router.get("/{name}/versions/{version}")
 def model_metadata(name: str, inference: Inference, version: str | None = None) -> dict:
     model = inference.model(name, version)
-    return v2.model_metadata(model.name, model.version, model.runtime.signature)
+    return v2.model_metadata(
+        model.name, model.version, model.runtime.signature, model.runtime.provider
+    )
 
 
 @router.get("/{name}/ready")

@@ -57,6 +57,11 @@ def test_health_and_server_metadata(triton):
 def test_model_metadata_and_config(triton):
     meta = triton.get_model_metadata("resnet_small")
     assert meta["inputs"][0]["datatype"] == "FP32" and meta["inputs"][0]["shape"][0] == -1
+    assert meta["execution_provider"] in ("CPUExecutionProvider", "CUDAExecutionProvider")
+    version = meta["versions"][0]
+    assert triton.get_model_metadata("resnet_small", model_version=version) == meta
+    assert triton.is_model_ready("resnet_small", model_version=version)
+    assert not triton.is_model_ready("resnet_small", model_version="0000")
     config = triton.get_model_config("resnet_small")
     assert config["max_batch_size"] > 0
     assert [i["name"] for i in config["input"]] == [i["name"] for i in meta["inputs"]]
@@ -96,8 +101,12 @@ def test_infer_defaults_binary_outputs_and_matches_json(triton, server):
         inp = httpclient.InferInput("x", list(x.shape), "FP32")
         inp.set_data_from_numpy(x, binary_data=binary)
         results.append(triton.infer("resnet_small", [inp]))  # no outputs: binary by default
-    (out_name,) = [o["name"] for o in triton.get_model_metadata("resnet_small")["outputs"]]
+    meta = triton.get_model_metadata("resnet_small")
+    (out_name,) = [o["name"] for o in meta["outputs"]]
     np.testing.assert_array_equal(results[0].as_numpy(out_name), results[1].as_numpy(out_name))
+    pinned = triton.infer("resnet_small", [inp], model_version=meta["versions"][0])
+    np.testing.assert_array_equal(pinned.as_numpy(out_name), results[0].as_numpy(out_name))
+    assert pinned.get_response()["model_version"] == meta["versions"][0]
     assert results[0].as_numpy(out_name).shape == (3, 10)
 
 

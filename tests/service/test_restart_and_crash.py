@@ -36,6 +36,8 @@ def test_restart_brings_back_every_model_at_the_same_version(start_server, tmp_p
     server.stop()
 
     again = start_server(store=server.store)
+    print(f"\nrestart: ready {again.ready_after_s:.1f} s after start")
+    assert again.ready_after_s < 10
     assert deployed(again) == before
     with again.client() as api:
         r = api.post(
