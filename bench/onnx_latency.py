@@ -21,6 +21,7 @@ import statistics
 import sys
 import time
 import warnings
+from collections import Counter
 
 import numpy as np
 import onnx
@@ -106,7 +107,12 @@ def bench_model(name: str, size: int, batch: int, threads: int, rounds: int) -> 
         "A": sum(n.op_type == "BatchNormalization" for n in anchor.graph.node),
     }
     row["bn"] = bn
+    row["same_ops_as_anchor"] = _op_counts(folded) == _op_counts(anchor)
     return row
+
+
+def _op_counts(model: onnx.ModelProto) -> dict[str, int]:
+    return dict(Counter(n.op_type for n in model.graph.node))
 
 
 def markdown(rows: list[dict]) -> str:
@@ -117,14 +123,17 @@ def markdown(rows: list[dict]) -> str:
         + " | ".join(f"{c} ms" for c in cols)
         + " | "
         + " | ".join(pairs)
-        + " |",
-        "|" + "---|" * (len(cols) + len(pairs) + 2),
+        + " | F ops = A ops |",
+        "|" + "---|" * (len(cols) + len(pairs) + 3),
     ]
     for r in rows:
         bn = r["bn"]
         cells = " | ".join(f"{r[c]:.2f}" for c in cols)
         ratios = " | ".join(f"{r[p]:.3f}" for p in pairs)
-        lines.append(f"| {r['model']} | {bn['U']}/{bn['F']}/{bn['A']} | {cells} | {ratios} |")
+        same = "yes" if r["same_ops_as_anchor"] else "no"
+        lines.append(
+            f"| {r['model']} | {bn['U']}/{bn['F']}/{bn['A']} | {cells} | {ratios} | {same} |"
+        )
     return "\n".join(lines)
 
 
