@@ -168,11 +168,13 @@ def export_zoo_module(module: Any, architecture: str, input_shape: Any) -> tuple
     if input_shape is None:
         example = tuple(models.example_inputs(architecture, batch=2))
     else:
-        shapes = (
-            input_shape
-            if isinstance(input_shape, list) and input_shape and isinstance(input_shape[0], list)
-            else [input_shape]
-        )
+        # one shape, or shapes by input name (the zoo's models take their inputs in order)
+        shapes = list(input_shape.values()) if isinstance(input_shape, dict) else [input_shape]
+        expected = len(models.input_shapes(architecture))
+        if len(shapes) != expected:
+            raise Refused(
+                400, f"{architecture!r} takes {expected} input(s), input_shape gives {len(shapes)}"
+            )
         example = tuple(torch.randn(*s) for s in shapes)
     try:
         with torch.no_grad():

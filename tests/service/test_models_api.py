@@ -245,3 +245,31 @@ def test_openapi_documents_the_management_schemas(server):
         schema = c.get("/openapi.json").json()
     assert {"ModelPublic", "ModelsPublic", "ErrorPublic"} <= set(schema["components"]["schemas"])
     assert "multipart/form-data" in schema["paths"]["/v1/models"]["post"]["requestBody"]["content"]
+
+
+def test_safetensors_with_an_input_shape(api):
+    pytest.importorskip("torch")
+    from safetensors.torch import save
+
+    import models
+
+    weights = save(models.build("resnet_small").state_dict())
+    r = upload(
+        api,
+        "resnet-8px",
+        weights,
+        "w.safetensors",
+        architecture="resnet_small",
+        input_shape="[2, 3, 8, 8]",
+    )
+    assert r.status_code == 201, r.text
+    assert r.json()["input_shapes"] == {"x": [2, 3, 8, 8]}
+    r = upload(
+        api,
+        "resnet-two",
+        weights,
+        "w.safetensors",
+        architecture="resnet_small",
+        input_shape='{"a": [2, 3, 8, 8], "b": [2, 3, 8, 8]}',
+    )
+    assert r.status_code == 400 and "takes 1 input(s)" in r.json()["error"]
