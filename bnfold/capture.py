@@ -13,6 +13,7 @@ from __future__ import annotations
 import inspect
 import logging
 import operator
+import sys
 from dataclasses import dataclass
 from typing import Any
 
@@ -94,13 +95,12 @@ class _FoldTracer(fx.Tracer):
     def __init__(self) -> None:
         autowrap: tuple = ()
         self._extra_leaves: tuple[type, ...] = ()
-        try:  # timm registers modules and functions that symbolic tracing cannot go through
-            from timm.layers import _fx as timm_fx
-
+        # timm registers modules and functions that symbolic tracing cannot go through. A timm
+        # model means timm is imported already; importing it ourselves would cost seconds.
+        timm_fx = sys.modules.get("timm.layers._fx")
+        if timm_fx is not None:
             self._extra_leaves = tuple(timm_fx.get_notrace_modules())
             autowrap = tuple(timm_fx.get_notrace_functions())
-        except ImportError:
-            pass
         super().__init__(autowrap_functions=tuple(f for f in autowrap if callable(f)))
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
