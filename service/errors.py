@@ -57,6 +57,12 @@ class ServiceUnavailable(ServiceError):
     status_code = 503
 
 
+def first_line(exc: BaseException) -> str:
+    """An exception as one line for a client: native libraries add multi-line context."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
 def error_response(status_code: int, message: str, extra=None, headers=None) -> JSONResponse:
     return JSONResponse({"error": message, **(extra or {})}, status_code, headers=headers)
 

@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 from starlette.concurrency import run_in_threadpool
 
-from service.errors import BadRequest, NotFound, ServiceError, Unprocessable
+from service.errors import BadRequest, NotFound, ServiceError, Unprocessable, first_line
 from service.ingest import Ingestor, IngestResult
 from service.protocol import v2
 from service.runtime.registry import LoadedModel, ModelRegistry
@@ -131,7 +131,7 @@ class ModelService:
                 )
             except Exception as exc:  # a measurement, not a reason to refuse the model
                 logger.warning("GPU divergence of %s not measured: %s", name, exc)
-                record["gpu_divergence"] = {"error": str(exc).splitlines()[0] if str(exc) else ""}
+                record["gpu_divergence"] = {"error": first_line(exc)}
         lock = self._name_locks.setdefault(name, asyncio.Lock())
         async with lock:
             await run_in_threadpool(self.store.deploy, name, version, result.folded_path, record)
@@ -188,7 +188,7 @@ def _run(model: LoadedModel, inputs: dict[str, np.ndarray], names: list[str]):
     try:
         return model.runtime.run(inputs, names)
     except Exception as exc:  # onnxruntime's own error types
-        message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        message = first_line(exc)
         if "INVALID_ARGUMENT" in message or "Invalid" in message:
             raise BadRequest(f"the model rejected the inputs: {message}") from None
         logger.exception("inference failed on %s", model.name)

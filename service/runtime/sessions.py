@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from service.errors import BadRequest, ServiceUnavailable
+from service.errors import BadRequest, ServiceUnavailable, first_line
 from service.protocol.v2 import DATATYPES, Signature, TensorSpec
 
 logger = logging.getLogger(__name__)
@@ -106,7 +106,7 @@ class SessionFactory:
             try:
                 session = ort.InferenceSession(model, options, providers=[CPU])
             except Exception as exc:  # onnxruntime raises its own exception types
-                raise ModelLoadError(_first_line(exc)) from exc
+                raise ModelLoadError(first_line(exc)) from exc
         return LoadedSession(session, session.get_providers()[0], signature_of(session))
 
     @staticmethod
@@ -114,17 +114,12 @@ class SessionFactory:
         try:
             return ort.InferenceSession(model, options, providers=[CUDA, CPU])
         except Exception as exc:
-            logger.warning("a session with CUDA failed (%s); using the CPU", _first_line(exc))
+            logger.warning("a session with CUDA failed (%s); using the CPU", first_line(exc))
             return None
 
     def probe(self) -> str:
         """The provider a model would get here (used at start for ``require_gpu``)."""
         return self.create(_identity_model()).provider
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
 
 
 def cpu_session(model: bytes | str) -> Any:
