@@ -203,3 +203,16 @@ def test_cli_options_fall_back_to_environment():
     assert (s.port, s.host, s.require_gpu, s.max_upload_bytes) == (9200, "0.0.0.0", True, 123)
     with pytest.raises(ValueError, match="BNFOLD_PORT"):
         Settings.from_env({"BNFOLD_PORT": "eighty"})
+
+
+def test_importing_the_app_loads_no_model_library():
+    code = (
+        "import sys, service.app, service.cli; "
+        "from service.app import create_app; from service.settings import Settings; "
+        "create_app(Settings(store='/nonexistent/never-created')); "
+        "print(sorted({'torch', 'onnxruntime', 'onnx', 'bnfold', 'models'} & set(sys.modules)))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]"
+    assert not os.path.exists("/nonexistent/never-created")  # the factory touches no disk
