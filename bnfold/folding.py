@@ -28,7 +28,8 @@ from typing import Any
 import torch
 from torch import fx, nn
 
-from bnfold.capture import CaptureError, bn_site, trace
+from bnfold.branches import merge_branches
+from bnfold.capture import CaptureError, bn_site, fetch_attr, trace
 from bnfold.patterns import (
     FoldContext,
     Folded,
@@ -97,6 +98,7 @@ def fold_graph(
     prefix: str = "",
     backward: bool = True,
     forward: bool = True,
+    merge: bool = True,
     only: frozenset[str] | None = None,
 ) -> int:
     """Fold the BN call sites of a traced graph in place. Returns how many were folded.
@@ -125,6 +127,8 @@ def fold_graph(
             )
             folded += 1
             changed = True
+    if merge:
+        folded += _merge(gm, report, names, prefix)
     for node in gm.graph.nodes:
         site = bn_site(node, gm)
         if site is not None:
@@ -151,6 +155,36 @@ def _record_calls(model: nn.Module, example_inputs: tuple) -> dict[int, list]:
         for h in handles:
             h.remove()
     return calls
+
+
+def _merge(gm: fx.GraphModule, report: FoldReport, names: dict, prefix: str) -> int:
+    """Merge parallel branches; BNs that were branches are reported as merged."""
+    bn_nodes = {node.name: node for node in gm.graph.nodes if bn_site(node, gm) is not None}
+    merges = merge_branches(gm)
+    merged_bn = 0
+    for m in merges:
+        m.name = prefix + m.name
+        for i, label in enumerate(m.branches):
+            node = bn_nodes.get(label)
+            if node is None:
+                m.branches[i] = prefix + label
+                continue
+            m.branches[i] = names[node]
+            if m.into:
+                site_kind = (
+                    type(fetch_attr(gm, str(node.target))).__name__
+                    if (node.op == "call_module")
+                    else str(getattr(node.target, "__name__", node.target))
+                )
+                report.add(
+                    BNEntry(names[node], site_kind, Action.MERGED, [prefix + m.into],
+                            "a branch of a sum of parallel branches, merged into one conv")
+                )  # fmt: skip
+                merged_bn += 1
+        if m.into:
+            m.into = prefix + m.into
+    report.merges.extend(merges)
+    return merged_bn
 
 
 def _fold_children(
@@ -308,15 +342,17 @@ def fold(
     *,
     backward: bool = True,
     forward: bool = True,
+    merge_branches: bool = True,
 ) -> FoldResult:
     """Fold every foldable BatchNorm of `model`; the model itself is left unchanged.
 
     `example_inputs`: a tensor or a tuple of the model's positional inputs, used to capture
-    the graph and to prove axes from real shapes.
+    the graph and to prove axes from real shapes. `merge_branches`: after folding, merge sums
+    of parallel conv / BN / identity branches of one input into one conv (branches.py).
     """
     inputs = _as_tuple(example_inputs)
     original = copy.deepcopy(model).eval()
-    flags = {"backward": backward, "forward": forward}
+    flags = {"backward": backward, "forward": forward, "merge": merge_branches}
     module, report = _fold_copy(original, inputs, flags)
     module, report = _precision_guard(original, module, report, inputs, flags)
     if model.training:

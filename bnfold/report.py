@@ -10,13 +10,22 @@ import json
 from dataclasses import asdict, dataclass, field
 from enum import StrEnum
 
-__all__ = ["Action", "BNEntry", "FoldReport", "OutputError", "VerifyCase", "VerifyReport"]
+__all__ = [
+    "Action",
+    "BNEntry",
+    "FoldReport",
+    "MergeEntry",
+    "OutputError",
+    "VerifyCase",
+    "VerifyReport",
+]
 
 
 class Action(StrEnum):
     FOLDED_BACKWARD = "folded_backward"  # merged into the affine layer that produces its input
     FOLDED_FORWARD = "folded_forward"  # merged into the affine layer(s) that consume its output
     PRECOMPUTED = "precomputed"  # its input is a constant (weight standardization): computed once
+    MERGED = "merged"  # a branch of a sum (identity BN of RepVGG/MobileOne) merged into one conv
     KEPT = "kept"
 
 
@@ -37,9 +46,25 @@ class BNEntry:
 
 
 @dataclass
+class MergeEntry:
+    """One sum of parallel branches (RepVGG, MobileOne, ACNet blocks): merged or not, and why."""
+
+    name: str  # the node of the sum
+    branches: list[str] = field(default_factory=list)
+    into: str | None = None  # the merged conv, when merged
+    macs_before: int | None = None  # multiply-adds per output position
+    macs_after: int | None = None
+    reason: str = ""  # why it was not merged
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
 class FoldReport:
     entries: list[BNEntry] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)  # model-level facts: train mode, capture
+    merges: list[MergeEntry] = field(default_factory=list)
 
     def add(self, entry: BNEntry) -> BNEntry:
         self.entries.append(entry)
@@ -64,6 +89,7 @@ class FoldReport:
         return {
             "counts": self.counts(),
             "entries": [e.to_dict() for e in self.entries],
+            "merges": [m.to_dict() for m in self.merges],
             "notes": list(self.notes),
         }
 
@@ -76,8 +102,15 @@ class FoldReport:
         lines = [
             f"BatchNorm: {c['total']} found, {c['folded_backward']} folded backward, "
             f"{c['folded_forward']} folded forward, {c['precomputed']} precomputed, "
-            f"{c['kept']} kept"
+            f"{c['merged']} merged, {c['kept']} kept"
         ]
+        merged = [m for m in self.merges if m.into]
+        if self.merges:
+            lines.append(
+                f"Branch sums: {len(merged)} merged into one conv, "
+                f"{len(self.merges) - len(merged)} left"
+            )
+        lines += [f"  left sum {m.name}: {m.reason}" for m in self.merges if not m.into]
         lines += [f"  kept {e.name} ({e.kind}): {e.reason}" for e in self.kept]
         lines += [f"  note: {n}" for n in self.notes]
         return "\n".join(lines)

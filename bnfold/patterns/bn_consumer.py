@@ -29,14 +29,14 @@ from bnfold.capture import BNSite, fetch_attr, is_inplace, is_shape_only, node_s
 from bnfold.numerics import bn_scale_shift, channel_scale_for_features, fold_bn_into_consumer
 from bnfold.patterns.base import FoldContext, Folded, Rejected, conv_is_transposed, describe
 
-__all__ = ["fold_into_consumers"]
+__all__ = ["fold_into_consumers", "is_eval_identity"]
 
 _IDENTITY_MODULES = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout,
                      nn.Identity)  # fmt: skip
 _FLATTEN_METHODS = {"flatten", "view", "reshape"}
 
 
-def _is_identity(node: fx.Node, gm: fx.GraphModule) -> bool:
+def is_eval_identity(node: fx.Node, gm: fx.GraphModule) -> bool:
     if node.op == "call_module":
         m = fetch_attr(gm, str(node.target))
         return isinstance(m, _IDENTITY_MODULES) and (not m.training or isinstance(m, nn.Identity))
@@ -66,7 +66,7 @@ def _route(start: fx.Node, bn_shape: tuple[int, ...], gm: fx.GraphModule):
     rejection reason."""
     node, block, flattened = start, 1, False
     while True:
-        if _is_identity(node, gm) or _is_flatten_call(node, gm):
+        if is_eval_identity(node, gm) or _is_flatten_call(node, gm):
             if _is_flatten_call(node, gm):
                 if flattened:
                     return f"{describe(node)} reshapes the features a second time"
