@@ -36,7 +36,9 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as exc:
         print(f"bnfold serve: {exc}")
         return 2
-    logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
 
     import uvicorn
 

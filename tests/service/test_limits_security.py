@@ -314,3 +314,14 @@ def test_default_models_are_the_zoo_defaults():
     from service.app import DEFAULT_MODELS
 
     assert tuple(DEFAULT_MODELS) == tuple(models.DEFAULT_MODELS)
+
+
+def test_worker_past_its_wall_clock_limit_is_stopped(start_server, conv_bn_bytes):
+    server = start_server(BNFOLD_WORKER_TIMEOUT_S="0.3")
+    with server.client() as api:
+        r = upload(api, "late", conv_bn_bytes)
+        assert r.status_code == 422, r.text
+        assert "took longer than 0.3 s" in r.json()["error"]
+        assert api.get("/v2/health/live").status_code == 200
+    time.sleep(0.3)
+    assert list((server.store / "tmp").iterdir()) == []
