@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import sys
 
 from service.settings import Settings
 
@@ -34,7 +35,7 @@ def main(argv: list[str] | None = None) -> int:
             host=args.host, port=args.port, store=args.store, require_gpu=args.require_gpu
         )
     except ValueError as exc:
-        print(f"bnfold serve: {exc}")
+        print(f"bnfold serve: {exc}", file=sys.stderr)
         return 2
     logging.basicConfig(
         level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
