@@ -65,14 +65,19 @@ class FoldContext:
     def _call_sites(self, target: str) -> int:
         return sum(1 for n in self.gm.graph.nodes if n.op == "call_module" and n.target == target)
 
+    owners: dict[int, list[tuple[str, nn.Module]]] | None = None
+
     def tied_with(self, module: nn.Module) -> list[str]:
         """Names of other modules holding one of `module`'s parameter tensors."""
-        mine = {id(p) for p in module.parameters(recurse=False)}
-        return [
-            name
-            for name, other in self.gm.named_modules()
-            if other is not module and mine & {id(p) for p in other.parameters(recurse=False)}
-        ]
+        if self.owners is None:  # ties are between the model's own modules: map them once
+            self.owners = {}
+            for name, m in self.gm.named_modules(remove_duplicate=False):
+                for p in m.parameters(recurse=False):
+                    self.owners.setdefault(id(p), []).append((name, m))
+        names = []
+        for p in module.parameters(recurse=False):
+            names += [n for n, m in self.owners.get(id(p), []) if m is not module]
+        return sorted(set(names))
 
     def replace_layer(self, node: fx.Node, weight: Tensor, bias: Tensor) -> tuple[str, list[str]]:
         """Point `node` at a copy of its module with new weight and bias.
