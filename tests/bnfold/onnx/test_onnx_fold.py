@@ -236,3 +236,48 @@ def test_bn_in_a_branch_is_not_folded_into_a_conv_of_the_enclosing_graph():
 
     assert not result.modified
     assert "enclosing graph" in result.report.entries[0].reason
+
+
+def test_bn_inside_a_loop_body_is_folded():
+    rng = np.random.default_rng(8)
+    w = numpy_helper.from_array(rng.standard_normal((3, 3, 1, 1)).astype(np.float32) * 0.5, "w")
+    inits = [numpy_helper.from_array(v, f"bn_{k}") for k, v in bn_arrays(3, rng).items()]
+    shape = ["N", 3, 4, 4]
+    body = helper.make_graph(
+        [
+            helper.make_node("Identity", ["cond_in"], ["cond_out"]),
+            helper.make_node("Conv", ["h_in", "w"], ["c"]),
+            helper.make_node("BatchNormalization", ["c", *(i.name for i in inits)], ["h_out"]),
+        ],
+        "body",
+        [
+            helper.make_tensor_value_info("i", TensorProto.INT64, []),
+            helper.make_tensor_value_info("cond_in", TensorProto.BOOL, []),
+            helper.make_tensor_value_info("h_in", TensorProto.FLOAT, shape),
+        ],
+        [
+            helper.make_tensor_value_info("cond_out", TensorProto.BOOL, []),
+            helper.make_tensor_value_info("h_out", TensorProto.FLOAT, shape),
+        ],
+        [w, *inits],
+    )
+    graph = helper.make_graph(
+        [helper.make_node("Loop", ["trips", "", "x"], ["y"], body=body)],
+        "main",
+        [
+            helper.make_tensor_value_info("trips", TensorProto.INT64, []),
+            helper.make_tensor_value_info("x", TensorProto.FLOAT, shape),
+        ],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, shape)],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 15)])
+    model.ir_version = 8
+    onnx.checker.check_model(model, full_check=True)
+
+    result = fold_onnx(model)
+
+    body_ops = [n.op_type for n in result.model.graph.node[0].attribute[0].g.node]
+    assert body_ops == ["Identity", "Conv"]
+    assert result.model.graph.node[0].attribute[0].g.output[1].name == "h_out"
+    x = RNG.standard_normal((2, 3, 4, 4)).astype(np.float32)
+    assert_same_outputs(model, result.model, {"trips": np.array(3, np.int64), "x": x})
