@@ -100,6 +100,7 @@ def _value_names(graph: ir.Graph) -> set[str]:
     names = {v.name for v in graph.inputs} | set(graph.initializers)
     for node in ir.traversal.RecursiveGraphIterator(graph):
         names.update(v.name for v in node.outputs if v.name)
+        names.add(node.name or "")
         for sub in node.attributes.values():
             subgraphs = {ir.AttributeType.GRAPH: [sub.value], ir.AttributeType.GRAPHS: sub.value}
             for g in subgraphs.get(sub.type, []):

@@ -130,13 +130,18 @@ class FoldContext:
         return None
 
     # --- edits ---------------------------------------------------------------------------
-    def new_initializer(self, graph: ir.Graph, base: str, array: np.ndarray) -> ir.Value:
-        """A fresh initializer: folded weights never overwrite one that others may share."""
+    def unique(self, base: str) -> str:
+        """A name no value or node in the model has yet: `base`_bnfold[N]."""
         name, i = f"{base}_bnfold", 1
         while name in self.names:
             i += 1
             name = f"{base}_bnfold{i}"
         self.names.add(name)
+        return name
+
+    def new_initializer(self, graph: ir.Graph, base: str, array: np.ndarray) -> ir.Value:
+        """A fresh initializer: folded weights never overwrite one that others may share."""
+        name = self.unique(base)
         tensor = ir.tensor(np.ascontiguousarray(array), name=name)
         value = ir.Value(name=name, shape=ir.Shape(array.shape), type=ir.TensorType(tensor.dtype))
         value.const_value = tensor

@@ -272,10 +272,12 @@ def _add_after_matmul(matmul: ir.Node, shift: np.ndarray, ctx: FoldContext) -> N
             ctx.release(c_in)
             return
     shift_value = ctx.new_initializer(matmul.graph, f"{matmul.inputs[1].name}_shift", shift)
-    new_add = ir.Node("", "Add", [out, shift_value], name=f"{matmul.name or 'matmul'}_bnfold_add")
+    new_add = ir.Node(
+        "", "Add", [out, shift_value], name=ctx.unique(f"{matmul.name or 'matmul'}_add")
+    )
     name, shape, type_ = out.name, out.shape, out.type
     out.replace_all_uses_with(new_add.outputs[0], replace_graph_outputs=True)
     new_add.replace_input_with(0, out)  # replace_all_uses_with rewired the Add's own input too
     matmul.graph.insert_after(matmul, new_add)
-    out.name = f"{name}_bnfold_mm"
+    out.name = ctx.unique(f"{name}_matmul")
     new_add.outputs[0].name, new_add.outputs[0].shape, new_add.outputs[0].type = name, shape, type_

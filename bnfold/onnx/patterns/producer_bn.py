@@ -203,7 +203,9 @@ class MatMulBN(Pattern):
                 ctx.bypass(bn, bn_affine.x)
                 return
             shift = ctx.new_initializer(graph, f"{b_in.name}_bias", c_out)
-            new_add = ir.Node("", "Add", [bn_affine.x, shift], name=f"{bn.name or 'bn'}_bnfold_add")
+            new_add = ir.Node(
+                "", "Add", [bn_affine.x, shift], name=ctx.unique(f"{matmul.name or 'matmul'}_add")
+            )
             graph.insert_after(matmul, new_add)
             ctx.bypass(bn, new_add.outputs[0])
 
