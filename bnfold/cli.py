@@ -66,8 +66,10 @@ def _load_onnx(path: Path):
     import onnx
     from google.protobuf.message import DecodeError
 
-    if not path.is_file():
+    if not path.exists():
         raise BadInput(f"{path}: no such file")
+    if not path.is_file():
+        raise BadInput(f"{path}: not a file")
     try:
         model = onnx.load(str(path), load_external_data=False)
     except (DecodeError, RuntimeError, ValueError) as exc:
