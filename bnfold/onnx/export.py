@@ -125,8 +125,8 @@ def export_onnx(
     module: torch.nn.Module,
     example_inputs: Sequence | torch.Tensor,
     path: str | os.PathLike | None = None,
-    *,
     dynamic_batch: bool = True,
+    *,
     dynamic_spatial: bool = True,
     opset_version: int | None = None,
 ) -> onnx.ModelProto:
