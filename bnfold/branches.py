@@ -30,7 +30,7 @@ import torch
 from torch import Tensor, fx, nn
 
 from bnfold.capture import BNSite, bn_site, fetch_attr, is_shape_only, node_shape
-from bnfold.numerics import bn_scale_shift
+from bnfold.numerics import bn_scale_shift, merge_branch_kernels, merged_kernel_layout
 from bnfold.patterns.bn_consumer import is_eval_identity
 from bnfold.report import MergeEntry
 
@@ -100,51 +100,16 @@ def _branch(term: fx.Node, gm: fx.GraphModule) -> tuple[_Branch, fx.Node] | str:
     return f"{term.op} '{term.name}' is not a conv, a BN or the shared input"
 
 
-def _kernel_layout(branches: list[_Branch], dims: int) -> tuple[list[int], list[int]] | str:
-    """Merged kernel size K and padding P per dim, or why the paddings do not line up."""
-    convs = [b.conv for b in branches if b.conv is not None]
-    dil = convs[0].dilation
-    pad = [max([c.padding[d] for c in convs] + [0]) for d in range(dims)]
-    size = [1] * dims
-    for c in convs:
-        for d in range(dims):
-            offset, rem = divmod(pad[d] - c.padding[d], dil[d])
-            if rem:
-                return f"'{c}' padding is not a multiple of the dilation away from the others"
-            size[d] = max(size[d], offset + c.kernel_size[d])
-    for c in convs:
-        for d in range(dims):
-            if 2 * pad[d] - dil[d] * (size[d] - 1) != 2 * c.padding[d] - dil[d] * (
-                c.kernel_size[d] - 1
-            ):
-                return "the branches' paddings do not line up (their outputs would differ in size)"
-    if any(b.conv is None for b in branches):
-        for d in range(dims):
-            if pad[d] % dil[d] or 2 * pad[d] != dil[d] * (size[d] - 1):
-                return "the identity branch does not sit at the centre of the merged kernel"
-    return size, pad
+def _layout(branches: list[_Branch], dims: int, dilation: tuple[int, ...]):
+    kernels = [b.conv.kernel_size if b.conv is not None else (1,) * dims for b in branches]
+    pads = [tuple(b.conv.padding) if b.conv is not None else (0,) * dims for b in branches]
+    return merged_kernel_layout(kernels, pads, pads, dilation)
 
 
-def _merged_weights(branches, size, pad, channels, groups, dims):
-    first = next(b.conv for b in branches if b.conv is not None)
-    out_ch, in_per_group = first.out_channels, first.in_channels // groups
-    weight = torch.zeros(out_ch, in_per_group, *size, dtype=torch.float64)
-    bias = torch.zeros(out_ch, dtype=torch.float64)
-    for b in branches:
-        if b.conv is not None:
-            start = [(pad[d] - b.conv.padding[d]) // b.conv.dilation[d] for d in range(dims)]
-            window = tuple(slice(s, s + k) for s, k in zip(start, b.conv.kernel_size, strict=True))
-            weight[(slice(None), slice(None), *window)] += b.conv.weight.detach().double()
-            if b.conv.bias is not None:
-                bias += b.conv.bias.detach().double()
-        else:
-            centre = tuple(pad[d] // first.dilation[d] for d in range(dims))
-            s = torch.ones(channels, dtype=torch.float64) if b.scale is None else b.scale
-            for c in range(channels):
-                weight[(c, c % in_per_group, *centre)] += s[c]
-            if b.shift is not None:
-                bias += b.shift
-    return weight, bias
+def _branch_tensors(b: _Branch):
+    if b.conv is not None:
+        return b.conv.weight, b.conv.bias, None
+    return None, b.shift, b.scale
 
 
 def _macs(branches: list[_Branch], in_per_group: int, out_ch: int) -> int:
@@ -210,11 +175,11 @@ def _try_merge(root: fx.Node, gm: fx.GraphModule) -> tuple[MergeEntry, callable 
         if any(s != 1 for s in first.stride) or first.in_channels != first.out_channels:
             entry.reason = "an identity/BN branch needs stride 1 and equal in/out channels"
             return entry, None
-    layout = _kernel_layout(branches, dims)
+    layout = _layout(branches, dims, first.dilation)
     if isinstance(layout, str):
         entry.reason = layout
         return entry, None
-    size, pad = layout
+    size, pad = layout.size, layout.pad_begin
     in_per_group = first.in_channels // first.groups
     entry.macs_before = _macs(branches, in_per_group, first.out_channels)
     entry.macs_after = math.prod(size) * in_per_group * first.out_channels
@@ -231,7 +196,9 @@ def _try_merge(root: fx.Node, gm: fx.GraphModule) -> tuple[MergeEntry, callable 
         return entry, None
 
     def apply() -> str:
-        weight, bias = _merged_weights(branches, size, pad, first.in_channels, first.groups, dims)
+        weight, bias = merge_branch_kernels(
+            layout, first.out_channels, in_per_group, [_branch_tensors(b) for b in branches]
+        )
         merged = type(first)(
             first.in_channels, first.out_channels, tuple(size), stride=first.stride,
             padding=tuple(pad), dilation=first.dilation, groups=first.groups, bias=True,

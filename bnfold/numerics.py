@@ -15,6 +15,8 @@ was given, so that a fold never loses precision to the order of operations.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import Tensor
 
@@ -23,6 +25,9 @@ __all__ = [
     "fold_bn_into_producer",
     "fold_bn_into_consumer",
     "channel_scale_for_features",
+    "KernelLayout",
+    "merged_kernel_layout",
+    "merge_branch_kernels",
 ]
 
 
@@ -124,3 +129,77 @@ def fold_bn_into_consumer(
         else bias.detach().to(torch.float64)
     )
     return w_new.to(dtype), (b64 + shift).to(dtype)
+
+
+@dataclass(frozen=True)
+class KernelLayout:
+    """Where parallel conv branches sit inside one merged kernel (per spatial dim)."""
+
+    size: tuple[int, ...]  # merged kernel size K
+    pad_begin: tuple[int, ...]
+    pad_end: tuple[int, ...]
+    offsets: tuple[tuple[int, ...], ...]  # start of each branch's kernel inside K
+
+
+def merged_kernel_layout(
+    kernels: list[tuple[int, ...]],
+    pads_begin: list[tuple[int, ...]],
+    pads_end: list[tuple[int, ...]],
+    dilation: tuple[int, ...],
+) -> KernelLayout | str:
+    """Lay branches (kernel k, paddings pb/pe, shared dilation d) into one kernel, or say why
+    they do not line up.
+
+    A branch reads input o*stride - pb + j*d (j < k). Inside a kernel of size K with leading
+    padding P = max pb it reads the same positions from offset (P - pb) / d, which must be a
+    whole number; every other entry of K is zero, so the extra zero padding it reads is
+    multiplied by zero: exact. All branches must produce the same output size, i.e. have the
+    same pb + pe - d(k - 1) in every dim. An identity / BN branch is a kernel of 1, padding 0.
+    """
+    dims = len(dilation)
+    size, begin, end = [], [], []
+    offsets = [[0] * dims for _ in kernels]
+    for d in range(dims):
+        totals = {pb[d] + pe[d] - dilation[d] * (k[d] - 1)
+                  for k, pb, pe in zip(kernels, pads_begin, pads_end, strict=True)}  # fmt: skip
+        if len(totals) != 1:
+            return "the branches' paddings do not line up (their outputs would differ in size)"
+        p = max(pb[d] for pb in pads_begin)
+        k_max = 1
+        for i, (k, pb) in enumerate(zip(kernels, pads_begin, strict=True)):
+            offset, rem = divmod(p - pb[d], dilation[d])
+            if rem:
+                return "a branch's padding is not a whole number of dilation steps off the others"
+            offsets[i][d] = offset
+            k_max = max(k_max, offset + k[d])
+        size.append(k_max)
+        begin.append(p)
+        end.append(totals.pop() + dilation[d] * (k_max - 1) - p)
+    return KernelLayout(tuple(size), tuple(begin), tuple(end), tuple(map(tuple, offsets)))
+
+
+def merge_branch_kernels(
+    layout: KernelLayout,
+    out_channels: int,
+    in_per_group: int,
+    branches: list[tuple[Tensor | None, Tensor | None, Tensor | None]],
+) -> tuple[Tensor, Tensor]:
+    """Sum parallel branches into one float64 kernel [out, in/groups, *K] and bias [out].
+
+    Each branch is (weight, bias, scale), in the order of `layout.offsets`: a conv has its
+    weight (and maybe a bias); an identity / BN branch has weight None, a per-channel `scale`
+    s on the diagonal of each group (None for x itself: s = 1) and its shift t as the bias.
+    """
+    weight = torch.zeros(out_channels, in_per_group, *layout.size, dtype=torch.float64)
+    bias = torch.zeros(out_channels, dtype=torch.float64)
+    for (w, b, s), offset in zip(branches, layout.offsets, strict=True):
+        if w is not None:
+            window = tuple(slice(o, o + k) for o, k in zip(offset, w.shape[2:], strict=True))
+            weight[(slice(None), slice(None), *window)] += w.detach().to(torch.float64)
+        else:
+            diag = torch.ones(out_channels, dtype=torch.float64) if s is None else s
+            channels = torch.arange(out_channels)
+            weight[(channels, channels % in_per_group, *offset)] += diag.to(torch.float64)
+        if b is not None:
+            bias += b.detach().to(torch.float64)
+    return weight, bias

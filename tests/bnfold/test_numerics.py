@@ -80,3 +80,37 @@ def test_fold_casts_back_to_weight_dtype():
     s, t = torch.rand(4, dtype=torch.float64), torch.rand(4, dtype=torch.float64)
     w2, b2 = fold_bn_into_producer(w, None, s, t)
     assert w2.dtype == b2.dtype == torch.bfloat16
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    st.lists(st.sampled_from([(1, 1), (3, 3), (1, 3), (3, 1), (5, 5)]), min_size=1, max_size=4),
+    st.sampled_from([1, 2]),
+    st.sampled_from([1, 2]),
+    st.booleans(),
+    st.integers(0, 10_000),
+)
+def test_merged_kernel_equals_sum_of_aligned_branches(kernels, stride, dilation, identity, seed):
+    from bnfold.numerics import merge_branch_kernels, merged_kernel_layout
+
+    g = torch.Generator().manual_seed(seed)
+    c = 4
+    x = torch.randn(2, c, 9, 8, generator=g, dtype=torch.float64)
+    pads = [tuple(dilation * (k - 1) // 2 for k in ks) for ks in kernels]
+    branches, expected = [], 0
+    for ks, p in zip(kernels, pads, strict=True):
+        w = torch.randn(c, c, *ks, generator=g, dtype=torch.float64)
+        b = torch.randn(c, generator=g, dtype=torch.float64)
+        expected = expected + F.conv2d(x, w, b, stride, p, dilation)
+        branches.append((w, b, None))
+    if identity and stride == 1:
+        s, t = torch.rand(c, dtype=torch.float64), torch.randn(c, dtype=torch.float64)
+        expected = expected + x * s[:, None, None] + t[:, None, None]
+        kernels, pads = [*kernels, (1, 1)], [*pads, (0, 0)]
+        branches.append((None, t, s))
+    layout = merged_kernel_layout(kernels, pads, pads, (dilation, dilation))
+    w, b = merge_branch_kernels(layout, c, c, branches)
+    padding = layout.pad_begin
+    assert layout.pad_end == padding
+    got = F.conv2d(x, w, b, stride, padding, dilation)
+    torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-10)
