@@ -1,6 +1,7 @@
 """The ``bnfold`` command.
 
     bnfold fold IN [-o OUT.onnx] [--report REPORT.json] [--verify] [--input-shape NAME=1,3,H,W]
+    bnfold serve [--host 127.0.0.1] [--port 8000] [--store DIR] [--require-gpu]   (service/)
 
 IN is an ONNX file or ``zoo:NAME``. The summary goes to stdout, progress to stderr. Exit codes:
 0 done (and verified, when asked), 1 verification failed, 2 bad input (one line on stderr).
@@ -222,10 +223,18 @@ def _parser() -> argparse.ArgumentParser:
         help="directory allowed for the model's external data files (only this one is read)",
     )
     fold.set_defaults(func=_cmd_fold)
+    # listed for --help; main() hands `bnfold serve ...` to service.cli before parsing
+    sub.add_parser("serve", help="run the HTTP service (bnfold serve --help)", add_help=False)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["serve"]:
+        # The service depends on the library, never the other way: imported only here.
+        from service.cli import main as serve
+
+        return serve(argv[1:])
     parser = _parser()
     args = parser.parse_args(argv)
     try:

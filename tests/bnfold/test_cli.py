@@ -120,3 +120,38 @@ def test_cli_reads_external_data_only_with_base_dir(tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert "verification OK" in proc.stdout
     assert [n.op_type for n in onnx.load(tmp_path / "out.onnx").graph.node] == ["Conv"]
+
+
+def test_cli_serve_starts_the_service(tmp_path):
+    import os
+    import signal
+    import socket
+    import sys
+    import time
+
+    import httpx
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("BNFOLD_")}
+    env |= {"BNFOLD_DEPLOY_DEFAULTS": "0", "BNFOLD_API_TOKEN": "t" * 24}
+    cmd = [sys.executable, "-c", "import sys; from bnfold.cli import main; sys.exit(main())"]
+    proc = subprocess.Popen(
+        [*cmd, "serve", "--port", str(port), "--store", str(tmp_path / "store")],
+        env=env, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+    )  # fmt: skip
+    try:
+        deadline, status = time.monotonic() + 60, None
+        while time.monotonic() < deadline and proc.poll() is None:
+            try:
+                status = httpx.get(f"http://127.0.0.1:{port}/v2/health/ready", timeout=1)
+                if status.status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.2)
+        assert status is not None and status.status_code == 200
+        assert (tmp_path / "store").is_dir()
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(20)
