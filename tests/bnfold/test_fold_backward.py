@@ -73,3 +73,36 @@ def test_producer_with_other_user_keeps_bn():
     result = fold_and_check(randomize_bn(Branch()), torch.randn(2, 3, 4, 4))
     (entry,) = result.report.entries
     assert entry.action is Action.KEPT and "also used by" in entry.reason
+
+
+class SeqLinearBN(nn.Module):
+    """Linear on [N, L, F], then the features moved to dim 1 for BatchNorm1d."""
+
+    def __init__(self, how: str):
+        super().__init__()
+        self.how = how
+        self.linear = nn.Linear(5, 6)
+        self.bn = nn.BatchNorm1d(6)
+
+    def forward(self, x):
+        y = self.linear(x)
+        if self.how == "transpose":
+            y = y.transpose(1, 2)
+        elif self.how == "permute":
+            y = y.permute(0, 2, 1)
+        else:  # moves the sequence axis, not the features, to dim 1
+            y = y.transpose(0, 1)
+        return self.bn(y)
+
+
+@pytest.mark.parametrize("how", ["transpose", "permute"])
+def test_fold_backward_linear_nd_through_permute(how):
+    result = fold_and_check(randomize_bn(SeqLinearBN(how)), torch.randn(3, 4, 5))
+    assert result.report.entries[0].action is Action.FOLDED_BACKWARD
+
+
+def test_permute_that_does_not_bring_features_to_dim1_is_kept():
+    model = randomize_bn(SeqLinearBN("wrong"))
+    model.bn = nn.BatchNorm1d(3)
+    result = fold_and_check(randomize_bn(model), torch.randn(3, 6, 5))
+    assert result.report.entries[0].action is Action.KEPT
