@@ -21,7 +21,9 @@ from service.auth import TOKEN_FILE, load_or_create_token
 from service.errors import install_error_handlers
 from service.handlers import InferenceService, ModelService
 from service.limits import BodyLimitMiddleware
+from service.metrics import ServiceMetrics
 from service.routes import health, inference, models
+from service.routes import metrics as metrics_route
 from service.runtime.registry import ModelRegistry
 from service.settings import Settings
 from service.store import ModelStore
@@ -35,6 +37,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or Settings.from_env()
     store = ModelStore(settings.store)
     registry = ModelRegistry()
+    metrics = ServiceMetrics(registry)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -47,9 +50,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 flush=True,
             )
         app.state.api_token = token
-        handlers = ModelService(settings, store, registry)
+        handlers = ModelService(settings, store, registry, metrics)
         app.state.models = handlers
-        app.state.inference = InferenceService(settings, registry)
+        app.state.inference = InferenceService(settings, registry, metrics)
         if settings.require_gpu:
             provider = await run_in_threadpool(handlers.sessions.probe)  # raises without CUDA
             logger.info("require_gpu: sessions get %s", provider)
@@ -58,6 +61,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             yield
         finally:
             task.cancel()
+            handlers.executor.shutdown(wait=False, cancel_futures=True)
 
     app = FastAPI(
         title="bnfold service",
@@ -66,6 +70,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         lifespan=lifespan,
     )
     app.state.settings = settings
+    app.state.metrics = metrics
     app.state.ready = False
     app.state.not_ready_reason = "starting"
     install_error_handlers(app)
@@ -77,6 +82,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(health.router)
     app.include_router(inference.router)
     app.include_router(models.router)
+    app.include_router(metrics_route.router)
     return app
 
 

@@ -4,24 +4,33 @@ upload -> ingest (worker) -> store -> runtime registry."""
 from __future__ import annotations
 
 import asyncio
+import functools
 import hashlib
 import logging
 import shutil
 import time
 from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 from starlette.concurrency import run_in_threadpool
 
-from service.errors import BadRequest, NotFound, ServiceError, Unprocessable, first_line
+from service.errors import NotFound, ServiceError, Unprocessable, first_line
 from service.ingest import Ingestor, IngestResult
+from service.metrics import ServiceMetrics
 from service.protocol import v2
+from service.runtime.batcher import Batcher, Timing, policy_for
 from service.runtime.registry import LoadedModel, ModelRegistry
-from service.runtime.sessions import CUDA, ModelLoadError, SessionFactory, gpu_divergence
+from service.runtime.sessions import (
+    CUDA,
+    LoadedSession,
+    ModelLoadError,
+    SessionFactory,
+    gpu_divergence,
+)
 from service.settings import Settings
 from service.store import ModelStore, StoredModel, validate_name
 
@@ -39,6 +48,7 @@ class UploadRequest:
     input_shape: Any = None
     rtol: float = DEFAULT_RTOL
     atol: float = DEFAULT_ATOL
+    batching: dict[str, Any] | None = None  # max_batch_size, max_queue_delay_ms for this model
 
     def job(self) -> dict[str, Any]:
         return {
@@ -53,12 +63,21 @@ class UploadRequest:
 class ModelService:
     """Deploy, list, delete; loads the store at start."""
 
-    def __init__(self, settings: Settings, store: ModelStore, registry: ModelRegistry) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        store: ModelStore,
+        registry: ModelRegistry,
+        metrics: ServiceMetrics | None = None,
+    ) -> None:
         self.settings = settings
         self.store = store
         self.registry = registry
+        self.metrics = metrics
         self.sessions = SessionFactory(settings.require_gpu)
         self.ingestor = Ingestor(settings)
+        # onnxruntime runs off the event loop; each model's batcher has one run at a time
+        self.executor = ThreadPoolExecutor(max_workers=8, thread_name_prefix="onnxruntime")
         self._name_locks: dict[str, asyncio.Lock] = {}
 
     # -- start-up ----------------------------------------------------------------------------
@@ -72,7 +91,15 @@ class ModelService:
 
     def _load(self, stored: StoredModel) -> LoadedModel:
         runtime = self.sessions.create(str(stored.model_path))
-        return LoadedModel(stored.name, stored.version, stored.record, runtime)
+        return self._loaded(stored.name, stored.version, stored.record, runtime)
+
+    def _loaded(
+        self, name: str, version: str, record: dict[str, Any], runtime: LoadedSession
+    ) -> LoadedModel:
+        policy = policy_for(self.settings, runtime.signature, record.get("batching"))
+        on_batch = self.metrics.batch_observer(name) if self.metrics else None
+        batcher = Batcher(name, runtime, policy, self.executor, on_batch)
+        return LoadedModel(name, version, record, runtime, batcher)
 
     @asynccontextmanager
     async def scratch(self, prefix: str) -> AsyncIterator[Path]:
@@ -103,9 +130,11 @@ class ModelService:
     async def deploy(self, request: UploadRequest) -> LoadedModel:
         validate_name(request.name)
         result = await self.ingestor.run(request.upload.parent, request.job())
-        return await self._commit(request.name, result)
+        return await self._commit(request.name, result, request.batching)
 
-    async def _commit(self, name: str, result: IngestResult) -> LoadedModel:
+    async def _commit(
+        self, name: str, result: IngestResult, batching: dict[str, Any] | None = None
+    ) -> LoadedModel:
         folded = await run_in_threadpool(result.folded_path.read_bytes)
         version = hashlib.sha256(folded).hexdigest()[:16]
         try:
@@ -121,7 +150,9 @@ class ModelService:
             "input_shapes": info["input_shapes"],
             "fold_report": info["fold_report"],
             "verification": info["verification"],
+            "savings": info.get("savings") or {},
             "gpu_divergence": None,
+            "batching": batching or {},
             "deployed_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         }
         if runtime.provider == CUDA:
@@ -135,7 +166,7 @@ class ModelService:
         lock = self._name_locks.setdefault(name, asyncio.Lock())
         async with lock:
             await run_in_threadpool(self.store.deploy, name, version, result.folded_path, record)
-            model = LoadedModel(name, version, record, runtime)
+            model = self._loaded(name, version, record, runtime)
             self.registry.put(model)
             # under the lock: a concurrent deploy's new directory is not yet current
             await run_in_threadpool(self.store.prune, name)
@@ -156,9 +187,12 @@ class ModelService:
 
 
 class InferenceService:
-    def __init__(self, settings: Settings, registry: ModelRegistry) -> None:
+    def __init__(
+        self, settings: Settings, registry: ModelRegistry, metrics: ServiceMetrics | None = None
+    ) -> None:
         self.settings = settings
         self.registry = registry
+        self.metrics = metrics
 
     def model(self, name: str, version: str | None = None) -> LoadedModel:
         model = self.registry.get(name)
@@ -170,28 +204,52 @@ class InferenceService:
         self, name: str, version: str | None, body: bytes, header_length: str | None
     ) -> tuple[bytes, int | None]:
         model = self.model(name, version)  # held for the whole request: a swap cannot touch it
+        if self.metrics is None:
+            return await self._infer(model, body, header_length)
+        started = time.perf_counter()
+        m = self.metrics
+        m.requests.labels(model.name).inc()
+        try:
+            payload, length, timing = await self._infer(model, body, header_length)
+        except ServiceError as exc:
+            m.failures.labels(model.name, str(exc.status_code)).inc()
+            raise
+        except Exception:
+            m.failures.labels(model.name, "500").inc()
+            raise
+        m.queue_seconds.labels(model.name).observe(timing.queue_s)
+        m.compute_seconds.labels(model.name).observe(timing.compute_s)
+        m.total_seconds.labels(model.name).observe(time.perf_counter() - started)
+        return payload, length
+
+    async def _infer(
+        self, model: LoadedModel, body: bytes, header_length: str | None
+    ) -> tuple[bytes, int | None, Timing]:
         signature = model.runtime.signature
         length = v2.parse_header_length(header_length, len(body))
-        request = v2.decode_request(
+        decode = functools.partial(
+            v2.decode_request,
             body,
             length,
             signature,
             max_elements=self.settings.max_tensor_elements,
-            max_batch_size=self.settings.max_batch_size if signature.batched else 0,
+            max_batch_size=model.batcher.policy.max_batch_size if signature.batched else 0,
         )
+        # parsing a large JSON tensor takes milliseconds: off the loop, so health stays quick
+        json_part = len(body) if length is None else length
+        heavy = json_part > _LOOP_JSON_BYTES
+        request = await run_in_threadpool(decode) if heavy else decode()
         names = [o.name for o in request.outputs]
-        results = await run_in_threadpool(_run, model, request.inputs, names)
-        return v2.encode_response(model.name, model.version, request.id, results, request.outputs)
+        results, timing = await model.batcher.infer(request.inputs, names)
+        encode = functools.partial(
+            v2.encode_response, model.name, model.version, request.id, results, request.outputs
+        )
+        json_values = sum(results[o.name].size for o in request.outputs if not o.binary)
+        if json_values > _LOOP_JSON_VALUES:
+            return (*await run_in_threadpool(encode), timing)
+        return (*encode(), timing)
 
 
-def _run(model: LoadedModel, inputs: dict[str, np.ndarray], names: list[str]):
-    try:
-        return model.runtime.run(inputs, names)
-    except Exception as exc:  # onnxruntime's own error types
-        message = first_line(exc)
-        if "INVALID_ARGUMENT" in message or "Invalid" in message:
-            raise BadRequest(f"the model rejected the inputs: {message}") from None
-        logger.exception("inference failed on %s", model.name)
-        raise ServiceError(
-            "inference failed inside onnxruntime; the server log has details"
-        ) from None
+# above these, JSON is parsed or written in a thread rather than on the event loop
+_LOOP_JSON_BYTES = 64 << 10
+_LOOP_JSON_VALUES = 4096

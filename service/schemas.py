@@ -35,6 +35,8 @@ class ModelPublic(ModelSummary):
     fold_report: dict[str, Any]
     verification: dict[str, Any]
     gpu_divergence: dict[str, Any] | None = None
+    savings: dict[str, Any] | None = None  # nodes and deploy-time latency, before/after
+    batching: dict[str, Any] | None = None
 
 
 class ModelsPublic(BaseModel):

@@ -34,6 +34,11 @@ class Settings:
     max_tensor_elements: int = 1 << 24  # per input tensor
     max_batch_size: int = 64  # advertised in /config and enforced on a variable batch dim
 
+    # dynamic batching: the defaults of every model; an upload can set its own
+    dynamic_batching: bool = True  # off: every request is its own onnxruntime run
+    max_queue_delay_ms: float = 1.0  # how long a request may wait for others to join it
+    max_queue: int = 128  # infer requests waiting per model; beyond it, 503 with Retry-After
+
     # the ingest worker: one process per upload, with resource limits
     worker_timeout_s: float = 300.0  # wall clock
     worker_cpu_s: int = 300  # RLIMIT_CPU

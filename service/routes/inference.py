@@ -70,7 +70,12 @@ def model_ready(name: str, inference: Inference, version: str | None = None) -> 
 @router.get("/{name}/config")
 def model_config(name: str, inference: Inference) -> dict:
     model = inference.model(name)
-    return v2.model_config(model.name, model.runtime.signature, inference.settings.max_batch_size)
+    policy = model.batcher.policy
+    config = v2.model_config(model.name, model.runtime.signature, policy.max_batch_size)
+    if policy.enabled:
+        delay_us = int(policy.max_queue_delay_ms * 1000)
+        config["dynamic_batching"] = {"max_queue_delay_microseconds": delay_us}
+    return config
 
 
 @router.post("/{name}/infer", openapi_extra=_INFER_SCHEMA)

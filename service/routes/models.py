@@ -44,6 +44,17 @@ _UPLOAD_SCHEMA = {
                         },
                         "rtol": {"type": "number", "minimum": 0},
                         "atol": {"type": "number", "minimum": 0},
+                        "max_batch_size": {
+                            "type": "integer",
+                            "minimum": 1,
+                            "description": "rows per onnxruntime run and per request; "
+                            "1 turns dynamic batching off for this model",
+                        },
+                        "max_queue_delay_ms": {
+                            "type": "number",
+                            "minimum": 0,
+                            "description": "how long a request may wait for others to batch with",
+                        },
                     },
                 }
             }
@@ -99,7 +110,16 @@ def download_model(name: str, _: Authorized, models: Models) -> FileResponse:
 
 # -- form parsing -------------------------------------------------------------------------------
 
-_FIELDS = {"name", "file", "architecture", "input_shape", "rtol", "atol"}
+_FIELDS = {
+    "name",
+    "file",
+    "architecture",
+    "input_shape",
+    "rtol",
+    "atol",
+    "max_batch_size",
+    "max_queue_delay_ms",
+}
 
 
 async def _read_upload_form(request: Request, scratch) -> UploadRequest:
@@ -107,7 +127,7 @@ async def _read_upload_form(request: Request, scratch) -> UploadRequest:
     if not content_type.startswith("multipart/form-data"):
         raise BadRequest("send the model as multipart/form-data with fields 'name' and 'file'")
     # the body limit middleware bounds what this reads; non-file fields are capped at 64 KiB
-    form = await request.form(max_files=1, max_fields=8, max_part_size=64 << 10)
+    form = await request.form(max_files=1, max_fields=len(_FIELDS), max_part_size=64 << 10)
     try:
         unknown = sorted(set(form.keys()) - _FIELDS)
         if unknown:
@@ -119,6 +139,7 @@ async def _read_upload_form(request: Request, scratch) -> UploadRequest:
             "input_shape": _input_shape(fields.get("input_shape")),
             "rtol": _tolerance(fields, "rtol", DEFAULT_RTOL),
             "atol": _tolerance(fields, "atol", DEFAULT_ATOL),
+            "batching": _batching(fields),
         }
         file = form.get("file")
         if not isinstance(file, UploadFile):
@@ -156,6 +177,26 @@ def _tolerance(fields: dict[str, str], key: str, default: float) -> float:
     if not math.isfinite(value) or value < 0:
         raise BadRequest(f"{key} must be a finite number >= 0, got {raw!r}")
     return value
+
+
+def _batching(fields: dict[str, str]) -> dict[str, Any]:
+    """This model's own batching settings; what is not given follows the server's defaults."""
+    out: dict[str, Any] = {}
+    raw = fields.get("max_batch_size")
+    if raw:
+        try:
+            out["max_batch_size"] = int(raw)
+        except ValueError:
+            raise BadRequest(f"max_batch_size must be an integer, got {raw!r}") from None
+        if not 1 <= out["max_batch_size"] <= 1 << 16:
+            raise BadRequest(f"max_batch_size must be between 1 and 65536, got {raw!r}")
+    raw = fields.get("max_queue_delay_ms")
+    if raw:
+        delay = _tolerance(fields, "max_queue_delay_ms", 0.0)
+        if delay > 10_000:
+            raise BadRequest(f"max_queue_delay_ms must be at most 10000, got {raw!r}")
+        out["max_queue_delay_ms"] = delay
+    return out
 
 
 def _input_shape(raw: str | None) -> list[int] | dict[str, list[int]] | None:

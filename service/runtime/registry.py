@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from service.errors import NotFound
+from service.runtime.batcher import Batcher
 from service.runtime.sessions import LoadedSession
 
 
@@ -21,6 +22,7 @@ class LoadedModel:
     version: str
     record: dict[str, Any]  # what the store keeps: source, reports
     runtime: LoadedSession
+    batcher: Batcher  # every request goes through it, batched or not
 
     def public(self) -> dict[str, Any]:
         """The record, with what the session in this process says: signature and provider."""
@@ -30,6 +32,7 @@ class LoadedModel:
             "inputs": [s.to_dict() for s in signature.inputs],
             "outputs": [s.to_dict() for s in signature.outputs],
             "execution_provider": self.runtime.provider,
+            "batching": self.batcher.policy.to_dict(),
         }
 
 

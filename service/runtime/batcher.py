@@ -1,0 +1,247 @@
+"""Dynamic batching: concurrent infer requests to one model run as one onnxruntime call.
+
+Each deployed model has one ``Batcher``. A request is queued; the batcher's loop takes the oldest
+request, adds every queued request with the same non-batch shapes that still fits
+``max_batch_size`` rows, waits up to ``max_queue_delay`` (counted from the oldest request's
+arrival) for more while the batch is not full, concatenates the inputs along dimension 0, runs
+onnxruntime once in a worker thread and slices the outputs back per request.
+
+1. Exactness: onnxruntime computes each row of a batch-independent model with the same kernels
+   whatever the batch size, so a request's slice is bit-identical to running it alone (tested).
+   A model is batched only when every input and output has a variable first dimension; a model
+   whose outputs do not come back with the batch's row count is run request by request instead.
+2. One run at a time per model: the loop awaits its run, and requests that arrive meanwhile form
+   the next batch, so batches grow with load even with no delay configured.
+3. The queue is bounded: past ``max_queue`` waiting requests, ``infer`` raises 503 with a
+   ``Retry-After`` hint instead of growing memory.
+4. A failing batch is re-run request by request, so one bad request fails alone.
+
+The loop runs only while requests wait: a batcher left behind by a redeployment finishes what
+it holds and leaves nothing running.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import deque
+from collections.abc import Callable, Mapping
+from concurrent.futures import Executor
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from service.errors import BadRequest, ServiceError, ServiceUnavailable, first_line
+from service.protocol.v2 import Signature
+from service.runtime.sessions import LoadedSession
+from service.settings import Settings
+
+logger = logging.getLogger(__name__)
+
+RETRY_AFTER_S = 1
+
+
+@dataclass(frozen=True)
+class BatchPolicy:
+    max_batch_size: int  # rows per onnxruntime run, and per request on a batched model
+    max_queue_delay_ms: float  # how long the oldest request may wait for others
+    max_queue: int  # requests allowed to wait; beyond it, 503
+    enabled: bool  # False: every request runs alone (no batch dimension, or turned off)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "dynamic_batching": self.enabled,
+            "max_batch_size": self.max_batch_size,
+            "max_queue_delay_ms": self.max_queue_delay_ms,
+            "max_queue": self.max_queue,
+        }
+
+
+def policy_for(
+    settings: Settings, signature: Signature, overrides: Mapping[str, Any] | None = None
+) -> BatchPolicy:
+    """The settings' defaults, then what the model's upload asked for (``record["batching"]``).
+    Batching is off for a model whose tensors do not all have a variable first dimension."""
+    overrides = {k: v for k, v in (overrides or {}).items() if v is not None}
+    max_batch = int(overrides.get("max_batch_size", settings.max_batch_size))
+    delay = float(overrides.get("max_queue_delay_ms", settings.max_queue_delay_ms))
+    enabled = settings.dynamic_batching and signature.batched and max_batch > 1
+    return BatchPolicy(max(1, max_batch), max(0.0, delay), max(1, settings.max_queue), enabled)
+
+
+@dataclass(frozen=True)
+class Timing:
+    queue_s: float  # from arrival to the start of the run that served it
+    compute_s: float  # that onnxruntime run
+    batch_rows: int  # rows in that run
+
+
+@dataclass(eq=False)
+class _Pending:
+    inputs: dict[str, np.ndarray]
+    outputs: list[str]
+    rows: int
+    key: tuple  # what must agree to share a run: every input's shape past dim 0 and dtype
+    future: asyncio.Future
+    arrived: float
+
+
+class Batcher:
+    def __init__(
+        self,
+        name: str,
+        runtime: LoadedSession,
+        policy: BatchPolicy,
+        executor: Executor,
+        on_batch: Callable[[int, float], None] | None = None,  # rows, compute seconds
+    ) -> None:
+        self.name = name
+        self.runtime = runtime
+        self.policy = policy
+        self._executor = executor
+        self._waiting: deque[_Pending] = deque()
+        self._wakeup: asyncio.Event | None = None
+        self._loop_task: asyncio.Task | None = None
+        self.on_batch = on_batch
+
+    @property
+    def depth(self) -> int:
+        """Requests waiting for a run (not counting the one running)."""
+        return len(self._waiting)
+
+    async def infer(
+        self, inputs: Mapping[str, np.ndarray], outputs: list[str]
+    ) -> tuple[dict[str, np.ndarray], Timing]:
+        if len(self._waiting) >= self.policy.max_queue:
+            raise ServiceUnavailable(
+                f"model {self.name!r} has {len(self._waiting)} requests queued (the limit); "
+                f"retry in {RETRY_AFTER_S} s",
+                headers={"Retry-After": str(RETRY_AFTER_S)},
+            )
+        loop = asyncio.get_running_loop()
+        first = next(iter(inputs.values()))
+        rows = first.shape[0] if first.ndim else 1
+        key = tuple((n, a.shape[1:], a.dtype.str) for n, a in sorted(inputs.items()))
+        arrived = time.perf_counter()
+        pending = _Pending(dict(inputs), outputs, rows, key, loop.create_future(), arrived)
+        self._waiting.append(pending)
+        if self._wakeup is None:
+            self._wakeup = asyncio.Event()
+        self._wakeup.set()
+        if self._loop_task is None or self._loop_task.done():
+            self._loop_task = loop.create_task(self._drain(), name=f"batcher-{self.name}")
+        return await pending.future
+
+    # -- the loop ----------------------------------------------------------------------------
+    async def _drain(self) -> None:
+        while self._waiting:
+            batch = self._take(None, self.policy.max_batch_size)
+            if not batch:
+                continue  # only cancelled requests were left
+            rows = sum(p.rows for p in batch)
+            if self.policy.enabled and self.policy.max_queue_delay_ms > 0:
+                deadline = batch[0].arrived + self.policy.max_queue_delay_ms / 1e3
+                while rows < self.policy.max_batch_size:
+                    remaining = deadline - time.perf_counter()
+                    if remaining <= 0:
+                        break
+                    self._wakeup.clear()
+                    try:
+                        await asyncio.wait_for(self._wakeup.wait(), remaining)
+                    except TimeoutError:
+                        pass
+                    more = self._take(batch[0].key, self.policy.max_batch_size - rows)
+                    batch += more
+                    rows += sum(p.rows for p in more)
+            try:
+                await self._execute(batch)
+            except Exception as exc:  # never leave a request hanging
+                logger.exception("batch on %s failed", self.name)
+                _fail(batch, ServiceError(f"inference failed: {first_line(exc)}"))
+
+    def _take(self, key: tuple | None, capacity: int) -> list[_Pending]:
+        """Queued requests, oldest first, that share ``key`` (the oldest's, if None) and fit."""
+        batch: list[_Pending] = []
+        kept: deque[_Pending] = deque()
+        while self._waiting:
+            p = self._waiting.popleft()
+            if p.future.done():  # the client went away
+                continue
+            if key is None:
+                key = p.key
+            fits = not batch or (self.policy.enabled and p.rows <= capacity)
+            if p.key == key and fits:
+                batch.append(p)
+                capacity -= p.rows
+                if capacity <= 0 or not self.policy.enabled:
+                    break
+            else:
+                kept.append(p)
+        kept.extend(self._waiting)
+        self._waiting = kept
+        return batch
+
+    async def _execute(self, batch: list[_Pending]) -> None:
+        loop = asyncio.get_running_loop()
+        names = _union(p.outputs for p in batch)
+        if len(batch) == 1:
+            inputs = batch[0].inputs
+        else:
+            inputs = {n: np.concatenate([p.inputs[n] for p in batch]) for n in batch[0].inputs}
+        started = time.perf_counter()
+        try:
+            results = await loop.run_in_executor(self._executor, self._run, inputs, names)
+        except Exception as exc:
+            if len(batch) > 1:  # find the request at fault: each alone
+                for p in batch:
+                    await self._execute([p])
+                return
+            _fail(batch, exc)
+            return
+        compute = time.perf_counter() - started
+        rows = sum(p.rows for p in batch)
+        if len(batch) > 1 and any(v.ndim == 0 or v.shape[0] != rows for v in results.values()):
+            logger.warning("%s: outputs do not follow the batch rows; running alone", self.name)
+            for p in batch:
+                await self._execute([p])
+            return
+        if self.on_batch is not None:
+            self.on_batch(rows, compute)
+        start = 0
+        for p in batch:
+            if not p.future.done():
+                if len(batch) == 1:
+                    out = {n: results[n] for n in p.outputs}
+                else:
+                    out = {n: results[n][start : start + p.rows] for n in p.outputs}
+                p.future.set_result((out, Timing(started - p.arrived, compute, rows)))
+            start += p.rows
+
+    def _run(self, inputs: dict[str, np.ndarray], names: list[str]) -> dict[str, np.ndarray]:
+        try:
+            return self.runtime.run(inputs, names)
+        except ServiceError:
+            raise
+        except Exception as exc:  # onnxruntime's own error types
+            message = first_line(exc)
+            if "INVALID_ARGUMENT" in message or "Invalid" in message:
+                raise BadRequest(f"the model rejected the inputs: {message}") from None
+            logger.exception("inference failed on %s", self.name)
+            raise ServiceError(
+                "inference failed inside onnxruntime; the server log has details"
+            ) from None
+
+
+def _union(lists) -> list[str]:
+    seen: dict[str, None] = {}
+    for names in lists:
+        seen.update(dict.fromkeys(names))
+    return list(seen)
+
+
+def _fail(batch: list[_Pending], exc: BaseException) -> None:
+    for p in batch:
+        if not p.future.done():
+            p.future.set_exception(exc)
