@@ -30,6 +30,7 @@ from torch import fx, nn
 
 from bnfold.branches import merge_branches
 from bnfold.capture import CaptureError, bn_site, fetch_attr, trace
+from bnfold.compose import compose_affine
 from bnfold.patterns import (
     FoldContext,
     Folded,
@@ -129,6 +130,10 @@ def fold_graph(
             changed = True
     if merge:
         folded += _merge(gm, report, names, prefix)
+        for c in compose_affine(gm):
+            c.name, c.layers = prefix + c.name, [prefix + n for n in c.layers]
+            c.into = c.into and prefix + c.into
+            report.compositions.append(c)
     for node in gm.graph.nodes:
         site = bn_site(node, gm)
         if site is not None:
@@ -348,7 +353,8 @@ def fold(
 
     `example_inputs`: a tensor or a tuple of the model's positional inputs, used to capture
     the graph and to prove axes from real shapes. `merge_branches`: after folding, merge sums
-    of parallel conv / BN / identity branches of one input into one conv (branches.py).
+    of parallel conv / BN / identity branches of one input into one conv (branches.py), and
+    compose sequential affine layers when that is cheaper (compose.py).
     """
     inputs = _as_tuple(example_inputs)
     original = copy.deepcopy(model).eval()

@@ -13,6 +13,7 @@ from enum import StrEnum
 __all__ = [
     "Action",
     "BNEntry",
+    "ComposeEntry",
     "FoldReport",
     "MergeEntry",
     "OutputError",
@@ -61,10 +62,26 @@ class MergeEntry:
 
 
 @dataclass
+class ComposeEntry:
+    """Two sequential affine layers (nothing nonlinear between): composed into one, or why not."""
+
+    name: str
+    layers: list[str] = field(default_factory=list)
+    into: str | None = None
+    macs_before: int | None = None  # multiply-adds per output position (per sample: Linear)
+    macs_after: int | None = None
+    reason: str = ""
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
 class FoldReport:
     entries: list[BNEntry] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)  # model-level facts: train mode, capture
     merges: list[MergeEntry] = field(default_factory=list)
+    compositions: list[ComposeEntry] = field(default_factory=list)
 
     def add(self, entry: BNEntry) -> BNEntry:
         self.entries.append(entry)
@@ -90,6 +107,7 @@ class FoldReport:
             "counts": self.counts(),
             "entries": [e.to_dict() for e in self.entries],
             "merges": [m.to_dict() for m in self.merges],
+            "compositions": [c.to_dict() for c in self.compositions],
             "notes": list(self.notes),
         }
 
@@ -111,6 +129,9 @@ class FoldReport:
                 f"{len(self.merges) - len(merged)} left"
             )
         lines += [f"  left sum {m.name}: {m.reason}" for m in self.merges if not m.into]
+        composed = [c for c in self.compositions if c.into]
+        if composed:
+            lines.append(f"Sequential affine layers: {len(composed)} pairs composed into one")
         lines += [f"  kept {e.name} ({e.kind}): {e.reason}" for e in self.kept]
         lines += [f"  note: {n}" for n in self.notes]
         return "\n".join(lines)
