@@ -55,6 +55,8 @@ class FoldResult:
 
 
 def _as_tuple(example_inputs: Any) -> tuple:
+    if isinstance(example_inputs, list):
+        return tuple(example_inputs)
     return example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
 
 
@@ -356,8 +358,17 @@ def fold(
     of parallel conv / BN / identity branches of one input into one conv (branches.py), and
     compose sequential affine layers when that is cheaper (compose.py).
     """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"fold takes a torch.nn.Module, not {type(model).__name__}")
     inputs = _as_tuple(example_inputs)
     original = copy.deepcopy(model).eval()
+    try:
+        with torch.no_grad():
+            original(*inputs)
+    except Exception as exc:  # the caller's inputs, not our pass, are wrong: say so plainly
+        raise ValueError(
+            f"the model does not run on the example inputs ({type(exc).__name__}: {exc})"
+        ) from exc
     flags = {"backward": backward, "forward": forward, "merge": merge_branches}
     module, report = _fold_copy(original, inputs, flags)
     module, report = _precision_guard(original, module, report, inputs, flags)

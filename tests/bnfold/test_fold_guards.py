@@ -106,3 +106,20 @@ def test_report_is_json_serializable():
     data = json.loads(json.dumps(result.report.to_dict()))
     assert data["counts"]["total"] == 2
     assert data["entries"][0]["action"] == "folded_backward"
+
+
+def test_fold_with_inputs_the_model_cannot_run_is_a_clear_error():
+    import pytest
+
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4))
+    with pytest.raises(ValueError, match="does not run on the example inputs"):
+        bnfold.fold(model, (torch.randn(2, 5, 8, 8),))
+    with pytest.raises(TypeError, match="torch.nn.Module"):
+        bnfold.fold("resnet", (torch.randn(1),))
+
+
+def test_fold_accepts_a_single_tensor_or_a_list():
+    model = randomize_bn(nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)))
+    x = torch.randn(2, 3, 6, 6)
+    for inputs in (x, [x]):
+        assert bnfold.fold(model, inputs).report.counts()["folded_backward"] == 1
