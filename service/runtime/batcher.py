@@ -15,6 +15,9 @@ onnxruntime once in a worker thread and slices the outputs back per request.
 3. The queue is bounded: past ``max_queue`` waiting requests, ``infer`` raises 503 with a
    ``Retry-After`` hint instead of growing memory.
 4. A failing batch is re-run request by request, so one bad request fails alone.
+5. The delay is spent only when company is likely: when other requests were already queued or
+   the previous run served several. A lone request on an idle model runs at once, so batching
+   adds nothing to latency at concurrency 1.
 
 The loop runs only while requests wait: a batcher left behind by a redeployment finishes what
 it holds and leaves nothing running.
@@ -105,6 +108,7 @@ class Batcher:
         self._wakeup: asyncio.Event | None = None
         self._loop_task: asyncio.Task | None = None
         self.on_batch = on_batch
+        self._last_requests = 0  # requests in the previous run
 
     @property
     def depth(self) -> int:
@@ -141,7 +145,8 @@ class Batcher:
             if not batch:
                 continue  # only cancelled requests were left
             rows = sum(p.rows for p in batch)
-            if self.policy.enabled and self.policy.max_queue_delay_ms > 0:
+            company = len(batch) > 1 or self._waiting or self._last_requests > 1  # case 5
+            if self.policy.enabled and self.policy.max_queue_delay_ms > 0 and company:
                 deadline = batch[0].arrived + self.policy.max_queue_delay_ms / 1e3
                 while rows < self.policy.max_batch_size:
                     remaining = deadline - time.perf_counter()
@@ -155,6 +160,7 @@ class Batcher:
                     more = self._take(batch[0].key, self.policy.max_batch_size - rows)
                     batch += more
                     rows += sum(p.rows for p in more)
+            self._last_requests = len(batch)
             try:
                 await self._execute(batch)
             except Exception as exc:  # never leave a request hanging

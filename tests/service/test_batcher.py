@@ -71,6 +71,17 @@ def test_batcher_concurrent_requests_share_runs_bit_identical(conv_bn, executor)
     assert sum(runtime.runs) == 19 and max(runtime.runs) <= 8 and len(runtime.runs) < 10
 
 
+def test_batcher_lone_request_on_an_idle_model_is_not_delayed(conv_bn, executor):
+    batcher = Batcher("m", CountingRuntime(conv_bn), policy(delay_ms=2000), executor)
+
+    async def one():
+        t0 = asyncio.get_running_loop().time()
+        await batcher.infer(inputs(1, 0), ["y"])
+        return asyncio.get_running_loop().time() - t0
+
+    assert asyncio.run(one()) < 1.0
+
+
 def test_batcher_off_runs_each_request_alone(conv_bn, executor):
     runtime = CountingRuntime(conv_bn)
     batcher = Batcher("m", runtime, policy(enabled=False), executor)
