@@ -9,11 +9,14 @@ The pass, per BatchNormalization node (subgraphs of If/Loop/Scan included):
    its entry carries every pattern's reason.
 3. Repeat over the whole graph until a round changes nothing: a forward fold into a Conv can
    make the next BN's producer foldable.
+4. With ``merge_branches`` (the default), merge sums of parallel Conv / BN / identity branches
+   of one input into one Conv (``bnfold.onnx.branches``); a BN merged this way is reported
+   as merged into that Conv.
 
 Graph inputs, outputs and their names survive: a folded node takes over the BN output's name.
 A model whose tensors live in external files is read only from an explicit ``base_dir``.
-A graph with nothing to fold comes back as the very object passed in, so a second run is a
-no-op.
+A graph with nothing to fold or merge comes back as the very object passed in, so a second
+run is a no-op.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from dataclasses import dataclass
 import onnx
 import onnx_ir as ir
 
+from bnfold.onnx.branches import merge_branches as merge_branch_sums
 from bnfold.onnx.external_data import load_external_data
 from bnfold.onnx.patterns import BACKWARD, FORWARD
 from bnfold.onnx.patterns.base import FoldContext, Plan, bn_label, is_op, node_label
@@ -140,13 +144,17 @@ def _fold_one(bn: ir.Node, ctx: FoldContext) -> BNEntry:
 
 
 def fold_onnx(
-    model: onnx.ModelProto | str | os.PathLike, *, base_dir: str | os.PathLike | None = None
+    model: onnx.ModelProto | str | os.PathLike,
+    *,
+    base_dir: str | os.PathLike | None = None,
+    merge_branches: bool = True,
 ) -> OnnxFoldResult:
     """Fold every foldable BatchNormalization of `model` (a ModelProto or a path).
 
     `base_dir` is required, and is the only directory read, when the model keeps tensors in
     external data files (ExternalDataError otherwise). The returned model holds all tensors
-    inline.
+    inline. `merge_branches`: after folding, merge sums of parallel branches of one input
+    (RepVGG, MobileOne, ACNet blocks) into one Conv.
     """
     if not isinstance(model, onnx.ModelProto):
         model = onnx.load(os.fspath(model), load_external_data=False)
@@ -178,10 +186,22 @@ def fold_onnx(
         if not changed:
             break
 
-    report = FoldReport(entries=[*folded, *entries.values()])
+    merges = merge_branch_sums(ir_model.graph, ctx) if merge_branches else []  # step 4
+    merged_into = {label: m.into for m in merges if m.into for label in m.branches}
+    for bn in bns:  # the last round's BNs, all kept; a merge removed some of them
+        entry = entries.get(id(bn))
+        if bn.graph is None and entry is not None and entry.name in merged_into:
+            entries[id(bn)] = BNEntry(
+                entry.name,
+                entry.kind,
+                Action.MERGED,
+                targets=[merged_into[entry.name]],
+                reason="a branch of a sum of parallel branches, merged into one conv",
+            )
+    report = FoldReport(entries=[*folded, *entries.values()], merges=merges)
     if any(is_op(n, "BatchNormalization") for f in ir_model.functions.values() for n in f):
         report.notes.append("BatchNormalization inside model-local functions is left intact")
-    if not folded:
+    if not folded and not any(m.into for m in merges):
         return OnnxFoldResult(model, report, False, nodes_before, nodes_before)
     out = ir.to_proto(ir_model)
     return OnnxFoldResult(out, report, True, nodes_before, count_nodes(out))
