@@ -42,7 +42,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        deployed = await run_in_threadpool(store.recover)
+        # a read-only replica must not clean up what the writer has in progress
+        deployed = await run_in_threadpool(
+            store.deployed if settings.store_readonly else store.recover
+        )
         token, created = load_or_create_token(store.root, settings.api_token)
         if created:
             print(
@@ -99,6 +102,16 @@ async def _warm_up(app: FastAPI, handlers: ModelService, deployed) -> None:
     state.not_ready_reason = "loading the deployed models"
     await run_in_threadpool(handlers.load, deployed)
     store = handlers.store
+    if handlers.settings.store_readonly:
+        state.ready = True
+        state.not_ready_reason = ""
+        logger.info("ready (read-only store): %d model(s) loaded", len(handlers.registry.all()))
+        while True:  # follow the writer's deployments
+            await asyncio.sleep(max(0.1, handlers.settings.store_poll_s))
+            try:
+                await run_in_threadpool(handlers.sync)
+            except OSError as exc:
+                logger.error("store: cannot read the shared store: %s", exc)
     if store.is_fresh():
         if handlers.settings.deploy_defaults:
             state.not_ready_reason = "deploying the default models"

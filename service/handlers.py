@@ -18,7 +18,7 @@ from typing import Any
 
 from starlette.concurrency import run_in_threadpool
 
-from service.errors import NotFound, ServiceError, Unprocessable, first_line
+from service.errors import Forbidden, NotFound, ServiceError, Unprocessable, first_line
 from service.ingest import Ingestor, IngestResult
 from service.metrics import ServiceMetrics
 from service.protocol import v2
@@ -74,7 +74,7 @@ class ModelService:
         self.store = store
         self.registry = registry
         self.metrics = metrics
-        self.sessions = SessionFactory(settings.require_gpu)
+        self.sessions = SessionFactory(settings.require_gpu, settings.intra_op_threads)
         self.ingestor = Ingestor(settings)
         # onnxruntime runs off the event loop; each model's batcher has one run at a time
         self.executor = ThreadPoolExecutor(max_workers=8, thread_name_prefix="onnxruntime")
@@ -126,8 +126,32 @@ class ModelService:
             if isinstance(exc, Exception)
         ]
 
+    def sync(self) -> None:
+        """A read-only replica follows the writer: load new current versions, drop deleted."""
+        current = {m.name: m for m in self.store.deployed()}
+        for name, stored in current.items():
+            loaded = self.registry.find(name)
+            if loaded is None or loaded.version != stored.version:
+                try:
+                    self.registry.put(self._load(stored))
+                    logger.info("store: now serving %s version %s", name, stored.version)
+                except (ModelLoadError, ServiceError) as exc:
+                    logger.error("store: cannot load %s %s: %s", name, stored.version, exc)
+        for model in self.registry.all():
+            if model.name not in current:
+                self.registry.remove(model.name)
+                logger.info("store: %s was deleted", model.name)
+
+    def _writable(self) -> None:
+        if self.settings.store_readonly:
+            raise Forbidden(
+                "this replica serves the shared store read-only (BNFOLD_STORE_READONLY); "
+                "deploy and delete through the writer replica"
+            )
+
     # -- management --------------------------------------------------------------------------
     async def deploy(self, request: UploadRequest) -> LoadedModel:
+        self._writable()
         validate_name(request.name)
         result = await self.ingestor.run(request.upload.parent, request.job())
         return await self._commit(request.name, result, request.batching)
@@ -174,6 +198,7 @@ class ModelService:
         return model
 
     async def delete(self, name: str) -> None:
+        self._writable()
         validate_name(name)
         lock = self._name_locks.setdefault(name, asyncio.Lock())
         async with lock:

@@ -27,6 +27,9 @@ class Settings:
     api_token: str | None = None  # None: read from the store, or generate one there
     require_gpu: bool = False  # refuse to start / deploy when CUDA is not the provider in use
     deploy_defaults: bool = True  # a fresh store gets the zoo's default models
+    # replicas sharing one store: one writer; the others read it and follow its deployments
+    store_readonly: bool = False  # never write the store; refuse uploads and deletes (403)
+    store_poll_s: float = 5.0  # a read-only replica re-reads the store this often
     log_level: str = "info"  # debug, info, warning, error
     log_format: str = "text"  # or json: one object per line (the container's default)
 
@@ -40,6 +43,7 @@ class Settings:
     dynamic_batching: bool = True  # off: every request is its own onnxruntime run
     max_queue_delay_ms: float = 1.0  # how long a request may wait for others to join it
     max_queue: int = 128  # infer requests waiting per model; beyond it, 503 with Retry-After
+    intra_op_threads: int = 0  # onnxruntime threads per run; 0: its default (physical cores)
 
     # the ingest worker: one process per upload, with resource limits
     worker_timeout_s: float = 300.0  # wall clock

@@ -177,6 +177,19 @@ class ModelStore:
             deployed.append(model)
         return deployed
 
+    def deployed(self) -> list[StoredModel]:
+        """The current models, read without changing anything (for read-only replicas, which
+        must not clean up a deployment the writer has in progress)."""
+        out = []
+        for name in self.names() if self.models_dir.is_dir() else []:
+            try:
+                model = self.get(name)
+            except (NotFound, FileNotFoundError, json.JSONDecodeError):
+                continue  # being written or deleted by the writer right now
+            if model.model_path.is_file():
+                out.append(model)
+        return out
+
     def is_fresh(self) -> bool:
         """True for a store that never held anything (the first start)."""
         return not (self.root / "initialized").exists()

@@ -47,6 +47,9 @@ class ModelRegistry:
             raise NotFound(f"model {name!r} is not deployed")
         return model
 
+    def find(self, name: str) -> LoadedModel | None:
+        return self._models.get(name)
+
     def put(self, model: LoadedModel) -> None:
         with self._lock:
             self._models[model.name] = model

@@ -78,8 +78,9 @@ class SessionFactory:
     the same way, and logging the same errors, for every model.
     """
 
-    def __init__(self, require_gpu: bool = False) -> None:
+    def __init__(self, require_gpu: bool = False, intra_op_threads: int = 0) -> None:
         self.require_gpu = require_gpu
+        self.intra_op_threads = intra_op_threads
         self._cuda_usable: bool | None = None  # unknown until a session tells
         self._lock = threading.Lock()
 
@@ -88,6 +89,7 @@ class SessionFactory:
 
         options = ort.SessionOptions()
         options.log_severity_level = 3  # a fallback is detected below, not read from logs
+        options.intra_op_num_threads = max(0, self.intra_op_threads)
         session = None
         with self._lock:
             if self._cuda_usable is None and CUDA not in ort.get_available_providers():
