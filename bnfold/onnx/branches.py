@@ -10,7 +10,8 @@ the sum is one Conv whose kernel and bias ``bnfold.numerics.merge_branch_kernels
 Cases, each a guard below:
 1. Only the root of a tree of Add / Sum nodes, of at least two terms, one a Conv. Interior
    sums and the terms have no other consumer and are no graph output; the root's output
-   keeps its name (the merged Conv produces it).
+   keeps its name (the merged Conv produces it). A constant 0 term is dropped. A tree that
+   does not merge as a whole may hold sub-sums that do (a residual add around a block).
 2. Every term reads the same input x; nodes of the tree live in the root's graph.
 3. Convs have constant W (and B), no auto_pad, the same strides, dilations, group and
    channels.
@@ -105,6 +106,14 @@ class _SumTree:
     zeros: list[ir.Value]  # constant zero terms, dropped
 
 
+def _inner_sum(value: ir.Value, root: ir.Node) -> ir.Node | None:
+    """The sum computing `value` when it belongs to the tree of `root` (read only there)."""
+    producer = value.producer()
+    if _is_sum(producer) and producer.graph is root.graph:
+        return producer if FoldContext.sole_consumer(value) is None else None
+    return None
+
+
 def _sum_tree(root: ir.Node, ctx: FoldContext) -> _SumTree:
     tree = _SumTree(root, [], [root], [])
     stack = list(reversed(root.inputs))
@@ -113,11 +122,7 @@ def _sum_tree(root: ir.Node, ctx: FoldContext) -> _SumTree:
         producer = value.producer()
         if _is_zero(value, ctx):
             tree.zeros.append(value)
-        elif (
-            _is_sum(producer)
-            and producer.graph is root.graph
-            and FoldContext.sole_consumer(value) is None
-        ):
+        elif _inner_sum(value, root) is not None:
             tree.interior.append(producer)
             stack.extend(reversed(producer.inputs))
         else:
@@ -299,28 +304,37 @@ def _replace_sum(tree: _SumTree, nodes: list[ir.Node], merged: ir.Node, ctx: Fol
     out.name, out.shape, out.type = name, shape, type_ or merged.inputs[0].type
 
 
+def _merge_tree(root: ir.Node, ctx: FoldContext) -> list[MergeEntry]:
+    """Merge the tree under `root`; when it does not merge as a whole, merge its sub-sums (a
+    RepGhost sum inside a residual add) and try `root` again. Entries of the merged sums and
+    of `root`: a sub-sum that does not merge either is not reported on its own."""
+    outcome = _try_merge(root, ctx)
+    merged: list[MergeEntry] = []
+    if outcome is None or outcome[1] is None:
+        for child in [c for v in root.inputs if (c := _inner_sum(v, root)) is not None]:
+            merged += [e for e in _merge_tree(child, ctx) if e.into]
+        if merged:
+            outcome = _try_merge(root, ctx)
+    if outcome is None:
+        return merged
+    entry, apply = outcome
+    if apply is not None:
+        entry.into = apply()
+    return [*merged, entry]
+
+
 def merge_branches(graph: ir.Graph, ctx: FoldContext) -> list[MergeEntry]:
     """Merge every reparameterizable sum in `graph` and its subgraphs, in place; one entry
     per candidate, with `into` set when merged and `reason` when not."""
-    entries = []
+    entries: list[MergeEntry] = []
     sums = [n for n in ir.traversal.RecursiveGraphIterator(graph) if _is_sum(n)]
     for node in sums:
         if node.graph is None:  # an interior sum of a tree merged before
             continue
         # only the root of a tree: a sum feeding only another sum is part of that one's tree
         uses = node.outputs[0].uses()
-        if (
-            len(uses) == 1
-            and not node.outputs[0].is_graph_output()
-            and _is_sum(uses[0].node)
-            and uses[0].node.graph is node.graph
-        ):
-            continue
-        outcome = _try_merge(node, ctx)
-        if outcome is None:
-            continue
-        entry, apply = outcome
-        if apply is not None:
-            entry.into = apply()
-        entries.append(entry)
+        if len(uses) == 1 and _is_sum(uses[0].node):
+            if _inner_sum(node.outputs[0], uses[0].node) is not None:
+                continue
+        entries += _merge_tree(node, ctx)
     return entries

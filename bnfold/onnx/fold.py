@@ -9,9 +9,10 @@ The pass, per BatchNormalization node (subgraphs of If/Loop/Scan included):
    its entry carries every pattern's reason.
 3. Repeat over the whole graph until a round changes nothing: a forward fold into a Conv can
    make the next BN's producer foldable.
-4. With ``merge_branches`` (the default), merge sums of parallel Conv / BN / identity branches
-   of one input into one Conv (``bnfold.onnx.branches``); a BN merged this way is reported
-   as merged into that Conv.
+4. With ``merge_branches`` (the default), then merge sums of parallel Conv / BN / identity
+   branches of one input into one Conv (``bnfold.onnx.branches``); a BN merged this way is
+   reported as merged into that Conv. If a sum merged, go back to step 3: a BN after the sum
+   now follows a Conv.
 
 Graph inputs, outputs and their names survive: a folded node takes over the BN output's name.
 A model whose tensors live in external files is read only from an explicit ``base_dir``.
@@ -32,7 +33,7 @@ from bnfold.onnx.branches import merge_branches as merge_branch_sums
 from bnfold.onnx.external_data import load_external_data
 from bnfold.onnx.patterns import BACKWARD, FORWARD
 from bnfold.onnx.patterns.base import FoldContext, Plan, bn_label, is_op, node_label
-from bnfold.report import Action, BNEntry, FoldReport
+from bnfold.report import Action, BNEntry, FoldReport, MergeEntry
 
 __all__ = ["OnnxFoldResult", "count_nodes", "fold_onnx"]
 
@@ -143,6 +144,21 @@ def _fold_one(bn: ir.Node, ctx: FoldContext) -> BNEntry:
     return BNEntry(label, "BatchNormalization", Action.KEPT, reason="; ".join(reasons))
 
 
+def _merged_bns(
+    bns: list[ir.Node], kept: dict[int, BNEntry], merges: list[MergeEntry]
+) -> list[BNEntry]:
+    """Step 4: the kept BNs that a merge removed, as merged into its Conv (out of `kept`)."""
+    into = {label: m.into for m in merges if m.into for label in m.branches}
+    out = []
+    for bn in bns:
+        entry = kept.get(id(bn))
+        if bn.graph is None and entry is not None and entry.name in into:
+            del kept[id(bn)]
+            reason = "a branch of a sum of parallel branches, merged into one conv"
+            out.append(BNEntry(entry.name, entry.kind, Action.MERGED, [into[entry.name]], reason))
+    return out
+
+
 def fold_onnx(
     model: onnx.ModelProto | str | os.PathLike,
     *,
@@ -165,7 +181,9 @@ def fold_onnx(
 
     entries: dict[int, BNEntry] = {}  # kept BNs by node identity, latest reason
     folded: list[BNEntry] = []
-    for _round in range(nodes_before + 1):  # step 3; each round folds at least one BN
+    merged: list[MergeEntry] = []
+    left: list[MergeEntry] = []  # sums the last merge pass could not merge
+    for _round in range(nodes_before + 1):  # steps 3, 4; each round folds or merges something
         changed = False
         bns = [
             n
@@ -183,25 +201,23 @@ def fold_onnx(
                 folded.append(entry)
                 changed = True
                 logger.debug("folded %s %s into %s", entry.name, entry.action, entry.targets)
-        if not changed:
+        if changed:
+            continue
+        if not merge_branches:
             break
+        merges = merge_branch_sums(ir_model.graph, ctx)
+        merged += [m for m in merges if m.into]
+        left = [m for m in merges if not m.into]
+        if len(left) == len(merges):
+            break
+        # a BN after a merged sum now follows a Conv: back to step 3 (RepViT's
+        # BN(conv(x) + conv1x1(x) + x))
+        folded += _merged_bns(bns, entries, merges)
 
-    merges = merge_branch_sums(ir_model.graph, ctx) if merge_branches else []  # step 4
-    merged_into = {label: m.into for m in merges if m.into for label in m.branches}
-    for bn in bns:  # the last round's BNs, all kept; a merge removed some of them
-        entry = entries.get(id(bn))
-        if bn.graph is None and entry is not None and entry.name in merged_into:
-            entries[id(bn)] = BNEntry(
-                entry.name,
-                entry.kind,
-                Action.MERGED,
-                targets=[merged_into[entry.name]],
-                reason="a branch of a sum of parallel branches, merged into one conv",
-            )
-    report = FoldReport(entries=[*folded, *entries.values()], merges=merges)
+    report = FoldReport(entries=[*folded, *entries.values()], merges=[*merged, *left])
     if any(is_op(n, "BatchNormalization") for f in ir_model.functions.values() for n in f):
         report.notes.append("BatchNormalization inside model-local functions is left intact")
-    if not folded and not any(m.into for m in merges):
+    if not folded and not merged:
         return OnnxFoldResult(model, report, False, nodes_before, nodes_before)
     out = ir.to_proto(ir_model)
     return OnnxFoldResult(out, report, True, nodes_before, count_nodes(out))

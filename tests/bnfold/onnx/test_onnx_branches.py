@@ -128,6 +128,36 @@ def test_constant_zero_term_is_dropped():
     assert op_types(result.model) == ["Conv"] and len(result.model.graph.initializer) == 2
 
 
+def test_bn_after_a_merged_sum_folds_into_the_merged_conv():
+    # RepViT: BN(conv3x3(x) + conv1x1(x) + x); the BN follows a Conv only after the merge
+    g = _graph((4, 4, 3, 3, PAD1), (4, 4, 1, 1, {}))
+    g.node("Sum", ["c0", "c1", "x"], ["s"])
+    g.bn("s", "y", 4)
+    model = g.model({"x": ["N", 4, 5, 5]}, {"y": ["N", 4, 5, 5]})
+
+    result = _fold_and_verify(model)
+
+    assert op_types(result.model) == ["Conv"]
+    assert [e.action for e in result.report.entries] == [Action.FOLDED_BACKWARD]
+
+
+def test_sum_inside_a_residual_add_merges_on_its_own():
+    # RepGhost: x + (conv3x3(h) + conv1x1(h)); the whole tree is no block, its sub-sum is
+    g = GraphBuilder()
+    g.node("Relu", ["x"], ["h"])
+    g.node("Conv", ["h", g.weight("w0", 4, 4, 3, 3)], ["c0"], pads=[1, 1, 1, 1])
+    g.node("Conv", ["h", g.weight("w1", 4, 4, 1, 1)], ["c1"])
+    g.node("Add", ["c0", "c1"], ["s"])
+    g.node("Add", ["x", "s"], ["y"])
+    model = g.model({"x": ["N", 4, 5, 5]}, {"y": ["N", 4, 5, 5]})
+
+    result = _fold_and_verify(model)
+
+    assert op_types(result.model) == ["Relu", "Conv", "Add"]
+    (merge,) = result.report.merges
+    assert merge.into is not None and merge.branches == ["conv_1", "conv_2"]
+
+
 STRIDE2 = {"strides": [2, 2]}
 
 
@@ -200,7 +230,7 @@ def test_timm_reparameterizable_models_end_as_timm_reparameterizes_them(name):
     # distinct statistics: the TorchScript exporter shares equal initializers (fresh BNs all
     # have mean 0) through Identity nodes, which are not constants to fold_onnx
     model = randomize_bn(timm.create_model(name, pretrained=False))
-    x = torch.randn(1, 3, 64, 64)
+    x = torch.randn(1, 3, 32, 32)  # 1x1 after the last stage: convs cost little
     original = _export_torchscript(model, x)
     reference = _export_torchscript(timm.utils.reparameterize_model(model, inplace=True), x)
 
