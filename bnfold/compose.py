@@ -22,10 +22,10 @@ from __future__ import annotations
 import copy
 import math
 
-import torch
 from torch import fx, nn
 
 from bnfold.capture import fetch_attr, is_shape_only
+from bnfold.numerics import compose_conv1x1_then_conv, compose_linear
 from bnfold.patterns.bn_consumer import is_eval_identity
 from bnfold.report import ComposeEntry
 
@@ -54,13 +54,8 @@ def _producer(node: fx.Node, gm: fx.GraphModule) -> tuple[fx.Node, list[fx.Node]
 
 
 def _linear_pair(first: nn.Linear, second: nn.Linear):
-    w1, w2 = first.weight.detach().double(), second.weight.detach().double()
-    b1 = torch.zeros(w1.shape[0], dtype=torch.float64) if first.bias is None else first.bias
-    b2 = torch.zeros(w2.shape[0], dtype=torch.float64) if second.bias is None else second.bias
-    weight = w2 @ w1
-    bias = w2 @ b1.detach().double() + b2.detach().double()
-    before = w1.numel() + w2.numel()
-    return weight, bias, before, weight.numel()
+    weight, bias = compose_linear(first.weight, first.bias, second.weight, second.bias)
+    return weight, bias, first.weight.numel() + second.weight.numel(), weight.numel()
 
 
 def _conv_pair(first: nn.Module, second: nn.Module) -> tuple | str:
@@ -78,17 +73,10 @@ def _conv_pair(first: nn.Module, second: nn.Module) -> tuple | str:
     b1 = first.bias
     if zero_pad and second.padding_mode == "zeros" and b1 is not None and bool(b1.any()):
         return "the second conv pads with zeros and the 1x1 has a bias: inexact at the borders"
-    w1 = first.weight.detach().double().flatten(1)  # [m, i]
-    w2 = second.weight.detach().double()  # [o, m, *k]
-    weight = torch.einsum("om...,mi->oi...", w2, w1)
-    bias = torch.zeros(w2.shape[0], dtype=torch.float64)
-    if second.bias is not None:
-        bias += second.bias.detach().double()
-    if b1 is not None:
-        bias += torch.einsum("om...,m->o", w2, b1.detach().double())
+    weight, bias = compose_conv1x1_then_conv(first.weight, b1, second.weight, second.bias)
     k = math.prod(second.kernel_size)
-    before = w1.shape[0] * w1.shape[1] + w2.shape[0] * w2.shape[1] * k
-    return weight, bias, before, weight.shape[0] * weight.shape[1] * k
+    mid, cin, cout = first.out_channels, first.in_channels, second.out_channels
+    return weight, bias, cin * mid + mid * cout * k, cin * cout * k
 
 
 def _try(node: fx.Node, gm: fx.GraphModule) -> tuple[ComposeEntry, callable | None] | None:

@@ -28,6 +28,8 @@ __all__ = [
     "KernelLayout",
     "merged_kernel_layout",
     "merge_branch_kernels",
+    "compose_linear",
+    "compose_conv1x1_then_conv",
 ]
 
 
@@ -202,4 +204,38 @@ def merge_branch_kernels(
             weight[(channels, channels % in_per_group, *offset)] += diag.to(torch.float64)
         if b is not None:
             bias += b.detach().to(torch.float64)
+    return weight, bias
+
+
+def compose_linear(
+    w1: Tensor, b1: Tensor | None, w2: Tensor, b2: Tensor | None
+) -> tuple[Tensor, Tensor]:
+    """y = W2 (W1 x + b1) + b2 as one affine map: (W2 W1, W2 b1 + b2), in float64.
+
+    Weights are [out, in] (Linear / Gemm with transB=1 layout)."""
+    w1, w2 = w1.detach().to(torch.float64), w2.detach().to(torch.float64)
+    bias = torch.zeros(w2.shape[0], dtype=torch.float64)
+    if b1 is not None:
+        bias += w2 @ b1.detach().to(torch.float64)
+    if b2 is not None:
+        bias += b2.detach().to(torch.float64)
+    return w2 @ w1, bias
+
+
+def compose_conv1x1_then_conv(
+    w1: Tensor, b1: Tensor | None, w2: Tensor, b2: Tensor | None
+) -> tuple[Tensor, Tensor]:
+    """A 1x1 conv (W1 [m, i, 1...], b1) followed by a conv (W2 [o, m, *k], b2), both groups 1,
+    as one conv: W[o, i, k] = sum_m W2[o, m, k] W1[m, i], b = b2 + sum_{m,k} W2[o, m, k] b1[m].
+
+    Exact only where the second conv reads no zero padding, or b1 == 0: the composed conv
+    pads x with zeros, which the 1x1 would have mapped to b1 (callers check)."""
+    w1 = w1.detach().to(torch.float64).flatten(1)
+    w2 = w2.detach().to(torch.float64)
+    weight = torch.einsum("om...,mi->oi...", w2, w1)
+    bias = torch.zeros(w2.shape[0], dtype=torch.float64)
+    if b2 is not None:
+        bias += b2.detach().to(torch.float64)
+    if b1 is not None:
+        bias += torch.einsum("om...,m->o", w2, b1.detach().to(torch.float64))
     return weight, bias
