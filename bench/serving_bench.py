@@ -1,0 +1,281 @@
+"""Serving benchmark: the bnfold service against in-process onnxruntime and a hand-written
+FastAPI endpoint (``bench/plain_endpoint.py``), on a small MLP and a ResNet-18 at 224x224.
+
+For each model: the original graph is uploaded through ``POST /v1/models`` (folded, verified,
+deployed), then the folded graph is served three ways and loaded with ``bench/load.py`` at each
+concurrency, binary and JSON, with dynamic batching on and off. In-process onnxruntime runs the
+same folded graph: batch-1 latency, and throughput at batch 1..64 (its best is the bar for the
+service's throughput). A soak at concurrency 32 samples the server's resident memory.
+
+    .venv/bin/python bench/serving_bench.py --duration 5 --soak 120 \\
+        --out bench/results/serving.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from load import plain_request, run_load, v2_request  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+TOKEN = "bench-token-0123456789"
+CONCURRENCY = (1, 8, 32, 64)
+
+
+def export_models(work: Path) -> dict[str, tuple[Path, list[int]]]:
+    """Original (unfolded) ONNX graphs: the zoo's MLP, and torchvision's ResNet-18."""
+    import torch
+    import torchvision
+
+    import bnfold
+    import models
+
+    out = {}
+    mlp = work / "mlp.onnx"
+    if not mlp.exists():
+        (x,) = models.example_inputs("mlp_bn_after_act", batch=2)
+        graph = bnfold.export_onnx(
+            models.build("mlp_bn_after_act").eval(), (x,), dynamic_batch=True
+        )
+        mlp.write_bytes(graph.SerializeToString())
+    out["mlp"] = (mlp, [1, *models.input_shapes("mlp_bn_after_act")[0][1:]])
+    resnet = work / "resnet18.onnx"
+    if not resnet.exists():
+        torch.manual_seed(0)
+        net = torchvision.models.resnet18(num_classes=1000).eval()
+        with torch.no_grad():
+            graph = bnfold.export_onnx(net, (torch.randn(2, 3, 224, 224),), dynamic_batch=True)
+        resnet.write_bytes(graph.SerializeToString())
+    out["resnet18"] = (resnet, [1, 3, 224, 224])
+    return out
+
+
+class Proc:
+    def __init__(self, command: list[str], env: dict[str, str], log: Path, url: str) -> None:
+        self.url = url
+        full_env = {k: v for k, v in os.environ.items() if not k.startswith("BNFOLD_")}
+        full_env.update(env, PYTHONPATH=str(ROOT))
+        self.proc = subprocess.Popen(
+            command, env=full_env, cwd=ROOT, stdout=open(log, "ab"), stderr=subprocess.STDOUT
+        )
+
+    def wait(self, path: str, timeout: float = 180) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            assert self.proc.poll() is None, "server exited"
+            try:
+                if httpx.get(self.url + path, timeout=2).status_code < 500:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.2)
+        raise TimeoutError(self.url)
+
+    def rss_mib(self) -> float:
+        for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+        return float("nan")
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(20)
+
+
+def start_service(work: Path, port: int, batching: bool, **extra: str) -> Proc:
+    env = {
+        **extra,
+        "BNFOLD_STORE": str(work / "store"),
+        "BNFOLD_PORT": str(port),
+        "BNFOLD_API_TOKEN": TOKEN,
+        "BNFOLD_DEPLOY_DEFAULTS": "0",
+        "BNFOLD_DYNAMIC_BATCHING": "1" if batching else "0",
+    }
+    command = [sys.executable, "-m", "service", "--log-level", "warning"]
+    proc = Proc(command, env, work / "service.log", f"http://127.0.0.1:{port}")
+    proc.wait("/v2/health/ready")
+    return proc
+
+
+def in_process(model: Path, shape: list[int], duration: float) -> dict:
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(model), providers=["CPUExecutionProvider"])
+    name = session.get_inputs()[0].name
+    rng = np.random.default_rng(0)
+    result: dict = {"throughput_rows_per_s": {}}
+    for batch in CONCURRENCY:
+        x = rng.standard_normal([batch, *shape[1:]]).astype(np.float32)
+        session.run(None, {name: x})
+        times = []
+        stop = time.perf_counter() + duration
+        while time.perf_counter() < stop:
+            t0 = time.perf_counter()
+            session.run(None, {name: x})
+            times.append(time.perf_counter() - t0)
+        rows = batch * len(times) / sum(times)
+        result["throughput_rows_per_s"][batch] = round(rows, 1)
+        if batch == 1:
+            times.sort()
+            result["p50_ms"] = round(statistics.median(times) * 1e3, 3)
+            result["p99_ms"] = round(times[int(len(times) * 0.99)] * 1e3, 3)
+    result["best_batch_rows_per_s"] = max(result["throughput_rows_per_s"].values())
+    return result
+
+
+def sweep(url, path, headers, body, target, encoding, duration, max_requests) -> list[dict]:
+    rows = []
+    for c in CONCURRENCY:
+        r = asyncio.run(
+            run_load(url, path, headers, body, c, duration, max_requests, target, encoding)
+        )
+        print(json.dumps(r.to_dict()), flush=True)
+        rows.append(r.to_dict())
+    return rows
+
+
+def render(report: dict) -> str:
+    """The markdown tables of docs/BENCHMARKS.md from a results file."""
+    lines = []
+    for name, entry in report["models"].items():
+        ort = entry["in_process"]
+        lines += [
+            f"**{name}** (input {'x'.join(map(str, entry['input_shape']))}; fold: "
+            f"{entry['fold'].get('total', 0)} BN, {entry['fold'].get('kept', 0)} kept). "
+            f"In-process onnxruntime: batch 1 p50 {ort['p50_ms']:.3f} ms, p99 "
+            f"{ort['p99_ms']:.3f} ms; rows/s by batch "
+            + ", ".join(f"{b}: {v:,.0f}" for b, v in ort["throughput_rows_per_s"].items())
+            + f" (best {ort['best_batch_rows_per_s']:,.0f}).",
+            "",
+            "| server | tensors | conc. | requests | failed | p50 ms | p99 ms | req/s |",
+            "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+        ]
+        for c in entry["cells"]:
+            lines.append(
+                f"| {c['target']} | {c['encoding']} | {c['concurrency']} | {c['requests']} | "
+                f"{c['failures']} | {c['p50_ms']:.2f} | {c['p99_ms']:.2f} | "
+                f"{c['throughput_rps']:,.1f} |"
+            )
+        lines.append("")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--render", help="print the markdown tables of a results file and exit")
+    p.add_argument("--work", default="/tmp/bnfold-serving")
+    p.add_argument("--duration", type=float, default=5.0, help="seconds per cell")
+    p.add_argument("--max-requests", type=int, default=50_000)
+    p.add_argument("--soak", type=float, default=120.0, help="seconds; 0 to skip")
+    p.add_argument("--out", default=str(ROOT / "bench/results/serving.json"))
+    args = p.parse_args()
+    if args.render:
+        print(render(json.loads(Path(args.render).read_text())))
+        return
+    work = Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
+    originals = export_models(work)
+    report: dict = {
+        "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, {platform.platform()}",
+        "load_average_at_start": os.getloadavg(),
+        "duration_per_cell_s": args.duration,
+        "models": {},
+    }
+
+    service = start_service(work, 18000, batching=True)
+    with httpx.Client(base_url=service.url, timeout=600) as api:
+        api.headers["Authorization"] = f"Bearer {TOKEN}"
+        for name, (path, shape) in originals.items():
+            if api.get(f"/v1/models/{name}").status_code != 200:
+                r = api.post(
+                    "/v1/models",
+                    data={"name": name, "input_shape": json.dumps([2, *shape[1:]])},
+                    files={"file": (path.name, path.read_bytes())},
+                )
+                r.raise_for_status()
+            record = api.get(f"/v1/models/{name}").json()
+            folded = work / f"{name}.folded.onnx"
+            folded.write_bytes(api.get(f"/v1/models/{name}/onnx").content)
+            report["models"][name] = {
+                "input_shape": shape,
+                "fold": record["fold_report"]["counts"],
+                "savings": record.get("savings"),
+                "input_name": record["inputs"][0]["name"],
+            }
+    service.stop()
+
+    for name, (_, shape) in originals.items():
+        entry = report["models"][name]
+        x = np.random.default_rng(0).standard_normal(shape).astype(np.float32)
+        print(f"== {name} in-process onnxruntime", flush=True)
+        entry["in_process"] = in_process(work / f"{name}.folded.onnx", shape, args.duration)
+        print(json.dumps(entry["in_process"]), flush=True)
+        cells = entry["cells"] = []
+        for batching in (True, False):
+            service = start_service(work, 18000, batching)
+            for encoding in ("binary", "json") if batching else ("binary",):
+                label = f"bnfold batching {'on' if batching else 'off'}"
+                print(f"== {name} {label} {encoding}", flush=True)
+                req = v2_request(name, entry["input_name"], x, encoding)
+                cells += sweep(service.url, *req, label, encoding, args.duration, args.max_requests)
+            service.stop()
+        plain = Proc(
+            [sys.executable, "bench/plain_endpoint.py", str(work / f"{name}.folded.onnx"),
+             "--port", "18100"],
+            {}, work / "plain.log", "http://127.0.0.1:18100",
+        )  # fmt: skip
+        plain.wait("/docs")
+        for encoding in ("binary", "json"):
+            print(f"== {name} plain endpoint {encoding}", flush=True)
+            req = plain_request(x, encoding)
+            cells += sweep(
+                plain.url, *req, "plain FastAPI", encoding, args.duration, args.max_requests
+            )
+        plain.stop()
+
+    if args.soak > 0:
+        name = "resnet18"
+        x = np.random.default_rng(0).standard_normal([1, 3, 224, 224]).astype(np.float32)
+        service = start_service(work, 18000, batching=True)
+        samples: list[tuple[float, float]] = []
+        done = threading.Event()
+
+        def sample() -> None:
+            t0 = time.monotonic()
+            while not done.wait(5):
+                samples.append((round(time.monotonic() - t0, 1), round(service.rss_mib(), 1)))
+
+        sampler = threading.Thread(target=sample)
+        sampler.start()
+        req = v2_request(name, report["models"][name]["input_name"], x, "binary")
+        print(f"== soak {name} concurrency 32 for {args.soak:g} s", flush=True)
+        result = asyncio.run(
+            run_load(service.url, *req, 32, args.soak, 10**9, "bnfold batching on", "binary")
+        )
+        done.set()
+        sampler.join()
+        service.stop()
+        report["soak"] = {"model": name, **result.to_dict(), "rss_mib": samples}
+        print(json.dumps(report["soak"]), flush=True)
+
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(report, indent=1))
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
