@@ -13,6 +13,9 @@ The pass, per BatchNormalization node (subgraphs of If/Loop/Scan included):
    branches of one input into one Conv (``bnfold.onnx.branches``); a BN merged this way is
    reported as merged into that Conv. If a sum merged, go back to step 3: a BN after the sum
    now follows a Conv.
+5. With ``merge_branches`` too, compose sequential affine layers (Gemm / MatMul -> Gemm /
+   MatMul, 1x1 Conv -> Conv) into one where that is exact and cheaper
+   (``bnfold.onnx.compose``): the BN between them may have just folded away.
 
 Graph inputs, outputs and their names survive: a folded node takes over the BN output's name.
 A model whose tensors live in external files is read only from an explicit ``base_dir``.
@@ -30,10 +33,11 @@ import onnx
 import onnx_ir as ir
 
 from bnfold.onnx.branches import merge_branches as merge_branch_sums
+from bnfold.onnx.compose import compose_affine
 from bnfold.onnx.external_data import load_external_data
 from bnfold.onnx.patterns import BACKWARD, FORWARD
 from bnfold.onnx.patterns.base import FoldContext, Plan, bn_label, is_op, node_label
-from bnfold.report import Action, BNEntry, FoldReport, MergeEntry
+from bnfold.report import Action, BNEntry, ComposeEntry, FoldReport, MergeEntry
 
 __all__ = ["OnnxFoldResult", "count_nodes", "fold_onnx"]
 
@@ -170,7 +174,8 @@ def fold_onnx(
     `base_dir` is required, and is the only directory read, when the model keeps tensors in
     external data files (ExternalDataError otherwise). The returned model holds all tensors
     inline. `merge_branches`: after folding, merge sums of parallel branches of one input
-    (RepVGG, MobileOne, ACNet blocks) into one Conv.
+    (RepVGG, MobileOne, ACNet blocks) into one Conv, and compose sequential affine layers
+    into one where that is cheaper.
     """
     if not isinstance(model, onnx.ModelProto):
         model = onnx.load(os.fspath(model), load_external_data=False)
@@ -214,10 +219,17 @@ def fold_onnx(
         # BN(conv(x) + conv1x1(x) + x))
         folded += _merged_bns(bns, entries, merges)
 
-    report = FoldReport(entries=[*folded, *entries.values()], merges=[*merged, *left])
+    compositions: list[ComposeEntry] = []
+    if merge_branches:  # step 5
+        compositions = compose_affine(ir_model.graph, ctx)
+    report = FoldReport(
+        entries=[*folded, *entries.values()],
+        merges=[*merged, *left],
+        compositions=compositions,
+    )
     if any(is_op(n, "BatchNormalization") for f in ir_model.functions.values() for n in f):
         report.notes.append("BatchNormalization inside model-local functions is left intact")
-    if not folded and not merged:
+    if not folded and not merged and not any(c.into for c in compositions):
         return OnnxFoldResult(model, report, False, nodes_before, nodes_before)
     out = ir.to_proto(ir_model)
     return OnnxFoldResult(out, report, True, nodes_before, count_nodes(out))
