@@ -48,7 +48,7 @@ from bnfold.onnx.patterns.base import (
     node_label,
     to_torch64,
 )
-from bnfold.onnx.patterns.bn_consumer import _dropout_reason
+from bnfold.onnx.patterns.bn_consumer import dropout_reason
 from bnfold.report import ComposeEntry
 
 __all__ = ["compose_affine"]
@@ -170,7 +170,7 @@ def _first(second: _Layer, ctx: FoldContext) -> tuple[_Layer, list[ir.Node]] | N
     between: list[ir.Node] = []
     value = second.x
     node = value.producer()
-    while is_op(node, "Identity") or (is_op(node, "Dropout") and not _dropout_reason(node, ctx)):
+    while is_op(node, "Identity") or (is_op(node, "Dropout") and not dropout_reason(node, ctx)):
         between.append(node)
         value = node.inputs[0]
         node = value.producer()

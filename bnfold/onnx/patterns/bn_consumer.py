@@ -81,7 +81,7 @@ def _flatten_reason(node: ir.Node, ctx: FoldContext, bn_input: ir.Value) -> str 
     return f"{node_label(node)}: reshapes to {shape.tolist()}, which splits samples"
 
 
-def _dropout_reason(node: ir.Node, ctx: FoldContext) -> str | None:
+def dropout_reason(node: ir.Node, ctx: FoldContext) -> str | None:
     if len(node.outputs) > 1 and (node.outputs[1].uses() or node.outputs[1].is_graph_output()):
         return f"{node_label(node)}: its mask output is used"
     if len(node.inputs) > 2 and node.inputs[2] is not None:
@@ -104,7 +104,7 @@ def _collect(
         if node.graph is not value.graph:
             return f"read by {node_label(node)} inside a subgraph"
         if is_op(node, "Identity", "Dropout") and index == 0:
-            reason = _dropout_reason(node, ctx) if node.op_type == "Dropout" else None
+            reason = dropout_reason(node, ctx) if node.op_type == "Dropout" else None
             found = reason or _collect(node.outputs[0], flat, ctx, bn_input)
         elif is_op(node, "Flatten", "Reshape") and index == 0:
             found = _flatten_reason(node, ctx, bn_input) or _collect(
