@@ -30,7 +30,12 @@ import torch
 from torch import Tensor, fx, nn
 
 from bnfold.capture import BNSite, bn_site, fetch_attr, is_shape_only, node_shape
-from bnfold.numerics import bn_scale_shift, merge_branch_kernels, merged_kernel_layout
+from bnfold.numerics import (
+    bn_scale_shift,
+    branch_sum_macs,
+    merge_branch_kernels,
+    merged_kernel_layout,
+)
 from bnfold.patterns.bn_consumer import is_eval_identity
 from bnfold.report import MergeEntry
 
@@ -113,14 +118,8 @@ def _branch_tensors(b: _Branch):
 
 
 def _macs(branches: list[_Branch], in_per_group: int, out_ch: int) -> int:
-    """Multiply-adds per output position, plus one per channel for each BN and each add."""
-    total = 0
-    for b in branches:
-        if b.conv is not None:
-            total += math.prod(b.conv.kernel_size) * in_per_group * out_ch
-        elif b.scale is not None:
-            total += out_ch
-    return total + (len(branches) - 1) * out_ch
+    kernels = [tuple(b.conv.kernel_size) if b.conv is not None else None for b in branches]
+    return branch_sum_macs(kernels, [b.scale is not None for b in branches], in_per_group, out_ch)
 
 
 def _try_merge(root: fx.Node, gm: fx.GraphModule) -> tuple[MergeEntry, callable | None] | None:

@@ -15,6 +15,7 @@ was given, so that a fold never loses precision to the order of operations.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -29,6 +30,7 @@ __all__ = [
     "merged_kernel_layout",
     "merge_branch_kernels",
     "compose_linear",
+    "branch_sum_macs",
     "compose_conv1x1_then_conv",
 ]
 
@@ -239,3 +241,18 @@ def compose_conv1x1_then_conv(
     if b1 is not None:
         bias += torch.einsum("om...,m->o", w2, b1.detach().to(torch.float64))
     return weight, bias
+
+
+def branch_sum_macs(
+    kernels: list[tuple[int, ...] | None], scaled: list[bool], in_per_group: int, out_ch: int
+) -> int:
+    """Multiply-adds per output position of a sum of parallel branches: a conv branch (its
+    kernel size) costs prod(k) * in/groups * out, a BN branch (scaled) one per channel, and
+    each add one per channel. An identity branch (kernel None, not scaled) costs only its add."""
+    total = (len(kernels) - 1) * out_ch
+    for kernel, has_scale in zip(kernels, scaled, strict=True):
+        if kernel is not None:
+            total += math.prod(kernel) * in_per_group * out_ch
+        elif has_scale:
+            total += out_ch
+    return total

@@ -30,7 +30,7 @@ import numpy as np
 import onnx_ir as ir
 import torch
 
-from bnfold.numerics import merge_branch_kernels, merged_kernel_layout
+from bnfold.numerics import branch_sum_macs, merge_branch_kernels, merged_kernel_layout
 from bnfold.onnx.patterns.base import (
     FoldContext,
     attr_int,
@@ -171,14 +171,8 @@ def _branch(term: ir.Value, ctx: FoldContext) -> tuple[_Branch | str, ir.Value |
 
 
 def _macs(branches: list[_Branch], in_per_group: int, out_ch: int) -> int:
-    """Multiply-adds per output position, plus one per channel for each BN and each add."""
-    total = 0
-    for b in branches:
-        if b.conv is not None:
-            total += math.prod(b.conv.kernel) * in_per_group * out_ch
-        elif b.scale is not None:
-            total += out_ch
-    return total + (len(branches) - 1) * out_ch
+    kernels = [tuple(b.conv.kernel) if b.conv is not None else None for b in branches]
+    return branch_sum_macs(kernels, [b.scale is not None for b in branches], in_per_group, out_ch)
 
 
 def _branches(tree: _SumTree, ctx: FoldContext) -> list[_Branch | str] | None:
