@@ -29,7 +29,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, fx, nn
 
-from bnfold.capture import BNSite, bn_site, fetch_attr, is_shape_only, node_shape
+from bnfold.capture import BNSite, bn_site, fetch_attr, free_name, is_shape_only, node_shape
 from bnfold.numerics import (
     bn_scale_shift,
     branch_sum_macs,
@@ -206,7 +206,7 @@ def _try_merge(root: fx.Node, gm: fx.GraphModule) -> tuple[MergeEntry, callable 
         merged.weight = nn.Parameter(weight.to(dtype), requires_grad=False)
         merged.bias = nn.Parameter(bias.to(dtype), requires_grad=False)
         merged = merged.to(first.weight.device)
-        name = _free_name(gm, f"{convs[0].label}_merged")
+        name = free_name(gm, f"{convs[0].label}_merged")
         gm.add_submodule(name, merged)
         removed = [n for n in [*interior, *terms] if n is not x]
         order = {n: i for i, n in enumerate(gm.graph.nodes)}
@@ -225,17 +225,6 @@ def _try_merge(root: fx.Node, gm: fx.GraphModule) -> tuple[MergeEntry, callable 
         return name
 
     return entry, apply
-
-
-def _free_name(gm: fx.GraphModule, base: str) -> str:
-    name, i = base, 0
-    while True:
-        try:
-            fetch_attr(gm, name)
-        except AttributeError:
-            return name
-        i += 1
-        name = f"{base}{i}"
 
 
 def merge_branches(gm: fx.GraphModule) -> list[MergeEntry]:

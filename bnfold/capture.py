@@ -33,6 +33,7 @@ __all__ = [
     "constant_value",
     "is_constant",
     "fetch_attr",
+    "free_name",
     "is_inplace",
     "is_shape_only",
     "node_shape",
@@ -171,6 +172,18 @@ def fetch_attr(gm: fx.GraphModule, target: str) -> Any:
     for part in target.split("."):
         obj = getattr(obj, part)
     return obj
+
+
+def free_name(gm: fx.GraphModule, base: str) -> str:
+    """`base`, or `base`1, `base`2, ...: the first name no attribute of `gm` has yet."""
+    name, i = base, 0
+    while True:
+        try:
+            fetch_attr(gm, name)
+        except AttributeError:
+            return name
+        i += 1
+        name = f"{base}{i}"
 
 
 def node_shape(node: Any) -> tuple[int, ...] | None:

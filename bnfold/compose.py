@@ -24,7 +24,7 @@ import math
 
 from torch import fx, nn
 
-from bnfold.capture import fetch_attr, is_shape_only
+from bnfold.capture import fetch_attr, free_name, is_shape_only
 from bnfold.numerics import compose_conv1x1_then_conv, compose_linear
 from bnfold.patterns.bn_consumer import is_eval_identity
 from bnfold.report import ComposeEntry
@@ -111,10 +111,7 @@ def _try(node: fx.Node, gm: fx.GraphModule) -> tuple[ComposeEntry, callable | No
         dtype = second.weight.dtype
         new.weight = nn.Parameter(weight.to(dtype), requires_grad=False)
         new.bias = nn.Parameter(bias.to(dtype), requires_grad=False)
-        name, i = f"{node.target}_composed", 0
-        while _exists(gm, name):
-            i += 1
-            name = f"{node.target}_composed{i}"
+        name = free_name(gm, f"{node.target}_composed")
         gm.add_submodule(name, new)
         node.target = name
         node.args = (prev.args[0], *node.args[1:])
@@ -123,14 +120,6 @@ def _try(node: fx.Node, gm: fx.GraphModule) -> tuple[ComposeEntry, callable | No
         return name
 
     return entry, apply
-
-
-def _exists(gm: fx.GraphModule, name: str) -> bool:
-    try:
-        fetch_attr(gm, name)
-    except AttributeError:
-        return False
-    return True
 
 
 def compose_affine(gm: fx.GraphModule) -> list[ComposeEntry]:

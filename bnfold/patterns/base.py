@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 from torch import Tensor, fx, nn
 
-from bnfold.capture import fetch_attr
+from bnfold.capture import fetch_attr, free_name
 
 __all__ = ["FoldContext", "Folded", "Rejected", "conv_is_transposed", "describe"]
 
@@ -103,14 +103,7 @@ class FoldContext:
             setattr(parent, leaf, new)
             return old_target, notes
         # reused module: the other call sites keep the original
-        i = 0
-        while True:
-            candidate = f"{old_target}_bnfold{i}"
-            try:
-                fetch_attr(self.gm, candidate)
-            except AttributeError:
-                break
-            i += 1
+        candidate = free_name(self.gm, f"{old_target}_bnfold")
         self.gm.add_submodule(candidate, new)
         node.target = candidate
         notes.append(
