@@ -47,7 +47,6 @@ _CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
 @dataclass
 class _Branch:
-    node: fx.Node  # the node whose value enters the sum
     label: str
     conv: nn.modules.conv._ConvNd | None = None
     scale: Tensor | None = None  # BN / identity branch: per-channel s (float64)
@@ -95,13 +94,13 @@ def _branch(term: fx.Node, gm: fx.GraphModule) -> tuple[_Branch, fx.Node] | str:
         if type(m) in _CONVS:
             if m.padding_mode != "zeros" or isinstance(m.padding, str):
                 return f"'{term.target}' pads with mode {m.padding_mode!r} / {m.padding!r}"
-            return _Branch(term, str(term.target), conv=m), term.args[0]
+            return _Branch(str(term.target), conv=m), term.args[0]
     site: BNSite | None = bn_site(term, gm)
     if site is not None:
         if site.foldable_reason:
             return f"BN '{term.name}' {site.foldable_reason}"
         s, t = bn_scale_shift(site.running_mean, site.running_var, site.weight, site.bias, site.eps)
-        return _Branch(term, term.name, scale=s, shift=t), site.input
+        return _Branch(term.name, scale=s, shift=t), site.input
     return f"{term.op} '{term.name}' is not a conv, a BN or the shared input"
 
 
@@ -136,7 +135,7 @@ def _try_merge(root: fx.Node, gm: fx.GraphModule) -> tuple[MergeEntry, callable 
     inputs = set()
     for term, d in zip(terms, raw, strict=True):
         if term in identity:
-            described.append(_Branch(term, "identity"))
+            described.append(_Branch("identity"))
             inputs.add(term)
         elif len(_users(term)) != 1:
             described.append(None)
