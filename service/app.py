@@ -24,6 +24,7 @@ from service.limits import BodyLimitMiddleware
 from service.metrics import ServiceMetrics
 from service.routes import health, inference, models
 from service.routes import metrics as metrics_route
+from service.routes.infer_asgi import InferFastPath
 from service.runtime.registry import ModelRegistry
 from service.runtime.sessions import CUDA, available_providers
 from service.settings import Settings
@@ -31,6 +32,7 @@ from service.store import ModelStore
 
 logger = logging.getLogger(__name__)
 
+_NO_TELEMETRY = {"tracing": False, "metrics": False, "logs": False}
 DEFAULT_MODELS = ("mlp_bn_after_act", "resnet_small")  # models.DEFAULT_MODELS, without torch
 
 
@@ -79,12 +81,15 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         version=service.__version__,
         description="POST a trained model: it is folded, verified and served over KServe v2.",
         lifespan=lifespan,
+        telemetry=None if settings.opentelemetry else _NO_TELEMETRY,
     )
     app.state.settings = settings
     app.state.metrics = metrics
     app.state.ready = False
     app.state.not_ready_reason = "starting"
     install_error_handlers(app)
+    # the last added is the outermost: body limits apply to the infer fast path too
+    app.add_middleware(InferFastPath, state=app.state, enabled=settings.infer_fast_path)
     app.add_middleware(
         BodyLimitMiddleware,
         default_limit=settings.max_request_bytes,

@@ -230,21 +230,22 @@ class InferenceService:
     ) -> tuple[bytes, int | None]:
         model = self.model(name, version)  # held for the whole request: a swap cannot touch it
         if self.metrics is None:
-            return await self._infer(model, body, header_length)
+            payload, length, _ = await self._infer(model, body, header_length)
+            return payload, length
         started = time.perf_counter()
-        m = self.metrics
-        m.requests.labels(model.name).inc()
+        series = self.metrics.series(model.name)
+        series.requests.inc()
         try:
             payload, length, timing = await self._infer(model, body, header_length)
         except ServiceError as exc:
-            m.failures.labels(model.name, str(exc.status_code)).inc()
+            self.metrics.failures.labels(model.name, str(exc.status_code)).inc()
             raise
         except Exception:
-            m.failures.labels(model.name, "500").inc()
+            self.metrics.failures.labels(model.name, "500").inc()
             raise
-        m.queue_seconds.labels(model.name).observe(timing.queue_s)
-        m.compute_seconds.labels(model.name).observe(timing.compute_s)
-        m.total_seconds.labels(model.name).observe(time.perf_counter() - started)
+        series.queue_seconds.observe(timing.queue_s)
+        series.compute_seconds.observe(timing.compute_s)
+        series.total_seconds.observe(time.perf_counter() - started)
         return payload, length
 
     async def _infer(

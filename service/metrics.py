@@ -12,6 +12,8 @@ removed, node counts and the latency measured at deploy time, before and after f
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import GaugeMetricFamily, Metric
@@ -28,8 +30,19 @@ _LATENCY_BUCKETS = (
 _BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 
 
+@dataclass(frozen=True)
+class ModelSeries:
+    """One model's labelled series of the per-request metrics."""
+
+    requests: Any
+    queue_seconds: Any
+    compute_seconds: Any
+    total_seconds: Any
+
+
 class ServiceMetrics:
     def __init__(self, models: ModelRegistry) -> None:
+        self._series: dict[str, ModelSeries] = {}
         self.registry = CollectorRegistry()
         r = self.registry
         self.requests = Counter(
@@ -52,6 +65,19 @@ class ServiceMetrics:
             registry=r,
         )
         r.register(_ModelCollector(models))
+
+    def series(self, model: str) -> ModelSeries:
+        """The model's series, looked up once: ``labels()`` takes a lock and builds a key on
+        every call, a measurable share of a small model's request."""
+        found = self._series.get(model)
+        if found is None:
+            found = self._series[model] = ModelSeries(
+                self.requests.labels(model),
+                self.queue_seconds.labels(model),
+                self.compute_seconds.labels(model),
+                self.total_seconds.labels(model),
+            )
+        return found
 
     def batch_observer(self, model: str) -> Callable[[int, float], None]:
         """What a model's batcher calls after each run."""

@@ -32,6 +32,9 @@ class Settings:
     store_poll_s: float = 5.0  # a read-only replica re-reads the store this often
     log_level: str = "info"  # debug, info, warning, error
     log_format: str = "text"  # or json: one object per line (the container's default)
+    # FastAPI's native OpenTelemetry (spans, metrics, logs to a configured SDK provider); off
+    # by default: its per-request checks cost more than the whole infer fast path's routing
+    opentelemetry: bool = False
 
     # limits, all enforced before the memory is spent
     max_upload_bytes: int = 256 * MiB  # POST /v1/models body
@@ -44,6 +47,7 @@ class Settings:
     max_queue_delay_ms: float = 1.0  # how long a request may wait for others to join it
     max_queue: int = 128  # infer requests waiting per model; beyond it, 503 with Retry-After
     intra_op_threads: int = 0  # onnxruntime threads per run; 0: its default (physical cores)
+    infer_fast_path: bool = True  # infer requests skip FastAPI's routing (routes/infer_asgi.py)
 
     # the ingest worker: one process per upload, with resource limits
     worker_timeout_s: float = 300.0  # wall clock

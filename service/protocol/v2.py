@@ -17,6 +17,7 @@ import json
 import math
 import struct
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Any
 
 import numpy as np
@@ -86,7 +87,7 @@ class Signature:
     inputs: list[TensorSpec]
     outputs: list[TensorSpec]
 
-    @property
+    @cached_property  # read on every request; the lists are never changed after loading
     def batched(self) -> bool:
         """All tensors have a variable first dimension: Triton's max_batch_size > 0 form."""
         tensors = self.inputs + self.outputs

@@ -9,11 +9,12 @@ from fastapi import Depends, Request
 from service.handlers import InferenceService, ModelService
 
 
-def get_models(request: Request) -> ModelService:
+# async: FastAPI runs a plain ``def`` dependency in its thread pool, a thread hop per request
+async def get_models(request: Request) -> ModelService:
     return request.app.state.models
 
 
-def get_inference(request: Request) -> InferenceService:
+async def get_inference(request: Request) -> InferenceService:
     return request.app.state.inference
 
 

@@ -11,6 +11,7 @@ import zlib
 from fastapi import APIRouter, Request, Response
 
 from service.errors import BadRequest, PayloadTooLarge
+from service.handlers import InferenceService
 from service.protocol import v2
 from service.routes.deps import Inference
 from service.schemas import ERROR_RESPONSES
@@ -83,22 +84,34 @@ def model_config(name: str, inference: Inference) -> dict:
 async def infer(
     name: str, request: Request, inference: Inference, version: str | None = None
 ) -> Response:
+    """Served by ``service.routes.infer_asgi`` unless ``BNFOLD_INFER_FAST_PATH=0``; declared here
+    for the OpenAPI description either way."""
     inference.model(name, version)  # 404 before reading a body for a model that is not there
-    body = _decode(
+    payload, headers = await run_infer(
+        inference,
+        name,
+        version,
         await request.body(),
         request.headers.get("content-encoding"),
-        inference.settings.max_request_bytes,
+        request.headers.get(v2.HEADER_LENGTH),
     )
-    payload, header_length = await inference.infer(
-        name, version, body, request.headers.get(v2.HEADER_LENGTH)
-    )
-    if header_length is None:
-        return Response(payload, media_type="application/json")
-    return Response(
-        payload,
-        media_type="application/octet-stream",
-        headers={v2.HEADER_LENGTH: str(header_length)},
-    )
+    return Response(payload, headers=headers)
+
+
+async def run_infer(
+    inference: InferenceService,
+    name: str,
+    version: str | None,
+    body: bytes,
+    content_encoding: str | None,
+    header_length: str | None,
+) -> tuple[bytes, dict[str, str]]:
+    """One infer request, from the raw body to the reply's body and headers (both paths)."""
+    body = _decode(body, content_encoding, inference.settings.max_request_bytes)
+    payload, length = await inference.infer(name, version, body, header_length)
+    if length is None:
+        return payload, {"content-type": "application/json"}
+    return payload, {"content-type": "application/octet-stream", v2.HEADER_LENGTH: str(length)}
 
 
 def _decode(body: bytes, encoding: str | None, limit: int) -> bytes:
