@@ -214,3 +214,20 @@ def test_config_skips_batch_dim_when_batched():
     assert cfg["input"] == [{"name": "x", "data_type": "TYPE_FP32", "dims": [3, 8, 8]}]
     fixed = Signature([TensorSpec("x", "FP32", [1, 3])], [TensorSpec("y", "FP32", [1, 3])])
     assert v2.model_config("m", fixed, 64)["max_batch_size"] == 0
+
+
+@pytest.mark.parametrize("pad", [0, 1, 2, 3])
+def test_binary_input_is_a_view_when_aligned_and_a_copy_otherwise(pad):
+    x = np.arange(8, dtype=np.float32).reshape(2, 4)
+    raw = x.tobytes()
+    # the JSON part's length decides where the tensor starts; pad it to every alignment
+    tensor = {"name": "x", "shape": [2, 4], "datatype": "FP32"}
+    tensor["parameters"] = {"binary_data_size": len(raw)}
+    head = json.dumps({"inputs": [tensor]}).encode()
+    head += b" " * ((-len(head) + pad) % 4)
+    body = head + raw
+    got = v2.decode_request(body, len(head), sig(), max_elements=100).inputs["x"]
+    np.testing.assert_array_equal(got, x)
+    assert got.flags.aligned and got.dtype.isnative
+    address = np.frombuffer(body, np.uint8).ctypes.data + len(head)
+    assert (got.ctypes.data == address) == (address % 4 == 0)
