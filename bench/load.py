@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import socket
 import statistics
 import time
 import urllib.request
@@ -68,6 +69,49 @@ def plain_request(x: np.ndarray, encoding: str) -> tuple[str, dict[str, str], by
     return "/infer", {"Content-Type": "application/json"}, body
 
 
+class BlockingClient:
+    """One keep-alive connection, one request at a time, blocking sockets: the least a client
+    can add, for measuring what the server adds (``serving_overhead.py``)."""
+
+    def __init__(self, url: str, path: str, headers: dict[str, str], body: bytes) -> None:
+        parts = urlsplit(url)
+        if parts.hostname not in LOOPBACK:
+            raise SystemExit(f"load.py sends to loopback only, not {parts.hostname!r}")
+        self.request = _http_request(parts.hostname, path, headers, body)
+        self.sock = socket.create_connection((parts.hostname, parts.port))
+        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+    def send(self) -> tuple[int, bytes]:
+        """Status and body of one request."""
+        self.sock.sendall(self.request)
+        data = b""
+        while b"\r\n\r\n" not in data:
+            data += self._recv()
+        head, body = data.split(b"\r\n\r\n", 1)
+        length = 0
+        for line in head.split(b"\r\n")[1:]:
+            if line[:15].lower() == b"content-length:":
+                length = int(line[15:])
+        while len(body) < length:
+            body += self._recv()
+        return int(head[9:12]), body
+
+    def _recv(self) -> bytes:
+        chunk = self.sock.recv(1 << 20)
+        if not chunk:
+            raise ConnectionError("the server closed the connection")
+        return chunk
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def _http_request(host: str, path: str, headers: dict[str, str], body: bytes) -> bytes:
+    head = [f"POST {path} HTTP/1.1", f"Host: {host}", f"Content-Length: {len(body)}"]
+    head += [f"{k}: {v}" for k, v in headers.items()]
+    return ("\r\n".join(head) + "\r\n\r\n").encode() + body
+
+
 async def _client(host, port, request: bytes, stop: float, budget: list[int], out, fails) -> None:
     reader, writer = await asyncio.open_connection(host, port)
     try:
@@ -103,9 +147,7 @@ async def run_load(
     parts = urlsplit(url)
     if parts.hostname not in LOOPBACK:
         raise SystemExit(f"load.py sends to loopback only, not {parts.hostname!r}")
-    head = [f"POST {path} HTTP/1.1", f"Host: {parts.hostname}", f"Content-Length: {len(body)}"]
-    head += [f"{k}: {v}" for k, v in headers.items()]
-    request = ("\r\n".join(head) + "\r\n\r\n").encode() + body
+    request = _http_request(parts.hostname, path, headers, body)
     latencies: list[float] = []
     failures: list[int] = []
     budget = [max_requests]

@@ -1,25 +1,36 @@
-"""What the service adds to one request: in-process onnxruntime batch-1 latency and the
-service's concurrency-1 binary latency, measured in alternating rounds so that the noise of a
-shared machine falls on both alike. Needs the store that ``serving_bench.py`` left behind.
+"""What the service adds to one request over in-process onnxruntime, measured in pairs.
 
-    .venv/bin/python bench/serving_overhead.py --model resnet18 --rounds 4 --seconds 4
+Each pair is one in-process ``session.run`` of the folded graph and, right after it, one binary
+v2 request to the service for the same input (a blocking keep-alive client on loopback, see
+``load.BlockingClient``). Both run onnxruntime with the same number of intra-op threads and
+never at the same time, so whatever else the shared machine is doing falls on both alike; the
+added latency is the median of the per-pair differences. The medians of each side, and the
+server's own split (its ``request`` and ``compute`` histograms), come with it.
+
+``--floor`` also times ``http_floor_app.py`` (a bare uvicorn app that only reads the body and
+answers 4 kB) with the same client and body: what uvicorn and loopback cost before any work.
+
+Needs the store that ``serving_bench.py`` left behind.
+
+    .venv/bin/python bench/serving_overhead.py --model resnet18 --pairs 400 --threads 1
 """
 
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
+import re
 import statistics
 import sys
 import time
 from pathlib import Path
 
+import httpx
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from load import run_load, v2_request  # noqa: E402
-from serving_bench import start_service  # noqa: E402
+from load import BlockingClient, v2_request  # noqa: E402
+from serving_bench import Proc, start_service  # noqa: E402
 
 
 def main() -> None:
@@ -27,9 +38,11 @@ def main() -> None:
     p.add_argument("--work", default="/tmp/bnfold-serving")
     p.add_argument("--model", default="resnet18")
     p.add_argument("--shape", default="1,3,224,224")
-    p.add_argument("--rounds", type=int, default=4)
-    p.add_argument("--seconds", type=float, default=4.0)
-    p.add_argument("--threads", type=int, default=0, help="onnxruntime intra-op threads, both")
+    p.add_argument("--pairs", type=int, default=400)
+    p.add_argument("--warmup", type=int, default=20)
+    p.add_argument("--threads", type=int, default=1, help="onnxruntime intra-op threads, both")
+    p.add_argument("--floor", action="store_true", help="also time a bare uvicorn app")
+    p.add_argument("--env", action="append", default=[], help="extra BNFOLD_X=V for the server")
     args = p.parse_args()
     import onnxruntime as ort
 
@@ -40,29 +53,77 @@ def main() -> None:
     options.intra_op_num_threads = args.threads
     session = ort.InferenceSession(str(work / f"{args.model}.folded.onnx"), options)
     name = session.get_inputs()[0].name
-    threads = {"BNFOLD_INTRA_OP_THREADS": str(args.threads)}
-    service = start_service(work, 18000, batching=True, **threads)
-    rounds = []
+    extra = dict(e.split("=", 1) for e in args.env)
+    service = start_service(
+        work, 18000, batching=True, BNFOLD_INTRA_OP_THREADS=str(args.threads), **extra
+    )
     try:
-        request = v2_request(args.model, name, x, "binary")
-        for _ in range(args.rounds):
-            times = []
-            stop = time.perf_counter() + args.seconds
-            while time.perf_counter() < stop:
-                t0 = time.perf_counter()
-                session.run(None, {name: x})
-                times.append(time.perf_counter() - t0)
-            ort_p50 = statistics.median(times) * 1e3
-            served = asyncio.run(
-                run_load(service.url, *request, 1, args.seconds, 10**6, "bnfold", "binary")
-            )
-            rounds.append({"ort_p50_ms": round(ort_p50, 3), "service_p50_ms": served.p50_ms})
-            print(json.dumps(rounds[-1]), flush=True)
+        client = BlockingClient(service.url, *v2_request(args.model, name, x, "binary"))
+        for _ in range(args.warmup):
+            session.run(None, {name: x})
+            client.send()
+        before = _server_split(service.url, args.model)
+        local, served = [], []
+        for _ in range(args.pairs):
+            t0 = time.perf_counter()
+            session.run(None, {name: x})
+            t1 = time.perf_counter()
+            status, _ = client.send()
+            t2 = time.perf_counter()
+            if status != 200:
+                raise SystemExit(f"the service answered {status}")
+            local.append(t1 - t0)
+            served.append(t2 - t1)
+        after = _server_split(service.url, args.model)
+        client.close()
     finally:
         service.stop()
-    added = [r["service_p50_ms"] - r["ort_p50_ms"] for r in rounds]
-    print(json.dumps({"model": args.model, "threads": args.threads, "added_p50_ms_by_round": added,
-                      "added_p50_ms_median": round(statistics.median(added), 3)}))  # fmt: skip
+    floor = _floor(work, v2_request(args.model, name, x, "binary"), args) if args.floor else {}
+    added = sorted(s - lo for s, lo in zip(served, local, strict=True))
+    n = len(added)
+    server = {
+        k: round((after[k][0] - before[k][0]) / (after[k][1] - before[k][1]) * 1e3, 3)
+        for k in after
+    }
+    print(json.dumps({
+        "model": args.model, "shape": shape, "threads": args.threads, "pairs": n,
+        "server_env": extra,
+        "in_process_p50_ms": round(statistics.median(local) * 1e3, 3),
+        "service_p50_ms": round(statistics.median(served) * 1e3, 3),
+        "added_p50_ms": round(added[n // 2] * 1e3, 3),
+        "added_p25_p75_ms": [round(added[n // 4] * 1e3, 3), round(added[3 * n // 4] * 1e3, 3)],
+        "server_mean_ms": server,
+        **floor,
+    }))  # fmt: skip
+
+
+def _floor(work: Path, request, args) -> dict:
+    """p50 of the same request against ``http_floor_app.py``."""
+    app = Path(__file__).resolve().parent / "http_floor_app.py"
+    proc = Proc([sys.executable, str(app)], {}, work / "floor.log", "http://127.0.0.1:18300")
+    try:
+        proc.wait("/")
+        client = BlockingClient(proc.url, *request)
+        times = []
+        for i in range(args.warmup + args.pairs):
+            t0 = time.perf_counter()
+            client.send()
+            if i >= args.warmup:
+                times.append(time.perf_counter() - t0)
+        client.close()
+    finally:
+        proc.stop()
+    return {"bare_uvicorn_p50_ms": round(statistics.median(times) * 1e3, 3)}
+
+
+def _server_split(url: str, model: str) -> dict[str, tuple[float, float]]:
+    """(sum, count) of the server's request and compute histograms for ``model``."""
+    text = httpx.get(url + "/metrics", timeout=10).text
+    found: dict[str, list[float]] = {}
+    pattern = r'^bnfold_infer_(request|compute)_seconds_(sum|count)\{model="%s"\} (\S+)$'
+    for m in re.finditer(pattern % re.escape(model), text, re.M):
+        found.setdefault(m.group(1), [0.0, 0.0])[m.group(2) == "count"] = float(m.group(3))
+    return {k: (v[0], v[1]) for k, v in found.items()}
 
 
 if __name__ == "__main__":
