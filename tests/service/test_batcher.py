@@ -160,3 +160,36 @@ def test_policy_model_overrides_beat_settings_defaults():
     assert policy_for(settings, signature, {}) == BatchPolicy(16, 2.0, 9, True)
     assert policy_for(settings, signature, {"max_queue_delay_ms": 0}).max_queue_delay_ms == 0
     assert not policy_for(Settings(dynamic_batching=False), signature).enabled
+
+
+class CountingExecutor(ThreadPoolExecutor):
+    def __init__(self) -> None:
+        super().__init__(1)
+        self.submitted = 0
+
+    def submit(self, *args, **kwargs):
+        self.submitted += 1
+        return super().submit(*args, **kwargs)
+
+
+def test_batcher_runs_tiny_runs_on_the_loop_and_the_rest_in_a_thread(conv_bn):
+    """A 1x3x8x8 conv takes microseconds: after its first run (no estimate yet: a thread) it
+    runs on the event loop. 256 rows are expected to take longer than INLINE_RUN_S: a thread.
+    Both give the same numbers as a direct run."""
+    with CountingExecutor() as pool:
+        batcher = Batcher("m", conv_bn, policy(enabled=False, max_batch=256), pool)
+
+        async def run_all():
+            small = [await batcher.infer(inputs(1, i), ["y"]) for i in range(20)]
+            return small, await batcher.infer(inputs(256, 0), ["y"])
+
+        small, (big, big_timing) = asyncio.run(run_all())
+        # the first runs, until the median is known, and a few more on a busy machine
+        assert pool.submitted <= 10
+        after_small = pool.submitted
+    assert after_small >= 2  # the big one went to the thread
+    for i, (out, _) in enumerate(small):
+        want = conv_bn.run(inputs(1, i), ["y"])["y"]
+        np.testing.assert_array_equal(out["y"], want)
+    np.testing.assert_array_equal(big["y"], conv_bn.run(inputs(256, 0), ["y"])["y"])
+    assert big_timing.compute_s > 0
