@@ -2,7 +2,8 @@
 
 ``POST /infer`` takes the input tensor as raw little-endian float32 bytes with its shape in the
 ``X-Shape`` header (``1,3,224,224``), or as JSON ``{"shape": [...], "data": [...]}``, and answers
-the first output the same way. No batching, no limits, no metrics: the endpoint of a tutorial.
+the first output the same way; ``GET /health`` answers ``{"ok": true}``. No batching, no limits, no
+metrics, onnxruntime on the event loop: the endpoint of a tutorial.
 
     python bench/plain_endpoint.py MODEL.onnx --port 8100
 """
@@ -21,6 +22,10 @@ def create_app(model_path: str) -> FastAPI:
     session = ort.InferenceSession(model_path, providers=["CPUExecutionProvider"])
     input_name = session.get_inputs()[0].name
     app = FastAPI()
+
+    @app.get("/health")
+    async def health() -> dict:
+        return {"ok": True}
 
     @app.post("/infer")
     async def infer(request: Request) -> Response:

@@ -137,12 +137,38 @@ def in_process(model: Path, shape: list[int], duration: float) -> dict:
     return result
 
 
+class HealthProbe:
+    """Asks ``url`` every 0.1 s from a thread while in a ``with`` block; keeps the latencies."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self.latencies: list[float] = []
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._probe)
+
+    def _probe(self) -> None:
+        with httpx.Client(timeout=60) as client:
+            while not self._done.wait(0.1):
+                t0 = time.perf_counter()
+                client.get(self.url).raise_for_status()
+                self.latencies.append(time.perf_counter() - t0)
+
+    def __enter__(self) -> HealthProbe:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._done.set()
+        self._thread.join()
+
+
 def interleaved_targets(
     work: Path, name: str, entry: dict, shape: list[int], rounds: int, seconds: float
 ) -> dict:
     """Issue 5's throughput bars measured close together: in alternating rounds, in-process
     onnxruntime at its best batch, the service at concurrency 32 with batching (binary), and
-    the plain endpoint at concurrency 32 (binary). Medians over the rounds."""
+    the plain endpoint at concurrency 32 (binary). Medians over the rounds. During each load a
+    thread asks the server's health route every 0.1 s: what an orchestrator's probe sees."""
     import onnxruntime as ort
 
     session = ort.InferenceSession(
@@ -161,6 +187,8 @@ def interleaved_targets(
     )  # fmt: skip
     plain.wait("/docs")
     rows: dict[str, list[float]] = {"in_process": [], "bnfold": [], "plain": []}
+    health: dict[str, list[float]] = {"bnfold": [], "plain": []}
+    health_paths = {"bnfold": "/v2/health/ready", "plain": "/health"}
     try:
         v2req = v2_request(name, entry["input_name"], x, "binary")
         plainreq = plain_request(x, "binary")
@@ -171,7 +199,9 @@ def interleaved_targets(
                 n += len(xb)
             rows["in_process"].append(n / (time.perf_counter() - t0))
             for key, url, req in (("bnfold", service.url, v2req), ("plain", plain.url, plainreq)):
-                r = asyncio.run(run_load(url, *req, 32, seconds, 10**7, key, "binary"))
+                with HealthProbe(url + health_paths[key]) as probe:
+                    r = asyncio.run(run_load(url, *req, 32, seconds, 10**7, key, "binary"))
+                health[key] += probe.latencies
                 assert r.failures == 0, r
                 rows[key].append(r.throughput_rps)
     finally:
@@ -186,7 +216,12 @@ def interleaved_targets(
         "median_rows_per_s": {k: round(v, 1) for k, v in med.items()},
         "bnfold_vs_in_process": round(med["bnfold"] / med["in_process"], 3),
         "bnfold_vs_plain": round(med["bnfold"] / med["plain"], 3),
-    }
+        "health_under_load_ms": {
+            k: {"probes": len(v), "p50": round(statistics.median(v) * 1e3, 1),
+                "max": round(max(v) * 1e3, 1)}
+            for k, v in health.items() if v
+        },
+    }  # fmt: skip
     print(json.dumps(result), flush=True)
     return result
 
@@ -236,6 +271,18 @@ def render(report: dict) -> str:
                 f"{med['plain']:,.1f} req/s (bnfold **{t['bnfold_vs_plain']:.2f}x**).",
                 "",
             ]
+            health = t.get("health_under_load_ms", {})
+            if health:
+                lines += [
+                    "Health route polled every 0.1 s during those loads: "
+                    + "; ".join(
+                        f"{key} p50 {h['p50']:,.1f} ms, max {h['max']:,.1f} ms "
+                        f"({h['probes']} probes)"
+                        for key, h in health.items()
+                    )
+                    + ".",
+                    "",
+                ]
     return "\n".join(lines)
 
 
@@ -248,11 +295,26 @@ def main() -> None:
     p.add_argument("--soak", type=float, default=600.0, help="seconds; 0 to skip")
     p.add_argument("--target-rounds", type=int, default=3)
     p.add_argument("--out", default=str(ROOT / "bench/results/serving.json"))
+    p.add_argument(
+        "--redo-targets",
+        action="store_true",
+        help="re-measure only the interleaved targets of --out",
+    )
     args = p.parse_args()
     if args.render:
         print(render(json.loads(Path(args.render).read_text())))
         return
     work = Path(args.work)
+    if args.redo_targets:
+        report = json.loads(Path(args.out).read_text())
+        for name, entry in report["models"].items():
+            print(f"== {name} interleaved targets", flush=True)
+            entry["targets"] = interleaved_targets(
+                work, name, entry, entry["input_shape"], args.target_rounds, 2 * args.duration
+            )
+        Path(args.out).write_text(json.dumps(report, indent=1))
+        print(f"wrote {args.out}")
+        return
     work.mkdir(parents=True, exist_ok=True)
     originals = export_models(work)
     report: dict = {

@@ -97,6 +97,7 @@ class _Pending:
     outputs: list[str]
     rows: int
     key: tuple  # what must agree to share a run: every input's shape past dim 0 and dtype
+    elements: int  # in all its inputs
     future: asyncio.Future
     arrived: float
 
@@ -109,6 +110,7 @@ class Batcher:
         policy: BatchPolicy,
         executor: Executor,
         on_batch: Callable[[int, float], None] | None = None,  # rows, compute seconds
+        inline_below_s: float = INLINE_RUN_S,
     ) -> None:
         self.name = name
         self.runtime = runtime
@@ -121,6 +123,7 @@ class Batcher:
         self._last_requests = 0  # requests in the previous run
         # onnxruntime seconds per input element over the last runs: their median is the estimate
         self._per_element_s: deque[float] = deque(maxlen=8)
+        self.inline_below_s = inline_below_s
 
     @property
     def depth(self) -> int:
@@ -141,7 +144,8 @@ class Batcher:
         rows = first.shape[0] if first.ndim else 1
         key = tuple((n, a.shape[1:], a.dtype.str) for n, a in sorted(inputs.items()))
         arrived = time.perf_counter()
-        pending = _Pending(dict(inputs), outputs, rows, key, loop.create_future(), arrived)
+        size = sum(a.size for a in inputs.values())
+        pending = _Pending(dict(inputs), outputs, rows, key, size, loop.create_future(), arrived)
         self._waiting.append(pending)
         if self._wakeup is None:
             self._wakeup = asyncio.Event()
@@ -158,7 +162,8 @@ class Batcher:
                 continue  # only cancelled requests were left
             rows = sum(p.rows for p in batch)
             company = len(batch) > 1 or self._waiting or self._last_requests > 1  # case 5
-            if self.policy.enabled and self.policy.max_queue_delay_ms > 0 and company:
+            cheap = self._runs_inline(sum(p.elements for p in batch))  # case 6
+            if self.policy.enabled and self.policy.max_queue_delay_ms > 0 and company and not cheap:
                 deadline = batch[0].arrived + self.policy.max_queue_delay_ms / 1e3
                 while rows < self.policy.max_batch_size:
                     remaining = deadline - time.perf_counter()
@@ -246,7 +251,7 @@ class Batcher:
         """Case 6: a run expected to take less than a thread hop runs on the event loop."""
         if not self._per_element_s:
             return False
-        return statistics.median(self._per_element_s) * elements < INLINE_RUN_S
+        return statistics.median(self._per_element_s) * elements < self.inline_below_s
 
     def _learn(self, elements: int, compute_s: float) -> None:
         self._per_element_s.append(compute_s / max(1, elements))
