@@ -7,6 +7,7 @@ import asyncio
 import functools
 import hashlib
 import logging
+import math
 import shutil
 import time
 from collections.abc import AsyncIterator
@@ -98,7 +99,9 @@ class ModelService:
     ) -> LoadedModel:
         policy = policy_for(self.settings, runtime.signature, record.get("batching"))
         on_batch = self.metrics.batch_observer(name) if self.metrics else None
-        batcher = Batcher(name, runtime, policy, self.executor, on_batch)
+        batcher = Batcher(
+            name, runtime, policy, self.executor, on_batch, expected_run=_deploy_timing(record)
+        )
         return LoadedModel(name, version, record, runtime, batcher)
 
     @asynccontextmanager
@@ -274,6 +277,19 @@ class InferenceService:
         if json_values > _LOOP_JSON_VALUES:
             return (*await run_in_threadpool(encode), timing)
         return (*encode(), timing)
+
+
+def _deploy_timing(record: dict[str, Any]) -> tuple[int, float] | None:
+    """(input elements, seconds) of the folded graph's run timed by the ingest worker."""
+    savings = record.get("savings") or {}
+    seconds, shapes = savings.get("folded_latency_s"), savings.get("input_shapes")
+    if not isinstance(seconds, int | float) or seconds <= 0 or not isinstance(shapes, dict):
+        return None
+    try:
+        elements = sum(math.prod(int(d) for d in shape) for shape in shapes.values())
+    except (TypeError, ValueError):
+        return None
+    return (elements, float(seconds)) if elements > 0 else None
 
 
 # above these, JSON is parsed or written in a thread rather than on the event loop

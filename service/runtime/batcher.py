@@ -19,11 +19,15 @@ onnxruntime once in a worker thread and slices the outputs back per request.
    the previous run served several. A lone request on an idle model runs at once, so batching
    adds nothing to latency at concurrency 1.
 6. onnxruntime runs in a worker thread, so that health checks and uploads stay responsive,
-   except runs expected to take under ``INLINE_RUN_S`` (0.1 ms): for those the thread hop costs
-   more than the run, so they run on the event loop. The estimate is the median of the model's
-   measured time per input element over its last 8 runs, so larger dynamic dimensions scale
-   it, one slow run (a cold start, a busy machine) does not move it, and a lasting change
-   does within a few runs; a model starts with no estimate, so its first run is in a thread.
+   except runs expected to take under ``INLINE_RUN_S`` (0.5 ms): for those the thread hop
+   costs more than the run, so they run on the event loop. The estimate is the cheapest of
+   the model's last 8 runs and of the run timed at deploy time (one thread, in the record),
+   scaled up linearly when the new run has more input elements (never down). Runs timed in
+   the worker include its wait for the GIL, so they only ever raise the estimate above the
+   cheapest; larger dynamic dimensions scale it up. A model with no deploy-time timing starts
+   with no estimate, so its first run is in a thread. Such a run does not wait for company
+   either (case 5's delay): what it could save is less than the wait; requests already queued
+   still share it.
 
 The loop runs only while requests wait: a batcher left behind by a redeployment finishes what
 it holds and leaves nothing running.
@@ -33,7 +37,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import statistics
 import time
 from collections import deque
 from collections.abc import Callable, Mapping
@@ -52,8 +55,9 @@ logger = logging.getLogger(__name__)
 
 RETRY_AFTER_S = 1
 # runs expected to be shorter than this go on the event loop: handing a run to a worker thread
-# and back costs 0.15-0.3 ms on the 2-core benchmark machine, ten times a small MLP's run
-INLINE_RUN_S = 100e-6
+# and back costs 0.17-0.26 ms on an idle 2-core benchmark machine, and under load the worker
+# then waits for the GIL the busy event loop holds (a 20 us MLP run measured 130-200 us there)
+INLINE_RUN_S = 0.5e-3
 
 
 @dataclass(frozen=True)
@@ -111,6 +115,7 @@ class Batcher:
         executor: Executor,
         on_batch: Callable[[int, float], None] | None = None,  # rows, compute seconds
         inline_below_s: float = INLINE_RUN_S,
+        expected_run: tuple[int, float] | None = None,  # (input elements, seconds) measured
     ) -> None:
         self.name = name
         self.runtime = runtime
@@ -121,9 +126,10 @@ class Batcher:
         self._loop_task: asyncio.Task | None = None
         self.on_batch = on_batch
         self._last_requests = 0  # requests in the previous run
-        # onnxruntime seconds per input element over the last runs: their median is the estimate
-        self._per_element_s: deque[float] = deque(maxlen=8)
+        # (input elements, onnxruntime seconds) of the last runs, for case 6's estimate
+        self._recent_runs: deque[tuple[int, float]] = deque(maxlen=8)
         self.inline_below_s = inline_below_s
+        self._expected_run = expected_run  # at deploy time, on one thread: case 6's first guess
 
     @property
     def depth(self) -> int:
@@ -249,12 +255,16 @@ class Batcher:
 
     def _runs_inline(self, elements: int) -> bool:
         """Case 6: a run expected to take less than a thread hop runs on the event loop."""
-        if not self._per_element_s:
+        runs = list(self._recent_runs)
+        if self._expected_run is not None:
+            runs.append(self._expected_run)
+        if not runs:
             return False
-        return statistics.median(self._per_element_s) * elements < self.inline_below_s
+        expected = min(s * max(1.0, elements / max(1, n)) for n, s in runs)
+        return expected < self.inline_below_s
 
     def _learn(self, elements: int, compute_s: float) -> None:
-        self._per_element_s.append(compute_s / max(1, elements))
+        self._recent_runs.append((elements, compute_s))
 
     def _run(
         self, inputs: dict[str, np.ndarray], names: list[str]

@@ -210,3 +210,21 @@ def test_batcher_does_not_wait_for_company_when_the_run_is_tiny(conv_bn, executo
 
     assert asyncio.run(pairs()) < 1.0  # two waits of the 2 s delay would be 4 s
     assert runtime.runs[-2:] == [2, 2]  # each pair shared a run
+
+
+def test_batcher_deploy_time_timing_is_the_first_estimate(conv_bn):
+    """With the run timed at deploy time in hand, a tiny run goes on the loop from the first
+    request; one expected to take longer than the threshold (many more elements) does not."""
+    with CountingExecutor() as pool:
+        batcher = Batcher(
+            "m", conv_bn, policy(enabled=False), pool, inline_below_s=0.02,
+            expected_run=(2 * 3 * 8 * 8, 1e-4),
+        )  # fmt: skip
+
+        async def run_all():
+            await batcher.infer(inputs(1, 0), ["y"])
+            first = pool.submitted
+            await batcher.infer(inputs(4096, 0), ["y"])  # 2048x the elements: ~0.2 s expected
+            return first, pool.submitted
+
+        assert asyncio.run(run_all()) == (0, 1)
