@@ -111,6 +111,14 @@ def start_service(work: Path, port: int, batching: bool, **extra: str) -> Proc:
     return proc
 
 
+def start_plain(work: Path, name: str) -> Proc:
+    """``bench/plain_endpoint.py`` serving the folded graph of ``name``."""
+    command = [sys.executable, "bench/plain_endpoint.py", str(work / f"{name}.folded.onnx")]
+    plain = Proc([*command, "--port", "18100"], {}, work / "plain.log", "http://127.0.0.1:18100")
+    plain.wait("/health")
+    return plain
+
+
 def in_process(model: Path, shape: list[int], duration: float) -> dict:
     import onnxruntime as ort
 
@@ -180,12 +188,7 @@ def interleaved_targets(
     xb = rng.standard_normal([int(best), *shape[1:]]).astype(np.float32)
     x = xb[:1].copy()
     service = start_service(work, 18000, batching=True)
-    plain = Proc(
-        [sys.executable, "bench/plain_endpoint.py", str(work / f"{name}.folded.onnx"),
-         "--port", "18100"],
-        {}, work / "plain.log", "http://127.0.0.1:18100",
-    )  # fmt: skip
-    plain.wait("/docs")
+    plain = start_plain(work, name)
     rows: dict[str, list[float]] = {"in_process": [], "bnfold": [], "plain": []}
     health: dict[str, list[float]] = {"bnfold": [], "plain": []}
     health_paths = {"bnfold": "/v2/health/ready", "plain": "/health"}
@@ -361,12 +364,7 @@ def main() -> None:
                 req = v2_request(name, entry["input_name"], x, encoding)
                 cells += sweep(service.url, *req, label, encoding, args.duration, args.max_requests)
             service.stop()
-        plain = Proc(
-            [sys.executable, "bench/plain_endpoint.py", str(work / f"{name}.folded.onnx"),
-             "--port", "18100"],
-            {}, work / "plain.log", "http://127.0.0.1:18100",
-        )  # fmt: skip
-        plain.wait("/docs")
+        plain = start_plain(work, name)
         for encoding in ("binary", "json"):
             print(f"== {name} plain endpoint {encoding}", flush=True)
             req = plain_request(x, encoding)
