@@ -88,10 +88,7 @@ class BlockingClient:
         while b"\r\n\r\n" not in data:
             data += self._recv()
         head, body = data.split(b"\r\n\r\n", 1)
-        length = 0
-        for line in head.split(b"\r\n")[1:]:
-            if line[:15].lower() == b"content-length:":
-                length = int(line[15:])
+        length = _content_length(head)
         while len(body) < length:
             body += self._recv()
         return int(head[9:12]), body
@@ -104,6 +101,14 @@ class BlockingClient:
 
     def close(self) -> None:
         self.sock.close()
+
+
+def _content_length(head: bytes) -> int:
+    """The Content-Length of a response head (0 when it has none)."""
+    for line in head.split(b"\r\n")[1:]:
+        if line[:15].lower() == b"content-length:":
+            return int(line[15:])
+    return 0
 
 
 def _http_request(host: str, path: str, headers: dict[str, str], body: bytes) -> bytes:
@@ -121,10 +126,7 @@ async def _client(host, port, request: bytes, stop: float, budget: list[int], ou
             writer.write(request)
             head = await reader.readuntil(b"\r\n\r\n")
             status = int(head[9:12])
-            length = 0
-            for line in head.split(b"\r\n")[1:]:
-                if line[:15].lower() == b"content-length:":
-                    length = int(line[15:])
+            length = _content_length(head)
             await reader.readexactly(length)
             out.append(time.perf_counter() - t0)
             if status != 200:

@@ -299,12 +299,11 @@ def _from_json(name: str, data: Any, datatype: str, shape: list[int]) -> np.ndar
     count = math.prod(shape)
     # the usual form is already flat: check it with one pass over the types in C, instead of
     # walking it in Python (a 224x224 image is 150,528 values)
-    types = set(map(type, data)) if len(data) == count else {list}
-    if list in types:
+    flat = data
+    types = set(map(type, flat)) if len(flat) == count else None
+    if types is None or list in types:  # nested, or the wrong count: walk it, say how many
         flat = _flatten(name, data, count)
         types = set(map(type, flat))
-    else:
-        flat = data
     if datatype == "BYTES":
         if not types <= {str}:
             raise BadRequest(f"input {name!r}: BYTES values in JSON must be strings")

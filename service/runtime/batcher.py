@@ -219,7 +219,7 @@ class Batcher:
             inputs = batch[0].inputs
         else:
             inputs = {n: np.concatenate([p.inputs[n] for p in batch]) for n in batch[0].inputs}
-        elements = sum(a.size for a in inputs.values())
+        elements = sum(p.elements for p in batch)
         try:
             if self._runs_inline(elements):
                 results, started, compute = self._run(inputs, names)
