@@ -75,7 +75,9 @@ class ModelService:
         self.store = store
         self.registry = registry
         self.metrics = metrics
-        self.sessions = SessionFactory(settings.require_gpu, settings.intra_op_threads)
+        self.sessions = SessionFactory(
+            settings.require_gpu, settings.intra_op_threads, settings.cudnn_conv_algo_search
+        )
         self.ingestor = Ingestor(settings)
         # onnxruntime runs off the event loop; each model's batcher has one run at a time
         self.executor = ThreadPoolExecutor(max_workers=8, thread_name_prefix="onnxruntime")
@@ -97,7 +99,9 @@ class ModelService:
     def _loaded(
         self, name: str, version: str, record: dict[str, Any], runtime: LoadedSession
     ) -> LoadedModel:
-        policy = policy_for(self.settings, runtime.signature, record.get("batching"))
+        policy = policy_for(
+            self.settings, runtime.signature, record.get("batching"), runtime.replans_on_new_batch
+        )
         on_batch = self.metrics.batch_observer(name) if self.metrics else None
         batcher = Batcher(
             name, runtime, policy, self.executor, on_batch, expected_run=_deploy_timing(record)

@@ -17,6 +17,7 @@ _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off", ""}
 
 MiB = 1 << 20
+CUDNN_CONV_ALGO_SEARCH = ("HEURISTIC", "EXHAUSTIVE", "DEFAULT")
 
 
 @dataclass(frozen=True)
@@ -47,6 +48,10 @@ class Settings:
     max_queue_delay_ms: float = 1.0  # how long a request may wait for others to join it
     max_queue: int = 128  # infer requests waiting per model; beyond it, 503 with Retry-After
     intra_op_threads: int = 0  # onnxruntime threads per run; 0: its default (physical cores)
+    # how the CUDA provider picks convolution algorithms: EXHAUSTIVE (onnxruntime's default)
+    # benchmarks every algorithm for each new input shape, hundreds of ms per shape that
+    # dynamic batching meets at every new batch size; HEURISTIC asks cuDNN's heuristics
+    cudnn_conv_algo_search: str = "HEURISTIC"  # or EXHAUSTIVE, DEFAULT
     infer_fast_path: bool = True  # infer requests skip FastAPI's routing (routes/infer_asgi.py)
 
     # the ingest worker: one process per upload, with resource limits
@@ -68,6 +73,13 @@ class Settings:
         values.update({k: v for k, v in overrides.items() if v is not None})
         if "store" in values:
             values["store"] = Path(values["store"])
+        search = values.get("cudnn_conv_algo_search", cls.cudnn_conv_algo_search).upper()
+        if search not in CUDNN_CONV_ALGO_SEARCH:
+            raise ValueError(
+                f"{ENV_PREFIX}CUDNN_CONV_ALGO_SEARCH={search!r} is not one of "
+                + ", ".join(CUDNN_CONV_ALGO_SEARCH)
+            )
+        values["cudnn_conv_algo_search"] = search
         return cls(**values)
 
 

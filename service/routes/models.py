@@ -55,6 +55,11 @@ _UPLOAD_SCHEMA = {
                             "minimum": 0,
                             "description": "how long a request may wait for others to batch with",
                         },
+                        "dynamic_batching": {
+                            "type": "boolean",
+                            "description": "true or false: batch this model's requests or not; "
+                            "unset: on, except for convolution models on the GPU",
+                        },
                     },
                 }
             }
@@ -119,6 +124,7 @@ _FIELDS = {
     "atol",
     "max_batch_size",
     "max_queue_delay_ms",
+    "dynamic_batching",
 }
 
 
@@ -196,6 +202,12 @@ def _batching(fields: dict[str, str]) -> dict[str, Any]:
         if delay > 10_000:
             raise BadRequest(f"max_queue_delay_ms must be at most 10000, got {raw!r}")
         out["max_queue_delay_ms"] = delay
+    raw = fields.get("dynamic_batching")
+    if raw:
+        flag = raw.strip().lower()
+        if flag not in ("true", "false", "1", "0"):
+            raise BadRequest(f"dynamic_batching must be true or false, got {raw!r}")
+        out["dynamic_batching"] = flag in ("true", "1")
     return out
 
 

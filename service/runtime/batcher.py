@@ -28,6 +28,8 @@ onnxruntime once in a worker thread and slices the outputs back per request.
    with no estimate, so its first run is in a thread. Such a run does not wait for company
    either (case 5's delay): what it could save is less than the wait; requests already queued
    still share it.
+7. On the GPU, a model with convolutions is not batched unless its upload asks
+   (``GPU_REPLANS``): onnxruntime's CUDA provider re-plans them at every change of batch size.
 
 The loop runs only while requests wait: a batcher left behind by a redeployment finishes what
 it holds and leaves nothing running.
@@ -66,26 +68,54 @@ class BatchPolicy:
     max_queue_delay_ms: float  # how long the oldest request may wait for others
     max_queue: int  # requests allowed to wait; beyond it, 503
     enabled: bool  # False: every request runs alone (no batch dimension, or turned off)
+    reason: str | None = None  # why batching is off, when the model could have had it
 
     def to_dict(self) -> dict[str, Any]:
-        return {
+        out = {
             "dynamic_batching": self.enabled,
             "max_batch_size": self.max_batch_size,
             "max_queue_delay_ms": self.max_queue_delay_ms,
             "max_queue": self.max_queue,
         }
+        if self.reason:
+            out["reason"] = self.reason
+        return out
+
+
+# onnxruntime's CUDA provider re-plans a convolution whenever its input shape differs from the
+# previous run's, including shapes it has seen before: on an H100, ResNet-18 runs took 35-50 ms
+# with the heuristic cuDNN search (210-300 ms exhaustive) when the batch size changed from one
+# run to the next, against 0.6-0.7 ms at a steady size (docs/BENCHMARKS.md "GPU")
+GPU_REPLANS = (
+    "off on the GPU for this model: onnxruntime's CUDA provider re-plans every convolution "
+    "when the batch size changes (35-50 ms per change measured on an H100, against 0.7 ms for "
+    "a ResNet-18 run), more than batching saves; upload with dynamic_batching=true to force it"
+)
 
 
 def policy_for(
-    settings: Settings, signature: Signature, overrides: Mapping[str, Any] | None = None
+    settings: Settings,
+    signature: Signature,
+    overrides: Mapping[str, Any] | None = None,
+    replans_on_new_batch: bool = False,
 ) -> BatchPolicy:
     """The settings' defaults, then what the model's upload asked for (``record["batching"]``).
-    Batching is off for a model whose tensors do not all have a variable first dimension."""
+    Batching is off for a model whose tensors do not all have a variable first dimension, and,
+    unless its upload asked for it, for a model whose session re-plans its kernels at every new
+    batch size (``LoadedSession.replans_on_new_batch``: convolutions on the GPU)."""
     overrides = {k: v for k, v in (overrides or {}).items() if v is not None}
     max_batch = int(overrides.get("max_batch_size", settings.max_batch_size))
     delay = float(overrides.get("max_queue_delay_ms", settings.max_queue_delay_ms))
     enabled = settings.dynamic_batching and signature.batched and max_batch > 1
-    return BatchPolicy(max(1, max_batch), max(0.0, delay), max(1, settings.max_queue), enabled)
+    asked = overrides.get("dynamic_batching")
+    reason = None
+    if enabled and asked is False:
+        enabled, reason = False, "off for this model: its upload asked for dynamic_batching=false"
+    elif enabled and replans_on_new_batch and asked is not True:
+        enabled, reason = False, GPU_REPLANS
+    return BatchPolicy(
+        max(1, max_batch), max(0.0, delay), max(1, settings.max_queue), enabled, reason
+    )
 
 
 @dataclass(frozen=True)

@@ -8,6 +8,8 @@ fallback into an error instead.
 
 from __future__ import annotations
 
+import contextlib
+import io
 import logging
 import threading
 from dataclasses import dataclass
@@ -22,6 +24,9 @@ logger = logging.getLogger(__name__)
 
 CUDA = "CUDAExecutionProvider"
 CPU = "CPUExecutionProvider"
+# what the CUDA provider re-plans whenever a run's input shape differs from the previous run's
+# (cuDNN's algorithm choice and descriptors; see batcher.GPU_REPLANS for what it costs)
+REPLANNED_ON_NEW_SHAPE = frozenset({"Conv", "ConvTranspose"})
 
 # onnxruntime's type strings -> v2 datatypes
 ORT_TYPES = {
@@ -51,6 +56,7 @@ class LoadedSession:
     session: Any  # onnxruntime.InferenceSession
     provider: str
     signature: Signature
+    replans_on_new_batch: bool = False  # a new batch size costs a re-plan (convolutions on CUDA)
 
     def run(self, inputs: dict[str, np.ndarray], output_names: list[str]) -> dict[str, np.ndarray]:
         feeds = {k: _text(k, v) if v.dtype == object else v for k, v in inputs.items()}
@@ -78,9 +84,15 @@ class SessionFactory:
     the same way, and logging the same errors, for every model.
     """
 
-    def __init__(self, require_gpu: bool = False, intra_op_threads: int = 0) -> None:
+    def __init__(
+        self,
+        require_gpu: bool = False,
+        intra_op_threads: int = 0,
+        cudnn_conv_algo_search: str = "HEURISTIC",
+    ) -> None:
         self.require_gpu = require_gpu
         self.intra_op_threads = intra_op_threads
+        self.cuda_options = {"cudnn_conv_algo_search": cudnn_conv_algo_search}
         self._cuda_usable: bool | None = None  # unknown until a session tells
         self._lock = threading.Lock()
 
@@ -94,6 +106,8 @@ class SessionFactory:
         with self._lock:
             if self._cuda_usable is None and CUDA not in ort.get_available_providers():
                 self._cuda_usable = False
+            if self._cuda_usable is None:
+                _preload_cuda_libraries(ort)
             if self._cuda_usable is not False:
                 session = self._cuda_session(ort, model, options)
                 if session is not None:  # a failure of this one model says nothing of CUDA
@@ -109,12 +123,13 @@ class SessionFactory:
                 session = ort.InferenceSession(model, options, providers=[CPU])
             except Exception as exc:  # onnxruntime raises its own exception types
                 raise ModelLoadError(first_line(exc)) from exc
-        return LoadedSession(session, session.get_providers()[0], signature_of(session))
+        provider = session.get_providers()[0]
+        replans = provider == CUDA and bool(op_types(model) & REPLANNED_ON_NEW_SHAPE)
+        return LoadedSession(session, provider, signature_of(session), replans)
 
-    @staticmethod
-    def _cuda_session(ort: Any, model: bytes | str, options: Any) -> Any:
+    def _cuda_session(self, ort: Any, model: bytes | str, options: Any) -> Any:
         try:
-            return ort.InferenceSession(model, options, providers=[CUDA, CPU])
+            return ort.InferenceSession(model, options, providers=[(CUDA, self.cuda_options), CPU])
         except Exception as exc:
             logger.warning("a session with CUDA failed (%s); using the CPU", first_line(exc))
             return None
@@ -122,6 +137,46 @@ class SessionFactory:
     def probe(self) -> str:
         """The provider a model would get here (used at start for ``require_gpu``)."""
         return self.create(_identity_model()).provider
+
+
+def op_types(model: bytes | str) -> set[str]:
+    """Every op type in the graph, its subgraphs and its functions (weights are not loaded)."""
+    import onnx
+
+    if isinstance(model, bytes):
+        proto = onnx.load_model_from_string(model)
+    else:
+        proto = onnx.load(model, load_external_data=False)
+    found: set[str] = set()
+    graphs = [proto.graph, *(f for f in proto.functions)]
+    while graphs:
+        for node in graphs.pop().node:
+            found.add(node.op_type)
+            for attr in node.attribute:
+                graphs += [attr.g] if attr.HasField("g") else []
+                graphs += list(attr.graphs)
+    return found
+
+
+def _preload_cuda_libraries(ort: Any) -> None:
+    """Load CUDA and cuDNN from NVIDIA's pip wheels when they sit beside onnxruntime.
+
+    ``pip install onnxruntime-gpu[cuda,cudnn]`` puts them in site-packages, where the dynamic
+    loader does not look; onnxruntime's ``preload_dlls`` loads them from there and then from the
+    loader's usual path (a CUDA base image). It prints what it cannot find: that goes to the
+    debug log, and a session that then misses the libraries falls back as usual.
+    """
+    preload = getattr(ort, "preload_dlls", None)
+    if preload is None:
+        return
+    printed = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(printed):
+            preload()
+    except Exception as exc:  # a missing folder or library: the session check below decides
+        logger.debug("onnxruntime.preload_dlls failed: %s", first_line(exc))
+    if printed.getvalue().strip():
+        logger.debug("onnxruntime.preload_dlls: %s", printed.getvalue().strip())
 
 
 def available_providers() -> list[str]:

@@ -29,6 +29,13 @@ TEST_ENV = {
 }
 
 
+def cuda_usable() -> bool:
+    """Whether onnxruntime gives a session the CUDA provider here (a GPU and its libraries)."""
+    from service.runtime.sessions import CUDA, SessionFactory
+
+    return SessionFactory().probe() == CUDA
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -162,6 +162,22 @@ def test_policy_model_overrides_beat_settings_defaults():
     assert not policy_for(Settings(dynamic_batching=False), signature).enabled
 
 
+def test_policy_keeps_batching_off_where_new_batch_sizes_cost_a_replan():
+    """Convolutions on the GPU: off with the reason, unless the model's upload asked for it;
+    an upload can also turn batching off for its model."""
+    signature = Signature([spec([-1, 3])], [spec([-1, 3])])
+    gpu_conv = policy_for(Settings(), signature, {}, replans_on_new_batch=True)
+    assert not gpu_conv.enabled
+    assert "re-plans" in gpu_conv.to_dict()["reason"]
+    forced = policy_for(Settings(), signature, {"dynamic_batching": True}, True)
+    assert forced.enabled and "reason" not in forced.to_dict()
+    refused = policy_for(Settings(), signature, {"dynamic_batching": False})
+    assert not refused.enabled and "dynamic_batching=false" in refused.reason
+    # the server-wide switch wins over a model's request
+    off = policy_for(Settings(dynamic_batching=False), signature, {"dynamic_batching": True})
+    assert not off.enabled
+
+
 class CountingExecutor(ThreadPoolExecutor):
     def __init__(self) -> None:
         super().__init__(1)

@@ -12,7 +12,7 @@ import time
 import httpx
 import pytest
 
-from tests.service.support import ROOT, TOKEN, conv_bn_model, upload
+from tests.service.support import ROOT, TOKEN, conv_bn_model, cuda_usable, upload
 
 
 def deployed(server) -> dict[str, str]:
@@ -160,12 +160,6 @@ def test_generated_token_is_kept_private_and_reused(start_server, tmp_path):
     assert server.log.read_text().count(token) == 1
 
 
-def cuda_usable() -> bool:
-    from service.runtime.sessions import CUDA, SessionFactory
-
-    return SessionFactory().probe() == CUDA
-
-
 def test_require_gpu_refuses_to_fall_back_to_the_cpu(tmp_path):
     if cuda_usable():
         pytest.skip("CUDA works here: nothing to refuse")
@@ -203,6 +197,11 @@ def test_cli_options_fall_back_to_environment():
     assert (s.port, s.host, s.require_gpu, s.max_upload_bytes) == (9200, "0.0.0.0", True, 123)
     with pytest.raises(ValueError, match="BNFOLD_PORT"):
         Settings.from_env({"BNFOLD_PORT": "eighty"})
+    assert Settings.from_env({}).cudnn_conv_algo_search == "HEURISTIC"
+    s = Settings.from_env({"BNFOLD_CUDNN_CONV_ALGO_SEARCH": "exhaustive"})
+    assert s.cudnn_conv_algo_search == "EXHAUSTIVE"
+    with pytest.raises(ValueError, match="BNFOLD_CUDNN_CONV_ALGO_SEARCH='FASTEST'"):
+        Settings.from_env({"BNFOLD_CUDNN_CONV_ALGO_SEARCH": "fastest"})
 
 
 def test_importing_the_app_loads_no_model_library():

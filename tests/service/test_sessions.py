@@ -10,7 +10,15 @@ import pytest
 
 from service.errors import ServiceUnavailable
 from service.runtime import sessions
-from service.runtime.sessions import CPU, CUDA, SessionFactory, gpu_divergence
+from service.runtime.sessions import (
+    CPU,
+    CUDA,
+    LoadedSession,
+    SessionFactory,
+    cpu_session,
+    gpu_divergence,
+    signature_of,
+)
 from tests.service.support import conv_bn_model
 
 
@@ -20,15 +28,18 @@ class FakeOrt:
     def __init__(self, cuda_works: bool) -> None:
         self.cuda_works = cuda_works
         self.asked: list[list[str]] = []
+        self.cuda_options: list[dict] = []
         self.SessionOptions = ort.SessionOptions
 
     def get_available_providers(self) -> list[str]:
         return [CUDA, CPU]
 
     def InferenceSession(self, model, options, providers):  # noqa: N802 (onnxruntime's name)
-        self.asked.append(list(providers))
+        names = [p[0] if isinstance(p, tuple) else p for p in providers]
+        self.asked.append(names)
+        self.cuda_options += [p[1] for p in providers if isinstance(p, tuple) and p[0] == CUDA]
         session = ort.InferenceSession(model, providers=[CPU])
-        got = CUDA if CUDA in providers and self.cuda_works else CPU
+        got = CUDA if CUDA in names and self.cuda_works else CPU
         session.get_providers = lambda: [got, CPU] if got == CUDA else [CPU]
         return session
 
@@ -47,9 +58,36 @@ MODEL = conv_bn_model().SerializeToString()
 
 
 def test_cuda_is_reported_when_the_session_really_gets_it(fake_ort):
-    fake_ort(cuda_works=True)
+    fake = fake_ort(cuda_works=True)
     loaded = SessionFactory(require_gpu=True).create(MODEL)
     assert loaded.provider == CUDA
+    # cuDNN's heuristics by default: an exhaustive search per new batch size stalls batching
+    assert fake.cuda_options == [{"cudnn_conv_algo_search": "HEURISTIC"}]
+    SessionFactory(cudnn_conv_algo_search="EXHAUSTIVE").create(MODEL)
+    assert fake.cuda_options[-1] == {"cudnn_conv_algo_search": "EXHAUSTIVE"}
+
+
+def test_convolutions_on_cuda_are_marked_as_replanned_at_new_batch_sizes(fake_ort):
+    fake_ort(cuda_works=True)
+    assert SessionFactory().create(MODEL).replans_on_new_batch  # Conv on CUDA
+    fake_ort(cuda_works=False)
+    assert not SessionFactory().create(MODEL).replans_on_new_batch  # the CPU keeps no plans
+
+
+def test_op_types_reach_into_subgraphs():
+    from onnx import TensorProto, helper
+
+    inner = helper.make_graph(
+        [helper.make_node("Conv", ["a", "w"], ["b"])], "inner", [],
+        [helper.make_tensor_value_info("b", TensorProto.FLOAT, None)],
+    )  # fmt: skip
+    node = helper.make_node("If", ["c"], ["y"], then_branch=inner, else_branch=inner)
+    graph = helper.make_graph(
+        [node], "outer", [helper.make_tensor_value_info("c", TensorProto.BOOL, [])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+    )  # fmt: skip
+    model = helper.make_model(graph).SerializeToString()
+    assert sessions.op_types(model) == {"If", "Conv"}
 
 
 def test_silent_fallback_is_detected_and_not_retried(fake_ort):
@@ -67,7 +105,8 @@ def test_require_gpu_refuses_a_silent_fallback(fake_ort):
 
 
 def test_gpu_divergence_compares_against_the_original_on_cpu():
-    loaded = SessionFactory().create(MODEL)  # stands in for the GPU session
+    session = cpu_session(MODEL)  # stands in for the GPU session
+    loaded = LoadedSession(session, CPU, signature_of(session))
     report = gpu_divergence(MODEL, loaded, {"x": [2, 3, 8, 8]})
     assert report["reference"].startswith("original graph on CPUExecutionProvider")
     assert report["input_shapes"] == {"x": [2, 3, 8, 8]}
