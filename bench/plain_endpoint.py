@@ -18,8 +18,8 @@ import uvicorn
 from fastapi import FastAPI, Request, Response
 
 
-def create_app(model_path: str) -> FastAPI:
-    session = ort.InferenceSession(model_path, providers=["CPUExecutionProvider"])
+def create_app(model_path: str, providers: list[str]) -> FastAPI:
+    session = ort.InferenceSession(model_path, providers=providers)
     input_name = session.get_inputs()[0].name
     app = FastAPI()
 
@@ -54,8 +54,10 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("model")
     p.add_argument("--port", type=int, default=8100)
+    p.add_argument("--providers", default="CPUExecutionProvider", help="comma-separated")
     args = p.parse_args()
-    uvicorn.run(create_app(args.model), host="127.0.0.1", port=args.port, log_level="warning")
+    app = create_app(args.model, args.providers.split(","))
+    uvicorn.run(app, host="127.0.0.1", port=args.port, log_level="warning")
 
 
 if __name__ == "__main__":

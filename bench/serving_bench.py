@@ -9,6 +9,9 @@ service's throughput). A soak at concurrency 32 samples the server's resident me
 
     .venv/bin/python bench/serving_bench.py --duration 5 --soak 600 \\
         --out bench/results/serving.json
+
+``--gpu`` runs all three on the CUDA provider (the service with ``BNFOLD_REQUIRE_GPU=1``, so a
+silent fallback to the CPU stops the run) and names the GPU in the report.
 """
 
 from __future__ import annotations
@@ -34,6 +37,29 @@ from load import plain_request, run_load, v2_request  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 TOKEN = "bench-token-0123456789"
 CONCURRENCY = (1, 8, 32, 64)
+CPU_ONLY = ["CPUExecutionProvider"]
+CUDA_FIRST = ["CUDAExecutionProvider", "CPUExecutionProvider"]
+# what in-process onnxruntime and the plain endpoint run on; ``--gpu`` switches to CUDA_FIRST
+PROVIDERS = list(CPU_ONLY)
+SERVER_ENV: dict[str, str] = {}  # ``--env BNFOLD_X=V``: extra settings for every service start
+
+
+def onnxruntime_session(path: Path, options=None):
+    """A session on ``PROVIDERS``, refusing one that did not get the first of them."""
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(path), options, providers=PROVIDERS)
+    if session.get_providers()[0] != PROVIDERS[0]:
+        raise SystemExit(f"{path.name}: onnxruntime gave {session.get_providers()[0]}")
+    return session
+
+
+def gpu_name() -> str:
+    out = subprocess.run(
+        ["nvidia-smi", "--query-gpu=name,driver_version", "--format=csv,noheader"],
+        capture_output=True, text=True, check=True,
+    )  # fmt: skip
+    return out.stdout.strip()
 
 
 def export_models(work: Path) -> dict[str, tuple[Path, list[int]]]:
@@ -98,12 +124,14 @@ class Proc:
 
 def start_service(work: Path, port: int, batching: bool, **extra: str) -> Proc:
     env = {
+        **SERVER_ENV,
         **extra,
         "BNFOLD_STORE": str(work / "store"),
         "BNFOLD_PORT": str(port),
         "BNFOLD_API_TOKEN": TOKEN,
         "BNFOLD_DEPLOY_DEFAULTS": "0",
         "BNFOLD_DYNAMIC_BATCHING": "1" if batching else "0",
+        "BNFOLD_REQUIRE_GPU": "1" if PROVIDERS == CUDA_FIRST else "0",
     }
     command = [sys.executable, "-m", "service", "--log-level", "warning"]
     proc = Proc(command, env, work / "service.log", f"http://127.0.0.1:{port}")
@@ -114,15 +142,14 @@ def start_service(work: Path, port: int, batching: bool, **extra: str) -> Proc:
 def start_plain(work: Path, name: str) -> Proc:
     """``bench/plain_endpoint.py`` serving the folded graph of ``name``."""
     command = [sys.executable, "bench/plain_endpoint.py", str(work / f"{name}.folded.onnx")]
+    command += ["--providers", ",".join(PROVIDERS)]
     plain = Proc([*command, "--port", "18100"], {}, work / "plain.log", "http://127.0.0.1:18100")
     plain.wait("/health")
     return plain
 
 
 def in_process(model: Path, shape: list[int], duration: float) -> dict:
-    import onnxruntime as ort
-
-    session = ort.InferenceSession(str(model), providers=["CPUExecutionProvider"])
+    session = onnxruntime_session(model)
     name = session.get_inputs()[0].name
     rng = np.random.default_rng(0)
     result: dict = {"throughput_rows_per_s": {}}
@@ -177,11 +204,7 @@ def interleaved_targets(
     onnxruntime at its best batch, the service at concurrency 32 with batching (binary), and
     the plain endpoint at concurrency 32 (binary). Medians over the rounds. During each load a
     thread asks the server's health route every 0.1 s: what an orchestrator's probe sees."""
-    import onnxruntime as ort
-
-    session = ort.InferenceSession(
-        str(work / f"{name}.folded.onnx"), providers=["CPUExecutionProvider"]
-    )
+    session = onnxruntime_session(work / f"{name}.folded.onnx")
     input_name = session.get_inputs()[0].name
     rng = np.random.default_rng(0)
     best = max(entry["in_process"]["throughput_rows_per_s"].items(), key=lambda kv: kv[1])[0]
@@ -298,6 +321,8 @@ def main() -> None:
     p.add_argument("--soak", type=float, default=600.0, help="seconds; 0 to skip")
     p.add_argument("--target-rounds", type=int, default=3)
     p.add_argument("--out", default=str(ROOT / "bench/results/serving.json"))
+    p.add_argument("--gpu", action="store_true", help="everything on the CUDA provider")
+    p.add_argument("--env", action="append", default=[], help="extra BNFOLD_X=V for the service")
     p.add_argument(
         "--redo-targets",
         action="store_true",
@@ -308,8 +333,12 @@ def main() -> None:
         print(render(json.loads(Path(args.render).read_text())))
         return
     work = Path(args.work)
+    if args.gpu:
+        PROVIDERS[:] = CUDA_FIRST
+    SERVER_ENV.update(e.split("=", 1) for e in args.env)
     if args.redo_targets:
         report = json.loads(Path(args.out).read_text())
+        report["server_env"] = SERVER_ENV
         for name, entry in report["models"].items():
             print(f"== {name} interleaved targets", flush=True)
             entry["targets"] = interleaved_targets(
@@ -322,6 +351,9 @@ def main() -> None:
     originals = export_models(work)
     report: dict = {
         "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, {platform.platform()}",
+        "providers": PROVIDERS,
+        "server_env": SERVER_ENV,
+        "gpu": gpu_name() if args.gpu else None,
         "load_average_at_start": os.getloadavg(),
         "duration_per_cell_s": args.duration,
         "models": {},

@@ -29,8 +29,9 @@ import httpx
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import serving_bench  # noqa: E402
 from load import BlockingClient, v2_request  # noqa: E402
-from serving_bench import Proc, start_service  # noqa: E402
+from serving_bench import Proc, onnxruntime_session, start_service  # noqa: E402
 
 
 def main() -> None:
@@ -43,7 +44,10 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=1, help="onnxruntime intra-op threads, both")
     p.add_argument("--floor", action="store_true", help="also time a bare uvicorn app")
     p.add_argument("--env", action="append", default=[], help="extra BNFOLD_X=V for the server")
+    p.add_argument("--gpu", action="store_true", help="both on the CUDA provider")
     args = p.parse_args()
+    if args.gpu:
+        serving_bench.PROVIDERS[:] = serving_bench.CUDA_FIRST
     import onnxruntime as ort
 
     work = Path(args.work)
@@ -51,7 +55,7 @@ def main() -> None:
     x = np.random.default_rng(0).standard_normal(shape).astype(np.float32)
     options = ort.SessionOptions()
     options.intra_op_num_threads = args.threads
-    session = ort.InferenceSession(str(work / f"{args.model}.folded.onnx"), options)
+    session = onnxruntime_session(work / f"{args.model}.folded.onnx", options)
     name = session.get_inputs()[0].name
     extra = dict(e.split("=", 1) for e in args.env)
     service = start_service(
@@ -87,6 +91,7 @@ def main() -> None:
     }
     print(json.dumps({
         "model": args.model, "shape": shape, "threads": args.threads, "pairs": n,
+        "providers": serving_bench.PROVIDERS,
         "server_env": extra,
         "in_process_p50_ms": round(statistics.median(local) * 1e3, 3),
         "service_p50_ms": round(statistics.median(served) * 1e3, 3),
