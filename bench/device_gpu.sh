@@ -14,7 +14,7 @@
 #   bench/device_gpu.sh tests     # tests/service/test_gpu.py, then the service suite
 #   bench/device_gpu.sh bench     # serving_bench.py --gpu, serving_overhead.py --gpu
 #   bench/device_gpu.sh exhaustive  # bench's targets again with exhaustive cuDNN search
-#   bench/device_gpu.sh diag      # gpu_service_split.py, gpu_batch_shapes.py
+#   bench/device_gpu.sh diag      # service_split.py --gpu, gpu_batch_shapes.py
 set -uo pipefail
 OUT=${OUT:-/tmp/bnfold-gpu-out}
 mkdir -p "$OUT"
@@ -77,7 +77,7 @@ exhaustive() {
 # where a batched ResNet-18 request's time goes on the GPU, and what changing batch sizes cost
 diag() {
     mkdir -p .whl/work && cp -n .whl/models/*.onnx .whl/work/ 2>/dev/null
-    $PY bench/gpu_service_split.py --work .whl/work | tee "$OUT/service_split.jsonl"
+    $PY bench/service_split.py --gpu --work .whl/work | tee "$OUT/service_split.jsonl"
     $PY bench/gpu_batch_shapes.py .whl/work/resnet18.folded.onnx --sizes 1-8 --runs 200 \
         | tee "$OUT/batch_shapes.jsonl"
 }

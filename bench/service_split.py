@@ -1,7 +1,7 @@
-"""Where a batched request's time goes in the service on the GPU: the server's own request and
-compute histograms and its batch sizes, under binary load at concurrency 8, 32, then 8 again.
+"""Where a batched request's time goes in the service: the server's own request and compute
+histograms and its batch sizes, under binary load at concurrency 8, 32, then 8 again.
 
-    python bench/gpu_service_split.py --work /tmp/bnfold-gpu   # holds resnet18.onnx
+    python bench/service_split.py --work /tmp/bnfold-serving --gpu   # holds resnet18.onnx
 """
 
 from __future__ import annotations
@@ -33,12 +33,14 @@ def batch_rows(url: str, model: str) -> tuple[float, float]:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--work", default="/tmp/bnfold-gpu")
+    p.add_argument("--work", default="/tmp/bnfold-serving")
     p.add_argument("--model", default="resnet18")
     p.add_argument("--seconds", type=float, default=4.0)
     p.add_argument("--env", action="append", default=[], help="extra BNFOLD_X=V for the service")
+    p.add_argument("--gpu", action="store_true", help="the service must serve on CUDA")
     args = p.parse_args()
-    sb.PROVIDERS[:] = sb.CUDA_FIRST
+    if args.gpu:
+        sb.PROVIDERS[:] = sb.CUDA_FIRST
     work = Path(args.work)
     service = sb.start_service(work, 18000, True, **dict(e.split("=", 1) for e in args.env))
     try:
@@ -66,8 +68,13 @@ def main() -> None:
                 batch_rows(service.url, args.model),
             )
             mean = {
-                k: round((after[k][0] - before[k][0]) / max(1, after[k][1] - before[k][1]) * 1e3, 2)
-                for k in after
+                k: round(
+                    (v[0] - before.get(k, (0, 0))[0])
+                    / max(1, v[1] - before.get(k, (0, 0))[1])
+                    * 1e3,
+                    2,
+                )
+                for k, v in after.items()
             }
             runs = rows1[1] - rows0[1]
             print(json.dumps({
