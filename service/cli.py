@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from typing import Any
 
 from service import logs
 from service.settings import Settings
@@ -29,6 +30,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--log-level", choices=LEVELS)
     p.add_argument("--log-format", choices=["text", "json"])
     return p
+
+
+def _http_protocol(settings: Settings) -> Any:
+    """uvicorn's ``http`` setting: its httptools protocol with coalesced writes, or its own
+    choice when that is turned off or httptools is missing."""
+    if settings.coalesce_writes:
+        try:
+            from service.http_protocol import CoalescingHttpToolsProtocol
+        except ImportError:  # no httptools: uvicorn falls back to h11
+            return "auto"
+        return CoalescingHttpToolsProtocol
+    return "auto"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -60,6 +73,7 @@ def main(argv: list[str] | None = None) -> int:
         create_app(settings),
         host=settings.host,
         port=settings.port,
+        http=_http_protocol(settings),
         log_level=settings.log_level,
         log_config=None,  # uvicorn's loggers propagate to the root set up above
         timeout_graceful_shutdown=5,

@@ -53,6 +53,7 @@ class Settings:
     # dynamic batching meets at every new batch size; HEURISTIC asks cuDNN's heuristics
     cudnn_conv_algo_search: str = "HEURISTIC"  # or EXHAUSTIVE, DEFAULT
     infer_fast_path: bool = True  # infer requests skip FastAPI's routing (routes/infer_asgi.py)
+    coalesce_writes: bool = True  # a response's header and body in one write (http_protocol.py)
 
     # the ingest worker: one process per upload, with resource limits
     worker_timeout_s: float = 300.0  # wall clock
