@@ -263,6 +263,41 @@ def sweep(url, path, headers, body, target, encoding, duration, max_requests) ->
     return rows
 
 
+def soak(work: Path, report: dict, seconds: float) -> dict:
+    """ResNet-18 at concurrency 32 with batching for ``seconds``; resident memory every 5 s."""
+    name = "resnet18"
+    x = np.random.default_rng(0).standard_normal([1, 3, 224, 224]).astype(np.float32)
+    service = start_service(work, 18000, batching=True)
+    samples: list[tuple[float, float]] = []
+    done = threading.Event()
+
+    def sample() -> None:
+        t0 = time.monotonic()
+        while not done.wait(5):
+            samples.append((round(time.monotonic() - t0, 1), round(service.rss_mib(), 1)))
+
+    sampler = threading.Thread(target=sample)
+    sampler.start()
+    req = v2_request(name, report["models"][name]["input_name"], x, "binary")
+    print(f"== soak {name} concurrency 32 for {seconds:g} s", flush=True)
+    load = asyncio.run(
+        run_load(service.url, *req, 32, seconds, 10**9, "bnfold batching on", "binary")
+    )
+    done.set()
+    sampler.join()
+    service.stop()
+    after_minute = [m for t, m in samples if t >= 60]
+    growth = round(after_minute[-1] - after_minute[0], 1) if after_minute else None
+    result = {
+        "model": name,
+        **load.to_dict(),
+        "rss_mib": samples,
+        "rss_growth_after_first_minute_mib": growth,
+    }
+    print(json.dumps(result), flush=True)
+    return result
+
+
 def render(report: dict) -> str:
     """The markdown tables of docs/BENCHMARKS.md from a results file."""
     lines = []
@@ -323,6 +358,7 @@ def main() -> None:
     p.add_argument("--out", default=str(ROOT / "bench/results/serving.json"))
     p.add_argument("--gpu", action="store_true", help="everything on the CUDA provider")
     p.add_argument("--env", action="append", default=[], help="extra BNFOLD_X=V for the service")
+    p.add_argument("--redo-soak", action="store_true", help="re-run only the soak of --out")
     p.add_argument(
         "--redo-targets",
         action="store_true",
@@ -336,6 +372,12 @@ def main() -> None:
     if args.gpu:
         PROVIDERS[:] = CUDA_FIRST
     SERVER_ENV.update(e.split("=", 1) for e in args.env)
+    if args.redo_soak:
+        report = json.loads(Path(args.out).read_text())
+        report["soak"] = soak(work, report, args.soak)
+        Path(args.out).write_text(json.dumps(report, indent=1))
+        print(f"wrote {args.out}")
+        return
     if args.redo_targets:
         report = json.loads(Path(args.out).read_text())
         report["server_env"] = SERVER_ENV
@@ -410,36 +452,7 @@ def main() -> None:
         )
 
     if args.soak > 0:
-        name = "resnet18"
-        x = np.random.default_rng(0).standard_normal([1, 3, 224, 224]).astype(np.float32)
-        service = start_service(work, 18000, batching=True)
-        samples: list[tuple[float, float]] = []
-        done = threading.Event()
-
-        def sample() -> None:
-            t0 = time.monotonic()
-            while not done.wait(5):
-                samples.append((round(time.monotonic() - t0, 1), round(service.rss_mib(), 1)))
-
-        sampler = threading.Thread(target=sample)
-        sampler.start()
-        req = v2_request(name, report["models"][name]["input_name"], x, "binary")
-        print(f"== soak {name} concurrency 32 for {args.soak:g} s", flush=True)
-        result = asyncio.run(
-            run_load(service.url, *req, 32, args.soak, 10**9, "bnfold batching on", "binary")
-        )
-        done.set()
-        sampler.join()
-        service.stop()
-        after_minute = [m for t, m in samples if t >= 60]
-        growth = round(after_minute[-1] - after_minute[0], 1) if after_minute else None
-        report["soak"] = {
-            "model": name,
-            **result.to_dict(),
-            "rss_mib": samples,
-            "rss_growth_after_first_minute_mib": growth,
-        }
-        print(json.dumps(report["soak"]), flush=True)
+        report["soak"] = soak(work, report, args.soak)
 
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(report, indent=1))
