@@ -68,7 +68,6 @@ bench() {
 
 # the interleaved targets again, the service with onnxruntime's default exhaustive cuDNN search
 exhaustive() {
-    cp "$OUT/serving_gpu.json" .whl/work/ 2>/dev/null
     cp .whl/work/serving_gpu.json "$OUT/targets_exhaustive.json"
     $PY bench/serving_bench.py --gpu --work .whl/work --duration "${DURATION:-3}" --redo-targets \
         --env BNFOLD_CUDNN_CONV_ALGO_SEARCH=EXHAUSTIVE --out "$OUT/targets_exhaustive.json"

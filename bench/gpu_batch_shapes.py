@@ -56,12 +56,8 @@ def measure(path: str, options: dict, sizes: list[int], runs: int, mem_pattern: 
     second = {b: round(run(b) * 1e3, 3) for b in sizes}
     order = [sizes[i % len(sizes)] for i in rng.permutation(runs)]
     one_thread = [run(b) for b in order]
-    with ThreadPoolExecutor(8) as pool:
-        pooled = list(pool.map(run, order, chunksize=1)) if False else []
-        futures = []
-        for b in order:  # one at a time, each on whichever pool thread is free: the batcher
-            futures.append(pool.submit(run, b).result())
-        pooled = futures
+    with ThreadPoolExecutor(8) as pool:  # one at a time, on whichever thread: the batcher
+        pooled = [pool.submit(run, b).result() for b in order]
     fixed = [run(sizes[-1]) for _ in range(runs // 2)]
     return {
         "first_run_ms": first,

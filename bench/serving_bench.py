@@ -139,6 +139,20 @@ def start_service(work: Path, port: int, batching: bool, **extra: str) -> Proc:
     return proc
 
 
+def deploy(api: httpx.Client, work: Path, name: str, path: Path, shape: list[int]) -> dict:
+    """Upload ``path`` as ``name`` unless it is deployed; save its folded graph as
+    ``work/NAME.folded.onnx``; return its record."""
+    if api.get(f"/v1/models/{name}").status_code != 200:
+        r = api.post(
+            "/v1/models",
+            data={"name": name, "input_shape": json.dumps([2, *shape[1:]])},
+            files={"file": (path.name, path.read_bytes())},
+        )
+        r.raise_for_status()
+    (work / f"{name}.folded.onnx").write_bytes(api.get(f"/v1/models/{name}/onnx").content)
+    return api.get(f"/v1/models/{name}").json()
+
+
 def start_plain(work: Path, name: str) -> Proc:
     """``bench/plain_endpoint.py`` serving the folded graph of ``name``."""
     command = [sys.executable, "bench/plain_endpoint.py", str(work / f"{name}.folded.onnx")]
@@ -405,16 +419,7 @@ def main() -> None:
     with httpx.Client(base_url=service.url, timeout=600) as api:
         api.headers["Authorization"] = f"Bearer {TOKEN}"
         for name, (path, shape) in originals.items():
-            if api.get(f"/v1/models/{name}").status_code != 200:
-                r = api.post(
-                    "/v1/models",
-                    data={"name": name, "input_shape": json.dumps([2, *shape[1:]])},
-                    files={"file": (path.name, path.read_bytes())},
-                )
-                r.raise_for_status()
-            record = api.get(f"/v1/models/{name}").json()
-            folded = work / f"{name}.folded.onnx"
-            folded.write_bytes(api.get(f"/v1/models/{name}/onnx").content)
+            record = deploy(api, work, name, path, shape)
             report["models"][name] = {
                 "input_shape": shape,
                 "fold": record["fold_report"]["counts"],

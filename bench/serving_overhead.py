@@ -66,7 +66,7 @@ def main() -> None:
         for _ in range(args.warmup):
             session.run(None, {name: x})
             client.send()
-        before = _server_split(service.url, args.model)
+        before = histogram_sums(service.url, args.model, SERVER_SPLIT)
         local, served = [], []
         for _ in range(args.pairs):
             t0 = time.perf_counter()
@@ -78,17 +78,14 @@ def main() -> None:
                 raise SystemExit(f"the service answered {status}")
             local.append(t1 - t0)
             served.append(t2 - t1)
-        after = _server_split(service.url, args.model)
+        after = histogram_sums(service.url, args.model, SERVER_SPLIT)
         client.close()
     finally:
         service.stop()
     floor = _floor(work, v2_request(args.model, name, x, "binary"), args) if args.floor else {}
     added = sorted(s - lo for s, lo in zip(served, local, strict=True))
     n = len(added)
-    server = {
-        k: round((after[k][0] - before[k][0]) / (after[k][1] - before[k][1]) * 1e3, 3)
-        for k in after
-    }
+    server = {k: round(v * 1e3, 3) for k, v in mean_between(before, after).items()}
     print(json.dumps({
         "model": args.model, "shape": shape, "threads": args.threads, "pairs": n,
         "providers": serving_bench.PROVIDERS,
@@ -121,14 +118,29 @@ def _floor(work: Path, request, args) -> dict:
     return {"bare_uvicorn_p50_ms": round(statistics.median(times) * 1e3, 3)}
 
 
-def _server_split(url: str, model: str) -> dict[str, tuple[float, float]]:
-    """(sum, count) of the server's request and compute histograms for ``model``."""
+_SERIES_LINE = r'^%s_(sum|count)\{model="%s"\} (\S+)$'
+
+# the server's own split of a request: short name -> its histogram in /metrics
+SERVER_SPLIT = {
+    "request": "bnfold_infer_request_seconds",
+    "compute": "bnfold_infer_compute_seconds",
+}
+
+
+def histogram_sums(url: str, model: str, series: dict[str, str]) -> dict[str, tuple[float, float]]:
+    """(sum, count) of each histogram in ``series`` for ``model``; (0, 0) before its first
+    observation, when the server does not list it yet."""
     text = httpx.get(url + "/metrics", timeout=10).text
-    found: dict[str, list[float]] = {}
-    pattern = r'^bnfold_infer_(request|compute)_seconds_(sum|count)\{model="%s"\} (\S+)$'
-    for m in re.finditer(pattern % re.escape(model), text, re.M):
-        found.setdefault(m.group(1), [0.0, 0.0])[m.group(2) == "count"] = float(m.group(3))
+    found = {short: [0.0, 0.0] for short in series}
+    for short, metric in series.items():
+        for m in re.finditer(_SERIES_LINE % (metric, re.escape(model)), text, re.M):
+            found[short][m.group(1) == "count"] = float(m.group(2))
     return {k: (v[0], v[1]) for k, v in found.items()}
+
+
+def mean_between(before: dict, after: dict) -> dict[str, float]:
+    """Each histogram's mean observation between two ``histogram_sums`` readings."""
+    return {k: (after[k][0] - before[k][0]) / max(1.0, after[k][1] - before[k][1]) for k in after}
 
 
 if __name__ == "__main__":
