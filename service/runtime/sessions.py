@@ -184,7 +184,7 @@ def _preload_cuda_libraries(ort: Any) -> None:
 def _cuda_driver_present() -> bool:
     """Whether NVIDIA's driver library loads. Without it CUDA cannot work, and preloading the
     CUDA and cuDNN wheels would only cost memory: on the CPU benchmark machine, where torch's
-    CUDA build brought them, the server's resident memory grew by 185 MiB."""
+    CUDA build brought them, a process's resident memory grew by 187 MiB."""
     if not sys.platform.startswith("linux"):
         return True  # let onnxruntime's own loader decide
     try:

@@ -121,8 +121,8 @@ def test_string_inputs_reach_onnxruntime_as_text():
 
 
 def test_no_cuda_libraries_are_loaded_without_a_driver():
-    """Preloading CUDA and cuDNN only helps where NVIDIA's driver is: elsewhere it cost the
-    server 185 MiB of resident memory for nothing."""
+    """Preloading CUDA and cuDNN only helps where NVIDIA's driver is: elsewhere it cost a
+    process 187 MiB of resident memory for nothing."""
     import subprocess
 
     from tests.service.support import ROOT
