@@ -166,9 +166,7 @@ def decode_request(
         datatype = raw.get("datatype")
         if datatype != spec.datatype:
             raise BadRequest(f"input {name!r} expects datatype {spec.datatype}, got {datatype!r}")
-        params = raw.get("parameters") or {}
-        if not isinstance(params, dict):
-            raise BadRequest(f"input {name!r}: 'parameters' must be an object")
+        params = _parameters(raw, f"input {name!r}")
         size = params.get("binary_data_size")
         if size is not None:
             if "data" in raw:
@@ -320,27 +318,35 @@ def _from_json(name: str, data: Any, datatype: str, shape: list[int]) -> np.ndar
 
 
 def _requested_outputs(doc: dict[str, Any], signature: Signature) -> list[RequestedOutput]:
-    params = doc.get("parameters") or {}
-    if not isinstance(params, dict):
-        raise BadRequest("'parameters' must be an object")
+    params = _parameters(doc, "the request")
     binary_default = params.get("binary_data_output", False) is True
     known = [s.name for s in signature.outputs]
     raw_outputs = doc.get("outputs")
-    if raw_outputs is None:
-        return [RequestedOutput(n, binary_default) for n in known]
-    if not isinstance(raw_outputs, list):
+    if raw_outputs is not None and not isinstance(raw_outputs, list):
         raise BadRequest("'outputs' must be a list")
-    requested = []
+    if not raw_outputs:  # absent or empty: the protocol's "every output"
+        return [RequestedOutput(n, binary_default) for n in known]
+    requested: dict[str, RequestedOutput] = {}
     for raw in raw_outputs:
         if not isinstance(raw, dict) or raw.get("name") not in known:
             name = raw.get("name") if isinstance(raw, dict) else raw
             raise BadRequest(f"unknown output {name!r}; the model's outputs are {known}")
-        out_params = raw.get("parameters") or {}
-        if not isinstance(out_params, dict):
-            raise BadRequest(f"output {raw['name']!r}: 'parameters' must be an object")
+        name = raw["name"]
+        if name in requested:
+            raise BadRequest(f"output {name!r} is requested twice")
+        out_params = _parameters(raw, f"output {name!r}")
         binary = out_params.get("binary_data", binary_default) is True
-        requested.append(RequestedOutput(raw["name"], binary))
-    return requested
+        requested[name] = RequestedOutput(name, binary)
+    return list(requested.values())
+
+
+def _parameters(raw: dict[str, Any], where: str) -> dict[str, Any]:
+    params = raw.get("parameters")
+    if params is None:
+        return {}
+    if not isinstance(params, dict):
+        raise BadRequest(f"{where}: 'parameters' must be an object")
+    return params
 
 
 # -- encoding -----------------------------------------------------------------------------------

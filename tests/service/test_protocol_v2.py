@@ -231,3 +231,31 @@ def test_binary_input_is_a_view_when_aligned_and_a_copy_otherwise(pad):
     assert got.flags.aligned and got.dtype.isnative
     address = np.frombuffer(body, np.uint8).ctypes.data + len(head)
     assert (got.ctypes.data == address) == (address % 4 == 0)
+
+
+def _one_input(**extra) -> bytes:
+    tensor = {"name": "x", "shape": [1, 4], "datatype": "FP32", "data": [0.0] * 4}
+    return json.dumps({"inputs": [tensor], **extra}).encode()
+
+
+@pytest.mark.parametrize("outputs", [None, []])
+def test_absent_or_empty_outputs_ask_for_every_output(outputs):
+    extra = {} if outputs is None else {"outputs": outputs}
+    body = _one_input(parameters={"binary_data_output": True}, **extra)
+    req = v2.decode_request(body, None, sig(), max_elements=100)
+    assert req.outputs == [RequestedOutput("y", True)]
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        ({"outputs": [{"name": "y"}, {"name": "y"}]}, "requested twice"),
+        ({"outputs": {}}, "'outputs' must be a list"),
+        ({"outputs": [{"name": "y", "parameters": []}]}, "output 'y': 'parameters' must be"),
+        ({"parameters": False}, "the request: 'parameters' must be an object"),
+        ({"parameters": []}, "the request: 'parameters' must be an object"),
+    ],
+)
+def test_decode_rejects_bad_requested_outputs_and_parameters(extra, message):
+    with pytest.raises(BadRequest, match=message):
+        v2.decode_request(_one_input(**extra), None, sig(), max_elements=100)
