@@ -137,8 +137,10 @@ def decode_request(
     json_end = len(body) if header_length is None else header_length
     try:
         doc = json.loads(body[:json_end])
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+    except (UnicodeDecodeError, ValueError) as exc:  # ValueError: also an int past 4300 digits
         raise BadRequest(f"the request's JSON part is not valid JSON: {exc}") from None
+    except RecursionError:  # the C decoder recurses once per nested array or object
+        raise BadRequest("the request's JSON part is nested too deeply") from None
     if not isinstance(doc, dict):
         raise BadRequest("the request must be a JSON object with an 'inputs' list")
     binary = memoryview(body)[json_end:]

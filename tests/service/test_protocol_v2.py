@@ -259,3 +259,16 @@ def test_absent_or_empty_outputs_ask_for_every_output(outputs):
 def test_decode_rejects_bad_requested_outputs_and_parameters(extra, message):
     with pytest.raises(BadRequest, match=message):
         v2.decode_request(_one_input(**extra), None, sig(), max_elements=100)
+
+
+@pytest.mark.parametrize(
+    "body, message",
+    [
+        (b'{"inputs": ' + b"[" * 100_000 + b"]" * 100_000 + b"}", "nested too deeply"),
+        (b'{"inputs": [{"name": "x", "shape": [' + b"7" * 5000 + b"]}]}", "not valid JSON"),
+    ],
+    ids=["deep nesting", "int past the digit limit"],
+)
+def test_json_the_decoder_cannot_take_is_a_bad_request(body, message):
+    with pytest.raises(BadRequest, match=message):
+        v2.decode_request(body, None, sig(), max_elements=100)
