@@ -1,10 +1,12 @@
-"""The zoo by name: specs, deterministic builds and their in-process cache.
+"""The zoo by name: specs, builds from shipped weights, training runs, and a cache.
 
-A build is a pure function of the zoo name: the module's initial weights come from the
-global RNG seeded inside `torch.random.fork_rng` (so the caller's RNG state is left as it
-was), and the synthetic data and training run draw from explicit generators seeded from the
-spec (see `models.training`). The first build of a name trains the model; later builds copy
-the cached result, so no caller can change what the next one gets.
+`build(name)` is the architecture with the weights shipped in `models/weights/` (see
+`models.shipped`): the same bits on every machine. `train(name)` is the run those weights came
+from: the module's initial weights from the global RNG seeded inside `torch.random.fork_rng`
+(so the caller's RNG state is left as it was), the synthetic data and the steps from explicit
+generators seeded from the spec (see `models.training`). A run is repeatable on one machine,
+not across CPUs, which is why builds load rather than train. The first build of a name reads
+its file; later builds copy the cached module, so no caller can change what the next one gets.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from models import shipped
 from models.cnn import SmallCNN, SmallCNNConfig
 from models.decoder import Decoder, DecoderConfig
 from models.mlp import MLP, MLPConfig
@@ -27,7 +30,7 @@ from models.preact import PreActNet, PreActNetConfig
 from models.resnet import ResNetSmall, ResNetSmallConfig
 from models.seq import SequenceCNN, SequenceCNNConfig
 from models.synthetic import InputDistribution, sample_inputs
-from models.training import train_on_synthetic
+from models.training import TrainingLog, fit_loss, train_on_synthetic
 
 __all__ = [
     "DEFAULT_MODELS",
@@ -37,8 +40,10 @@ __all__ = [
     "clear_cache",
     "example_inputs",
     "get_spec",
+    "fit_score",
     "input_shapes",
     "names",
+    "train",
 ]
 
 logger = logging.getLogger(__name__)
@@ -158,17 +163,45 @@ def example_inputs(name: str, batch: int = 2) -> tuple[Tensor, ...]:
 
 
 def build(name: str) -> nn.Module:
-    """The trained model, in eval mode: a fresh copy of the same weights on every call."""
+    """The trained model from its shipped weights, in eval mode: a fresh copy on every call."""
     spec = get_spec(name)
     # a copy taken in inference mode would hold inference tensors, which can never be trained
     with _cache_lock, torch.inference_mode(False):
         if name not in _cache:
-            _cache[name] = _train(spec)
+            _cache[name] = shipped.load_into(name, _architecture(spec))
         return copy.deepcopy(_cache[name])
 
 
+def train(name: str) -> tuple[nn.Module, TrainingLog]:
+    """Run the zoo's short training for `name` from scratch (the run behind its weights)."""
+    spec = get_spec(name)
+    start = time.perf_counter()
+    # forked, in case a layer draws from the global RNG in train mode (none does today)
+    with torch.inference_mode(False), torch.random.fork_rng(devices=[]):
+        model = _architecture(spec)
+        generator = torch.Generator().manual_seed(spec.seed + 1)
+        log = train_on_synthetic(model, _input_distributions(spec), generator)
+    logger.info(
+        "trained %s in %.2fs: loss %.4f -> %.4f over %d steps, fit %.4f",
+        spec.name,
+        time.perf_counter() - start,
+        log.first_loss,
+        log.last_loss,
+        log.steps,
+        log.fit_loss,
+    )
+    return model, log
+
+
+def fit_score(name: str, model: nn.Module) -> float:
+    """Loss of any weights for `name` on its training run's task (lower is better)."""
+    spec = get_spec(name)
+    generator = torch.Generator().manual_seed(spec.seed + 1)
+    return fit_loss(model, _input_distributions(spec), generator)
+
+
 def clear_cache() -> None:
-    """Forget built models, so that the next build of each name trains it again."""
+    """Forget built models, so that the next build of each name reads its file again."""
     with _cache_lock:
         _cache.clear()
 
@@ -178,21 +211,10 @@ def _input_distributions(spec: ModelSpec) -> list[InputDistribution]:
     return [InputDistribution.seeded(shape, generator) for shape in spec.sample_shapes]
 
 
-def _train(spec: ModelSpec) -> nn.Module:
-    start = time.perf_counter()
+def _architecture(spec: ModelSpec) -> nn.Module:
+    """The untrained module, its initialisation drawn from a seeded, forked global RNG."""
     with torch.random.fork_rng(devices=[]):
         # seeds the CPU generator only: torch.manual_seed would also seed CUDA generators,
         # whose state fork_rng(devices=[]) does not restore
         torch.random.default_generator.manual_seed(spec.seed)
-        model = spec.make()
-        generator = torch.Generator().manual_seed(spec.seed + 1)
-        log = train_on_synthetic(model, _input_distributions(spec), generator)
-    logger.info(
-        "built %s in %.2fs: loss %.4f -> %.4f over %d steps",
-        spec.name,
-        time.perf_counter() - start,
-        log.first_loss,
-        log.last_loss,
-        log.steps,
-    )
-    return model
+        return spec.make()

@@ -15,10 +15,14 @@ The optimiser is a plain Adam (Kingma & Ba, 2014) written out here rather than t
 constructing any torch.optim optimiser imports torch._dynamo, which costs more (about 2 s on a
 small machine) than a whole build.
 
-The run is a function of its arguments alone. All data and initialisation draws come from the
-generator passed in, never from the global RNG. And it runs on one thread: CPU kernels split
-reductions by thread count, so the float32 rounding of a run would otherwise depend on
-torch.get_num_threads() (and on a shared machine a second thread mostly waits for a core).
+The run is a function of its arguments alone on one machine. All data and initialisation draws
+come from the generator passed in, never from the global RNG. And it runs on one thread: CPU
+kernels split reductions by thread count, so the float32 rounding of a run would otherwise
+depend on torch.get_num_threads() (and on a shared machine a second thread mostly waits for a
+core). Across machines it is not: another CPU's kernels round sums differently and forty
+steps of training amplify that (0.25 apart on a zoo model's outputs, AMD EPYC against Intel
+Xeon). That is why the zoo ships the weights of one run (`models.weights`) rather than
+retraining on every machine; a run is scored by its loss on a held-out set of the same task.
 """
 
 from __future__ import annotations
@@ -34,7 +38,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from models.synthetic import InputDistribution, RandomTeacher, sample_inputs
 
-__all__ = ["TrainingConfig", "TrainingLog", "train_on_synthetic"]
+__all__ = ["SyntheticTask", "TrainingConfig", "TrainingLog", "fit_loss", "train_on_synthetic"]
 
 logger = logging.getLogger(__name__)
 
@@ -51,11 +55,14 @@ class TrainingConfig:
 
 @dataclass(frozen=True)
 class TrainingLog:
-    """What the run did, for logs and tests: the loss should have gone down."""
+    """What the run did, for logs and tests: the loss should have gone down. `fit_loss` is the
+    finished model's, in eval mode, over the whole training set: the figure another run (on
+    another machine) must reach, since its exact weights will differ."""
 
     steps: int
     first_loss: float
     last_loss: float
+    fit_loss: float
 
     def to_dict(self) -> dict[str, float | int]:
         return asdict(self)
@@ -75,18 +82,64 @@ def train_on_synthetic(
     return log
 
 
+@dataclass(frozen=True, eq=False)
+class SyntheticTask:
+    """The data of one training run: inputs and the teacher's targets.
+
+    The zoo's runs are there to give BN real statistics, not to generalize (256 samples, 40
+    steps: a held-out set scores no better than predicting 0), so a run is scored on the
+    training set itself."""
+
+    inputs: tuple[torch.Tensor, ...]
+    targets: torch.Tensor
+
+    @classmethod
+    def draw(
+        cls,
+        model: nn.Module,
+        distributions: Sequence[InputDistribution],
+        generator: torch.Generator,
+        config: TrainingConfig,
+    ) -> SyntheticTask:
+        """The run's first draws from `generator`: a function of the seed and shapes alone, so
+        any weights can be scored on the task of a finished run."""
+        xs, zs = sample_inputs(distributions, config.dataset_size, generator)
+        was_training = model.training
+        model.eval()
+        with torch.no_grad():
+            output_shape = tuple(model(*(x[:2] for x in xs)).shape[1:])
+        model.train(was_training)
+        teacher = RandomTeacher([d.shape for d in distributions], output_shape, generator)
+        return cls(xs, teacher(zs))
+
+    def fit_loss(self, model: nn.Module) -> float:
+        """Mean squared error of `model` in eval mode over the whole training set."""
+        was_training = model.training
+        model.eval()
+        with torch.no_grad():
+            loss = nn.functional.mse_loss(model(*self.inputs), self.targets)
+        model.train(was_training)
+        return loss.item()
+
+
+def fit_loss(
+    model: nn.Module,
+    distributions: Sequence[InputDistribution],
+    generator: torch.Generator,
+    config: TrainingConfig = TrainingConfig(),  # noqa: B008 - frozen, so sharing is safe
+) -> float:
+    """Score any weights on the task of the run that `generator` would start."""
+    with _one_thread(), torch.inference_mode(False):
+        return SyntheticTask.draw(model, distributions, generator, config).fit_loss(model)
+
+
 def _run(
     model: nn.Module,
     distributions: Sequence[InputDistribution],
     generator: torch.Generator,
     config: TrainingConfig,
 ) -> TrainingLog:
-    xs, zs = sample_inputs(distributions, config.dataset_size, generator)
-    model.eval()
-    with torch.no_grad():
-        output_shape = tuple(model(*(x[:2] for x in xs)).shape[1:])
-    teacher = RandomTeacher([d.shape for d in distributions], output_shape, generator)
-    targets = teacher(zs)
+    task = SyntheticTask.draw(model, distributions, generator, config)
 
     batch_norms = [m for m in model.modules() if isinstance(m, _BatchNorm)]
     _spread_affine(batch_norms, generator)
@@ -99,8 +152,8 @@ def _run(
     model.train()
     for _ in range(config.steps):
         index = torch.randperm(config.dataset_size, generator=generator)[: config.batch_size]
-        prediction = model(*(x[index] for x in xs))
-        loss = nn.functional.mse_loss(prediction, targets[index])
+        prediction = model(*(x[index] for x in task.inputs))
+        loss = nn.functional.mse_loss(prediction, task.targets[index])
         model.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -110,7 +163,12 @@ def _run(
 
     for bn, momentum in zip(batch_norms, momenta, strict=True):
         bn.momentum = momentum
-    return TrainingLog(steps=config.steps, first_loss=losses[0], last_loss=losses[-1])
+    return TrainingLog(
+        steps=config.steps,
+        first_loss=losses[0],
+        last_loss=losses[-1],
+        fit_loss=task.fit_loss(model),
+    )
 
 
 @contextmanager
