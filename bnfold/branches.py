@@ -1,9 +1,10 @@
 """Structural reparameterization: merge parallel affine branches of one input into one conv.
 
-After BN folding, RepVGG / MobileOne / ACNet blocks compute a sum of branches of the same
-input x: convs with the same stride, dilation and groups (kernel sizes may differ), a BN that
-stayed because it has no producer (the identity branch, y = s*x + t), x itself, each possibly
-behind eval-mode identities (Dropout, Identity, DropPath at 0). Every branch is a conv:
+After BN folding, RepVGG / MobileOne / ACNet / RepGhost blocks compute a sum of branches of
+the same input x: convs with the same stride, dilation and groups (kernel sizes may differ), a
+BN that stayed because it has no producer (the identity branch, y = s*x + t; RepGhost's
+`fusion_bn(nn.Identity()(x))`), x itself, each possibly behind eval-mode identities (Dropout,
+Identity, DropPath at 0), on either side of the branch. Every branch is a conv:
 
 * a conv of kernel k and padding p reads input o*stride - p + j*dilation; placed at offset
   J0 = (P - p) / dilation inside a kernel of size K with padding P = max p, it reads the same
@@ -12,8 +13,13 @@ behind eval-mode identities (Dropout, Identity, DropPath at 0). Every branch is 
 * x itself is that kernel with s = 1, t = 0.
 
 Cases, each a guard below:
-1. Only a sum (add, or the in-place += of the blocks) of at least two branches, one a conv.
-2. Every branch reads the same input x, and every intermediate result has no other user.
+1. Only a sum (`+`, `torch.add`, `x.add(y)`, or in place: `+=`, `x.add_(y)`) of at least two
+   branches, one a conv. A sum that does not merge as a whole may hold sub-sums that do (a
+   residual add around a RepGhost sum): those merge, then the whole is tried again.
+2. Every branch reads the same input x (through eval identities), and every intermediate
+   result has no other user.
+2a. Nothing writes x in place while the branches read it, and the sum is not written in
+   place into x (or a tensor x is a view of): the merged conv reads x once and writes nothing.
 3. Convs share stride, dilation, groups and output channels; zero padding mode only.
 4. Paddings line up: 2P - d(K-1) == 2p - d(k-1) in every dim (same output size), J0 integral.
 5. A BN / identity branch needs stride 1 and as many output as input channels.
@@ -29,7 +35,15 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, fx, nn
 
-from bnfold.capture import BNSite, bn_site, fetch_attr, free_name, is_shape_only, node_shape
+from bnfold.capture import (
+    BNSite,
+    bn_site,
+    fetch_attr,
+    free_name,
+    is_inplace,
+    is_shape_only,
+    node_shape,
+)
 from bnfold.numerics import (
     bn_scale_shift,
     branch_sum_macs,
@@ -41,7 +55,8 @@ from bnfold.report import MergeEntry
 
 __all__ = ["merge_branches"]
 
-_ADDS = {operator.add, operator.iadd, torch.add}
+_ADD_FUNCTIONS = {operator.add, operator.iadd, torch.add}
+_ADD_METHODS = {"add", "add_"}
 _CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
 
@@ -59,9 +74,12 @@ def _users(node: fx.Node) -> list[fx.Node]:
 
 
 def _is_add(node: fx.Node) -> bool:
+    if node.op == "call_function":
+        is_sum = node.target in _ADD_FUNCTIONS
+    else:
+        is_sum = node.op == "call_method" and node.target in _ADD_METHODS
     return (
-        node.op == "call_function"
-        and node.target in _ADDS
+        is_sum
         and len(node.args) == 2
         and not node.kwargs
         and any(isinstance(a, fx.Node) for a in node.args)
@@ -87,21 +105,71 @@ def _sum_terms(root: fx.Node, gm: fx.GraphModule) -> tuple[list[fx.Node], list[f
     return terms, interior
 
 
-def _branch(term: fx.Node, gm: fx.GraphModule) -> tuple[_Branch, fx.Node] | str:
-    """Describe one term as a branch of its input, or say why it is not one."""
+def _source(node: fx.Node, gm: fx.GraphModule) -> tuple[fx.Node, list[fx.Node]]:
+    """The node whose values `node` has, through eval identities (any number of users), and
+    the identities passed on the way."""
+    chain = []
+    while isinstance(node, fx.Node) and is_eval_identity(node, gm):
+        chain.append(node)
+        node = node.args[0]
+    return node, chain
+
+
+def _branch(term: fx.Node, gm: fx.GraphModule) -> tuple[_Branch, fx.Node, list[fx.Node]] | str:
+    """Describe one term as a branch of its input (with the identities between them), or say
+    why it is not one."""
     if term.op == "call_module":
         m = fetch_attr(gm, str(term.target))
         if type(m) in _CONVS:
             if m.padding_mode != "zeros" or isinstance(m.padding, str):
                 return f"'{term.target}' pads with mode {m.padding_mode!r} / {m.padding!r}"
-            return _Branch(str(term.target), conv=m), term.args[0]
+            return _Branch(str(term.target), conv=m), *_source(term.args[0], gm)
     site: BNSite | None = bn_site(term, gm)
     if site is not None:
         if site.foldable_reason:
             return f"BN '{term.name}' {site.foldable_reason}"
         s, t = bn_scale_shift(site.running_mean, site.running_var, site.weight, site.bias, site.eps)
-        return _Branch(term.name, scale=s, shift=t), site.input
+        # a BN of x through nn.Identity (RepGhost's fusion_conv) is still s*x + t
+        return _Branch(term.name, scale=s, shift=t), *_source(site.input, gm)
     return f"{term.op} '{term.name}' is not a conv, a BN or the shared input"
+
+
+def _aliases(x: fx.Node, gm: fx.GraphModule) -> set[fx.Node]:
+    """Nodes that hold x's tensor itself: eval identities and in-place ops, up and down."""
+
+    def same_tensor(n: fx.Node) -> bool:
+        return (is_eval_identity(n, gm) or is_inplace(n, gm)) and bool(n.args)
+
+    seen: set[fx.Node] = set()
+    stack = [x]
+    while stack:
+        node = stack.pop()
+        if not isinstance(node, fx.Node) or node in seen:
+            continue
+        seen.add(node)
+        if same_tensor(node):
+            stack.append(node.args[0])
+        stack += [u for u in node.users if same_tensor(u) and u.args[0] is node]
+    return seen
+
+
+def _inplace_reason(
+    x: fx.Node, tree: list[fx.Node], removed: list[fx.Node], gm: fx.GraphModule
+) -> str | None:
+    """Case 2a: why computing the sum as one conv of x, placed before the first removed node,
+    would read or leave different values than the branches did."""
+    aliases = _aliases(x, gm)
+    for node in tree:
+        if is_inplace(node, gm) and not is_eval_identity(node, gm) and node.args[0] in aliases:
+            return f"the sum is written in place into its input '{x.name}' by '{node.name}'"
+    order = {n: i for i, n in enumerate(gm.graph.nodes)}
+    first, last = min(order[n] for n in removed), max(order[n] for n in tree)
+    for node in aliases:
+        if node in removed or is_eval_identity(node, gm) or not is_inplace(node, gm):
+            continue
+        if first < order[node] < last:
+            return f"its input '{x.name}' is modified in place by '{node.name}' between branches"
+    return None
 
 
 def _layout(branches: list[_Branch], dims: int, dilation: tuple[int, ...]):
@@ -127,16 +195,19 @@ def _try_merge(root: fx.Node, gm: fx.GraphModule) -> tuple[MergeEntry, callable 
         return None
     raw = [_branch(term, gm) for term in terms]
     read = [d[1] for d in raw if not isinstance(d, str)]
-    # a term that another branch reads is the identity branch (x itself)
-    identity = {t for t in terms if t in read}
-    if max((read.count(x) + (x in identity) for x in set(read)), default=0) < 2:
+    # a term that another branch reads (through identities) is the identity branch (x itself)
+    sources = {t: _source(t, gm)[0] for t in terms}
+    identity = {t for t in terms if sources[t] in read}
+    readers = [*read, *(sources[t] for t in identity)]
+    if max((readers.count(x) for x in set(readers)), default=0) < 2:
         return None  # not parallel branches of one input (a residual add, say): not a candidate
     described: list[_Branch | str | None] = []
     inputs = set()
+    chains: list[fx.Node] = []  # identities between x and a branch, removed with it if unused
     for term, d in zip(terms, raw, strict=True):
         if term in identity:
             described.append(_Branch("identity"))
-            inputs.add(term)
+            inputs.add(sources[term])
         elif len(_users(term)) != 1:
             described.append(None)
         elif isinstance(d, str):
@@ -144,6 +215,7 @@ def _try_merge(root: fx.Node, gm: fx.GraphModule) -> tuple[MergeEntry, callable 
         else:
             described.append(d[0])
             inputs.add(d[1])
+            chains += d[2]
     convs = [b for b in described if isinstance(b, _Branch) and b.conv is not None]
     if not convs:
         return None  # not a reparameterizable block: say nothing about ordinary adds
@@ -156,6 +228,12 @@ def _try_merge(root: fx.Node, gm: fx.GraphModule) -> tuple[MergeEntry, callable 
         problems.append("the branches do not all read the same input")
     if problems:
         entry.reason = problems[0]
+        return entry, None
+    x = next(iter(inputs))
+    removed = [n for n in [*interior, *terms] if n is not x]
+    reason = _inplace_reason(x, [*interior, *terms], removed, gm)
+    if reason:
+        entry.reason = reason
         return entry, None
     branches: list[_Branch] = described
     first = convs[0].conv
@@ -187,7 +265,6 @@ def _try_merge(root: fx.Node, gm: fx.GraphModule) -> tuple[MergeEntry, callable 
             f"the branches {entry.macs_before}"
         )
         return entry, None
-    x = next(iter(inputs))
     shape = node_shape(root)
     if shape is None or node_shape(x) is None or shape[1] != first.out_channels:
         entry.reason = "shapes unknown"
@@ -207,7 +284,6 @@ def _try_merge(root: fx.Node, gm: fx.GraphModule) -> tuple[MergeEntry, callable 
         merged = merged.to(first.weight.device)
         name = free_name(gm, f"{convs[0].label}_merged")
         gm.add_submodule(name, merged)
-        removed = [n for n in [*interior, *terms] if n is not x]
         order = {n: i for i, n in enumerate(gm.graph.nodes)}
         # before every removed node, so that their shape reads can move to the merged conv
         with gm.graph.inserting_before(min(removed, key=order.__getitem__)):
@@ -218,7 +294,7 @@ def _try_merge(root: fx.Node, gm: fx.GraphModule) -> tuple[MergeEntry, callable 
             for user in list(node.users):
                 if is_shape_only(user):
                     user.replace_input_with(node, new)
-        for node in sorted(removed, key=order.__getitem__, reverse=True):
+        for node in sorted({*removed, *chains}, key=order.__getitem__, reverse=True):
             if not node.users:
                 gm.graph.erase_node(node)
         return name
@@ -226,31 +302,52 @@ def _try_merge(root: fx.Node, gm: fx.GraphModule) -> tuple[MergeEntry, callable 
     return entry, apply
 
 
+def _child_sums(root: fx.Node, gm: fx.GraphModule) -> list[fx.Node]:
+    """The sums directly under `root` in its tree (read only by it, through identities)."""
+    children = []
+    for arg in root.args:
+        node = arg
+        while isinstance(node, fx.Node) and is_eval_identity(node, gm) and len(_users(node)) == 1:
+            node = node.args[0]
+        if isinstance(node, fx.Node) and _is_add(node) and len(_users(node)) == 1:
+            children.append(node)
+    return children
+
+
+def _merge_tree(root: fx.Node, gm: fx.GraphModule) -> list[MergeEntry]:
+    """Merge the tree under `root`; when it does not merge as a whole, merge its sub-sums (a
+    RepGhost sum inside a residual add) and try `root` again. Entries of the merged sums and
+    of `root`: a sub-sum that does not merge either is not reported on its own."""
+    outcome = _try_merge(root, gm)
+    merged: list[MergeEntry] = []
+    if outcome is None or outcome[1] is None:
+        for child in _child_sums(root, gm):
+            merged += [e for e in _merge_tree(child, gm) if e.into]
+        if merged:
+            outcome = _try_merge(root, gm)
+    if outcome is None:
+        return merged
+    entry, apply = outcome
+    if apply is not None:
+        entry.into = apply()
+    return [*merged, entry]
+
+
 def merge_branches(gm: fx.GraphModule) -> list[MergeEntry]:
     """Merge every reparameterizable sum in the graph, in place; one entry per candidate."""
-    entries = []
-    changed = True
-    seen: set[str] = set()
-    while changed:
-        changed = False
-        for node in list(gm.graph.nodes):
-            if not _is_add(node) or node.name in seen:
-                continue
-            # only the root of a sum tree: its user is not an add that would absorb it
-            users = [_skip_identities_down(u, gm) for u in _users(node)]
-            if len(users) == 1 and _is_add(users[0]):
-                continue
-            outcome = _try_merge(node, gm)
-            if outcome is None:
-                continue
-            entry, apply = outcome
-            seen.add(node.name)
-            if apply is not None:
-                entry.into = apply()
-                changed = True
-            entries.append(entry)
-            if changed:
-                break
+    entries: list[MergeEntry] = []
+    alive = set(gm.graph.nodes)
+    for node in list(gm.graph.nodes):
+        if node not in alive or not _is_add(node):
+            continue  # erased by a merge before, or not a sum
+        # only the root of a sum tree: its user is not an add that would absorb it
+        users = [_skip_identities_down(u, gm) for u in _users(node)]
+        if len(users) == 1 and _is_add(users[0]):
+            continue
+        outcome = _merge_tree(node, gm)
+        if any(e.into for e in outcome):
+            alive = set(gm.graph.nodes)
+        entries += outcome
     return entries
 
 

@@ -31,6 +31,7 @@ __all__ = [
     "bn_arguments",
     "bn_site",
     "constant_value",
+    "expose_inplace_writes",
     "is_constant",
     "fetch_attr",
     "free_name",
@@ -156,6 +157,8 @@ def trace(model: nn.Module, example_inputs: tuple[Any, ...]) -> fx.GraphModule:
         graph = tracer.trace(model)
         name = model.__class__.__name__
         gm = fx.GraphModule(tracer.root, graph, name)
+        expose_inplace_writes(gm.graph)
+        gm.recompile()
     except Exception as exc:  # tracing raises many kinds; all mean "not capturable"
         first_line = str(exc).splitlines()[0] if str(exc) else ""
         raise CaptureError(f"{type(exc).__name__}: {first_line}") from exc
@@ -223,6 +226,32 @@ def is_inplace(node: fx.Node, gm: fx.GraphModule) -> bool:
     if node.op == "call_module":
         return bool(getattr(fetch_attr(gm, str(node.target)), "inplace", False))
     return False
+
+
+def _returns_written_input(node: fx.Node) -> bool:
+    """In-place ops that return the tensor they write: Tensor methods (`x.add_(y)`) and the
+    augmented assignments (`x += y`). Not setitem, which returns None."""
+    if not node.args or not isinstance(node.args[0], fx.Node):
+        return False
+    if node.op == "call_method":
+        name = str(node.target)
+        return name.endswith("_") and not name.startswith("_")
+    return node.op == "call_function" and node.target in _INPLACE_OPERATORS - {operator.setitem}
+
+
+def expose_inplace_writes(graph: fx.Graph) -> None:
+    """Make in-place writes visible as data flow: after `out.add_(y)`, whose result the model
+    may drop, every later reader of `out` reads the add node instead. Both are the same tensor,
+    so nothing computes differently; but a later reader now depends on the write, and a pass
+    that replaces the write (a branch merge) replaces what that reader sees."""
+    order = {n: i for i, n in enumerate(graph.nodes)}
+    for node in list(graph.nodes):
+        if not _returns_written_input(node):
+            continue
+        written = node.args[0]
+        for user in list(written.users):
+            if user is not node and order[user] > order[node]:
+                user.replace_input_with(written, node)
 
 
 _SHAPE_METHODS = {"size", "dim", "ndimension", "numel"}

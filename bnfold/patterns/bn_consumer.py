@@ -32,16 +32,25 @@ from bnfold.patterns.base import FoldContext, Folded, Rejected, conv_is_transpos
 __all__ = ["fold_into_consumers", "is_eval_identity"]
 
 _IDENTITY_MODULES = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout,
-                     nn.Identity)  # fmt: skip
+                     nn.FeatureAlphaDropout, nn.Identity)  # fmt: skip
+# functional dropouts, with the default of their `training` argument (the third)
+_DROPOUT_FUNCTIONS = {F.dropout: True, F.dropout1d: True, F.dropout2d: True, F.dropout3d: True,
+                      F.alpha_dropout: False, F.feature_alpha_dropout: False}  # fmt: skip
+# methods that return their input's values (a copy or the tensor itself) when called bare
+_VALUE_METHODS = {"contiguous", "clone", "detach"}
 _FLATTEN_METHODS = {"flatten", "view", "reshape"}
 
 
 def is_eval_identity(node: fx.Node, gm: fx.GraphModule) -> bool:
+    """Whether the node returns its first argument's values unchanged in eval mode."""
     if node.op == "call_module":
         m = fetch_attr(gm, str(node.target))
         return isinstance(m, _IDENTITY_MODULES) and (not m.training or isinstance(m, nn.Identity))
-    if node.op == "call_function" and node.target is F.dropout:
-        return node.kwargs.get("training", node.args[2] if len(node.args) > 2 else True) is False
+    if node.op == "call_function" and node.target in _DROPOUT_FUNCTIONS:
+        default = _DROPOUT_FUNCTIONS[node.target]
+        return node.kwargs.get("training", node.args[2] if len(node.args) > 2 else default) is False
+    if node.op == "call_method" and node.target in _VALUE_METHODS:
+        return len(node.args) == 1 and not node.kwargs
     return False
 
 
