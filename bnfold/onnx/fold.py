@@ -3,7 +3,9 @@
 The pass, per BatchNormalization node (subgraphs of If/Loop/Scan included):
 
 1. Read the BN as y = s * x + t; a BN in training mode, or with non-constant statistics, is
-   kept with that reason.
+   kept with that reason. A parameter or weight computed from constants alone (an Identity
+   in front of a deduplicated initializer, Transpose(W), DequantizeLinear) is a constant,
+   evaluated once (``bnfold.onnx.constants``).
 2. Try the backward patterns (fold into the producer of x), then the forward one (fold into
    every consumer of y). The first that plans a fold applies it; otherwise the BN is kept and
    its entry carries every pattern's reason.
@@ -34,6 +36,7 @@ import onnx_ir as ir
 
 from bnfold.onnx.branches import merge_branches as merge_branch_sums
 from bnfold.onnx.compose import compose_affine
+from bnfold.onnx.constants import ConstantEvaluator
 from bnfold.onnx.external_data import load_external_data
 from bnfold.onnx.patterns import BACKWARD, FORWARD
 from bnfold.onnx.patterns.base import FoldContext, Plan, bn_label, is_op, node_label
@@ -182,7 +185,12 @@ def fold_onnx(
     model = load_external_data(model, base_dir)
     nodes_before = count_nodes(model)
     ir_model = ir.from_proto(model)
-    ctx = FoldContext(shapes=_inferred_shapes(model), names=_value_names(ir_model.graph))
+    opset = ir_model.opset_imports.get("", ir_model.opset_imports.get("ai.onnx"))
+    ctx = FoldContext(
+        shapes=_inferred_shapes(model),
+        names=_value_names(ir_model.graph),
+        constants=ConstantEvaluator(opset=opset),
+    )
 
     entries: dict[int, BNEntry] = {}  # kept BNs by node identity, latest reason
     folded: list[BNEntry] = []

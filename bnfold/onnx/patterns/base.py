@@ -23,6 +23,7 @@ import onnx_ir as ir
 import torch
 
 from bnfold.numerics import bn_scale_shift
+from bnfold.onnx.constants import ConstantEvaluator, is_pure_op, leaf_tensor
 from bnfold.report import Action
 
 __all__ = ["BNAffine", "FoldContext", "Pattern", "Plan", "bn_label"]
@@ -87,27 +88,40 @@ class FoldContext:
     # a dim is an int, a symbol (equal symbols are equal sizes) or None (unknown)
     shapes: dict[str, tuple[int | str | None, ...] | None] = field(default_factory=dict)
     names: set[str] = field(default_factory=set)
+    constants: ConstantEvaluator = field(default_factory=ConstantEvaluator)
 
     # --- graph facts -------------------------------------------------------------------
+    def constant(self, value: ir.Value | None) -> np.ndarray | str:
+        """The array behind a constant value, or why it is not one. A constant is an initializer
+        that is not a graph input, a Constant node's output, or computed from those alone
+        (``bnfold.onnx.constants``: Identity, Transpose, DequantizeLinear, ...). Graph inputs
+        (even with a default initializer) and values computed from them are not constants: the
+        caller may feed anything there."""
+        if value is None:
+            return "absent"
+        leaf = leaf_tensor(value)
+        if isinstance(leaf, str):
+            return leaf
+        if leaf is not None:
+            return np.asarray(leaf.numpy())
+        return self.constants.evaluate(value)
+
     def const(self, value: ir.Value | None) -> np.ndarray | None:
-        """The array behind a constant value: an initializer that is not a graph input, or a
-        Constant node's output. Graph inputs (even with a default initializer) and computed
-        values are not constants: the caller may feed anything there."""
-        if value is None or value.is_graph_input():
-            return None
-        try:
-            tensor = ir.convenience.get_const_tensor(value)
-        except ValueError:
-            return None
-        return None if tensor is None else np.asarray(tensor.numpy())
+        arr = self.constant(value)
+        return None if isinstance(arr, str) else arr
+
+    def float_constant(self, value: ir.Value | None) -> np.ndarray | str:
+        """`constant`, for a floating-point tensor only."""
+        arr = self.constant(value)
+        if isinstance(arr, str):
+            return arr
+        if np.issubdtype(arr.dtype, np.floating) or arr.dtype.name == "bfloat16":
+            return arr
+        return f"{value.name!r} is a constant of dtype {arr.dtype}, not floating point"
 
     def float_const(self, value: ir.Value | None) -> np.ndarray | None:
-        arr = self.const(value)
-        if arr is None:
-            return None
-        return (
-            arr if np.issubdtype(arr.dtype, np.floating) or arr.dtype.name == "bfloat16" else None
-        )
+        arr = self.float_constant(value)
+        return None if isinstance(arr, str) else arr
 
     def shape(self, value: ir.Value) -> tuple[int | str | None, ...] | None:
         """Shape from the model's own annotations, else from onnx shape inference."""
@@ -148,17 +162,24 @@ class FoldContext:
         graph.register_initializer(value)
         return value
 
-    @staticmethod
-    def release(value: ir.Value | None) -> None:
-        """Drop an initializer or Constant node that the fold left without users."""
+    @classmethod
+    def release(cls, value: ir.Value | None) -> None:
+        """Drop an initializer, Constant node or constant-only node (an Identity in front of a
+        shared initializer) that the fold left without users, then what only it read."""
         if value is None or value.uses() or value.is_graph_output() or value.is_graph_input():
             return
         if value.is_initializer() and value.graph is not None:
             value.graph.initializers.pop(value.name, None)
             return
         producer = value.producer()
-        if is_op(producer, "Constant") and producer.graph is not None:
-            producer.graph.remove(producer, safe=True)
+        if producer is None or producer.graph is None or is_pure_op(producer) is not None:
+            return
+        if any(out.uses() or out.is_graph_output() for out in producer.outputs):
+            return
+        inputs = list(producer.inputs)  # removal detaches them
+        producer.graph.remove(producer, safe=True)
+        for inp in inputs:
+            cls.release(inp)
 
     @classmethod
     def bypass(cls, bn: ir.Node, replacement: ir.Value, keep_name: bool = True) -> None:
@@ -189,12 +210,12 @@ class FoldContext:
             return "its running-statistics outputs are used"
         if len(bn.inputs) < 5 or bn.inputs[0] is None:
             return "malformed BatchNormalization: fewer than 5 inputs"
-        params = [self.float_const(v) for v in bn.inputs[1:5]]
+        params = [self.float_constant(v) for v in bn.inputs[1:5]]
         for label, value, arr in zip(
             ("scale", "B", "mean", "var"), bn.inputs[1:5], params, strict=True
         ):
-            if arr is None:
-                return f"{label} {value.name!r} is not a constant (graph input or computed)"
+            if isinstance(arr, str):
+                return f"{label} {value.name!r} is not a constant: {arr}"
         scale, bias, mean, var = (torch.from_numpy(a.astype(np.float64)) for a in params)
         if len({tuple(p.shape) for p in (scale, bias, mean, var)}) != 1 or scale.dim() != 1:
             return "BN parameters are not all 1-D of one length"

@@ -157,9 +157,10 @@ def _plan_linear(leaf: _Leaf, bn_affine: BNAffine, ctx: FoldContext) -> _Edit | 
     node = leaf.node
     if leaf.index != 0 or (node.op_type == "Gemm" and attr_int(node, "transA", 0)):
         return f"{node_label(node)}: BN output is not its row-major data input"
-    b_arr = ctx.float_const(node.inputs[1])
-    if b_arr is None or b_arr.ndim != 2:
-        return f"{node_label(node)}: weight is not a constant matrix"
+    b_arr = ctx.float_constant(node.inputs[1])
+    if isinstance(b_arr, str) or b_arr.ndim != 2:
+        why = b_arr if isinstance(b_arr, str) else f"rank {b_arr.ndim}"
+        return f"{node_label(node)}: weight is not a constant matrix: {why}"
     trans_b = node.op_type == "Gemm" and attr_int(node, "transB", 0)
     weight = b_arr if trans_b else b_arr.T  # torch layout [out, in]
     block = _feature_block(leaf, weight.shape[1], bn_affine, ctx)
@@ -174,9 +175,9 @@ def _plan_linear(leaf: _Leaf, bn_affine: BNAffine, ctx: FoldContext) -> _Edit | 
         return _Edit(node, 1, w_out, from_torch(shift, b_arr))
     alpha, beta = attr_float(node, "alpha", 1.0), attr_float(node, "beta", 1.0)
     c_in = node.inputs[2] if len(node.inputs) > 2 else None
-    c_arr = ctx.float_const(c_in) if c_in is not None else None
-    if c_in is not None and c_arr is None:
-        return f"{node_label(node)}: C is not a constant"
+    c_arr = ctx.float_constant(c_in) if c_in is not None else None
+    if isinstance(c_arr, str):
+        return f"{node_label(node)}: C is not a constant: {c_arr}"
     c64 = torch.zeros(1, dtype=torch.float64) if c_arr is None else to_torch64(c_arr)
     # alpha scales A·B, so the shift W t is scaled too; beta is absorbed into C
     return _Edit(node, 1, w_out, from_torch(beta * c64 + alpha * shift, b_arr), drop_beta=True)
@@ -186,13 +187,13 @@ def _plan_conv(leaf: _Leaf, bn_affine: BNAffine, ctx: FoldContext) -> _Edit | st
     node = leaf.node
     if leaf.flat or leaf.index != 0:
         return f"{node_label(node)}: BN output is not its unflattened data input"
-    weight = ctx.float_const(node.inputs[1])
-    if weight is None:
-        return f"{node_label(node)}: weight is not a constant"
+    weight = ctx.float_constant(node.inputs[1])
+    if isinstance(weight, str):
+        return f"{node_label(node)}: weight is not a constant: {weight}"
     b_in = node.inputs[2] if len(node.inputs) > 2 else None
-    bias = ctx.float_const(b_in) if b_in is not None else None
-    if b_in is not None and bias is None:
-        return f"{node_label(node)}: bias is not a constant"
+    bias = ctx.float_constant(b_in) if b_in is not None else None
+    if isinstance(bias, str):
+        return f"{node_label(node)}: bias is not a constant: {bias}"
     groups = attr_int(node, "group", 1)
     if weight.shape[1] * groups != bn_affine.s.numel():
         channels = weight.shape[1] * groups

@@ -12,7 +12,8 @@ Cases, matched by the numbered comments below:
    [N, L, F] (a Linear on a sequence) BN's axis 1 is L, not the feature axis F.
 
 Common guards: the producer's output feeds only this BN and is not a graph output, and its
-weight (and bias) are constants. Weights are always written to new initializers, so a weight
+weight (and bias) are constants (an initializer, or computed from initializers alone:
+``FoldContext.constant``). Weights are always written to new initializers, so a weight
 shared with another node is never changed under it.
 """
 
@@ -67,12 +68,12 @@ class ConvBN(Pattern):
         groups = attr_int(conv, "group", 1)
         w_in = conv.inputs[1] if len(conv.inputs) > 1 else None
         b_in = conv.inputs[2] if len(conv.inputs) > 2 else None
-        weight = ctx.float_const(w_in)
-        if weight is None:
-            return f"{node_label(conv)}: weight is not a constant"
-        bias = ctx.float_const(b_in) if b_in is not None else None
-        if b_in is not None and bias is None:
-            return f"{node_label(conv)}: bias is not a constant"
+        weight = ctx.float_constant(w_in)
+        if isinstance(weight, str):
+            return f"{node_label(conv)}: weight is not a constant: {weight}"
+        bias = ctx.float_constant(b_in) if b_in is not None else None
+        if isinstance(bias, str):
+            return f"{node_label(conv)}: bias is not a constant: {bias}"
         out_channels = weight.shape[1] * groups if transposed else weight.shape[0]
         if out_channels != bn_affine.s.numel() or (transposed and weight.shape[0] % groups):
             return (
@@ -114,12 +115,13 @@ class GemmBN(Pattern):
             return gemm
         b_in = gemm.inputs[1]
         c_in = gemm.inputs[2] if len(gemm.inputs) > 2 else None
-        b_arr = ctx.float_const(b_in)
-        if b_arr is None or b_arr.ndim != 2:
-            return f"{node_label(gemm)}: B is not a constant matrix"
-        c_arr = ctx.float_const(c_in) if c_in is not None else None
-        if c_in is not None and c_arr is None:
-            return f"{node_label(gemm)}: C is not a constant"
+        b_arr = ctx.float_constant(b_in)
+        if isinstance(b_arr, str) or b_arr.ndim != 2:
+            why = b_arr if isinstance(b_arr, str) else f"rank {b_arr.ndim}"
+            return f"{node_label(gemm)}: B is not a constant matrix: {why}"
+        c_arr = ctx.float_constant(c_in) if c_in is not None else None
+        if isinstance(c_arr, str):
+            return f"{node_label(gemm)}: C is not a constant: {c_arr}"
         trans_b = attr_int(gemm, "transB", 0)
         weight = b_arr if trans_b else b_arr.T  # case 2: torch layout [out, in]
         if weight.shape[0] != bn_affine.s.numel():
@@ -170,9 +172,10 @@ class MatMulBN(Pattern):
                 return f"producer {node_label(matmul)}: {reason}"
             c_arr = ctx.float_const(c_in)
         b_in = matmul.inputs[1]
-        b_arr = ctx.float_const(b_in)
-        if b_arr is None or b_arr.ndim != 2:
-            return f"{node_label(matmul)}: weight is not a constant matrix"
+        b_arr = ctx.float_constant(b_in)
+        if isinstance(b_arr, str) or b_arr.ndim != 2:
+            why = b_arr if isinstance(b_arr, str) else f"rank {b_arr.ndim}"
+            return f"{node_label(matmul)}: weight is not a constant matrix: {why}"
         rank = ctx.rank(bn_affine.x)
         if rank is None:
             return f"{node_label(matmul)}: output rank unknown, BN axis 1 may not be its features"

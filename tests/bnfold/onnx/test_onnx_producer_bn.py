@@ -130,14 +130,19 @@ def test_weight_that_is_a_graph_input_stays():
     assert "weight is not a constant" in result.report.entries[0].reason
 
 
-def test_computed_weight_stays():
+def test_weight_computed_from_a_graph_input_stays():
+    # Abs of an initializer would be a constant (test_onnx_constant_inputs.py); of an input not
     g = GraphBuilder()
-    g.node("Abs", [g.weight("w0", 4, 3, 1, 1)], ["w"])
+    g.node("Abs", ["w0"], ["w"])
     g.node("Conv", ["x", "w"], ["c"])
     g.bn("c", "y", 4)
-    model = g.model({"x": ["N", 3, 4, 4]}, {"y": ["N", 4, 4, 4]})
+    w0_info = helper.make_tensor_value_info("w0", TensorProto.FLOAT, [4, 3, 1, 1])
+    model = g.model({"x": ["N", 3, 4, 4]}, {"y": ["N", 4, 4, 4]}, graph_inputs_extra=[w0_info])
 
-    assert not fold_onnx(model).modified
+    result = fold_onnx(model)
+
+    assert not result.modified
+    assert "weight is not a constant: 'w0' is a graph input" in result.report.entries[0].reason
 
 
 def test_shared_weight_gets_its_own_initializer():

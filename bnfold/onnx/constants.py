@@ -1,0 +1,220 @@
+"""Constants behind constant-only nodes: a value computed only from initializers and Constant
+nodes is a constant too, evaluated once with onnx's reference evaluator.
+
+Exporters seldom hand the fold a bare initializer. torch.onnx (``dynamo=False``,
+``do_constant_folding=False``) deduplicates equal tensors and feeds every BN parameter through
+an ``Identity``; a ``Linear(bias=False)`` becomes ``MatMul(x, Transpose(W))``; a quantized
+weight arrives as ``DequantizeLinear`` of an int8 initializer. The rule:
+
+1. A leaf is an initializer that is not a graph input, or a Constant node's output. A graph
+   input is never a constant, even one with a default initializer (IR < 4): the caller may
+   feed anything there.
+2. An interior node is a deterministic op of the ONNX domain without subgraphs, every input
+   of which is a leaf or an interior node's output (at most ``max_nodes`` of them).
+3. The cone of interior nodes runs as one small model in
+   ``onnx.reference.ReferenceEvaluator``, in the graph's own dtypes (a Cast to float16 rounds
+   as onnxruntime would); the fold numerics then read the result in float64 as usual.
+4. What is evaluated is bounded: the leaves plus the result, whose size onnx shape inference
+   of that small model gives before anything runs, stay under ``limit_bytes``. A result whose
+   size inference cannot tell is not evaluated.
+5. A result (or the reason there is none) is kept while the nodes of its cone are unchanged,
+   so each constant is evaluated once per pass; at most ``cache_bytes`` of arrays are kept.
+
+The graph itself is never rewritten here: a pattern that changes a weight writes a new
+initializer (``FoldContext.new_initializer``), and a cone left without consumers goes with
+``FoldContext.release``, so a constant shared by other consumers stays intact for them.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+from onnx.reference import ReferenceEvaluator
+
+__all__ = ["ConstantEvaluator", "is_pure_op"]
+
+logger = logging.getLogger(__name__)
+
+_ONNX_DOMAINS = ("", "ai.onnx")
+_RANDOM_OPS = frozenset(
+    {
+        "Bernoulli",
+        "Dropout",  # random in training mode
+        "Multinomial",
+        "RandomNormal",
+        "RandomNormalLike",
+        "RandomUniform",
+        "RandomUniformLike",
+    }
+)
+_SUBGRAPH_ATTRS = (ir.AttributeType.GRAPH, ir.AttributeType.GRAPHS)
+_INLINE_ELEMENTS = 4096  # leaves this small go in as initializers: shape inference reads them
+
+
+def is_pure_op(node: ir.Node) -> str | None:
+    """Why `node` cannot be part of a constant (case 2), or None when it can."""
+    label = f"{node.op_type} {node.name or node.outputs[0].name!r}"
+    if node.domain not in _ONNX_DOMAINS:
+        return f"computed by {label} of domain {node.domain!r}"
+    if node.op_type in _RANDOM_OPS:
+        return f"computed by {label}, which is random"
+    if any(attr.type in _SUBGRAPH_ATTRS for attr in node.attributes.values()):
+        return f"computed by {label}, which has subgraphs"
+    return None
+
+
+def leaf_tensor(value: ir.Value) -> ir.TensorProtocol | str | None:
+    """The tensor of a leaf (case 1), why `value` is no constant at all, or None (computed)."""
+    if value.is_graph_input():
+        return f"{value.name!r} is a graph input"
+    try:
+        tensor = ir.convenience.get_const_tensor(value)
+    except ValueError as exc:  # a malformed Constant node
+        return str(exc)
+    if tensor is not None:
+        return tensor
+    producer = value.producer()
+    if producer is None:
+        return f"{value.name!r} is neither an initializer nor computed in this graph"
+    if producer.op_type == "Constant" and producer.domain in _ONNX_DOMAINS:
+        return f"{value.name!r} is a Constant with a reference attribute"
+    return None
+
+
+@dataclass
+class _Cone:
+    """The interior nodes behind a value in topological order, and the leaves they read."""
+
+    nodes: list[ir.Node] = field(default_factory=list)
+    leaves: dict[int, tuple[ir.Value, ir.TensorProtocol]] = field(default_factory=dict)
+    seen: list[tuple[ir.Node, tuple]] = field(default_factory=list)  # with inputs, for the cache
+
+
+@dataclass
+class _Cached:
+    value: ir.Value  # held so that its id is not reused while the entry lives
+    seen: list[tuple[ir.Node, tuple]]
+    result: np.ndarray | str
+
+    def valid(self) -> bool:
+        return all(n.graph is not None and tuple(n.inputs) == ins for n, ins in self.seen)
+
+
+@dataclass
+class ConstantEvaluator:
+    """Evaluates constant-only cones (cases 2-5); one per fold pass."""
+
+    opset: int | None = None  # of the ONNX domain; None: the latest onnx knows
+    limit_bytes: int = 256 * 2**20
+    max_nodes: int = 256
+    cache_bytes: int = 1024 * 2**20
+    _cache: dict[int, _Cached] = field(default_factory=dict, repr=False)
+    _cached_bytes: int = field(default=0, repr=False)
+
+    def evaluate(self, value: ir.Value) -> np.ndarray | str:
+        """The array behind a computed `value`, or why it is not a constant."""
+        cached = self._cache.get(id(value))
+        if cached is not None and cached.value is value and cached.valid():
+            return cached.result
+        cone = _Cone()
+        reason = self._collect(value, cone)
+        result = reason if reason is not None else self._run(value, cone)
+        size = result.nbytes if isinstance(result, np.ndarray) else 0
+        if self._cached_bytes + size <= self.cache_bytes:
+            self._cache[id(value)] = _Cached(value, cone.seen, result)
+            self._cached_bytes += size
+        return result
+
+    def _collect(self, value: ir.Value, cone: _Cone) -> str | None:
+        """Fill `cone` with what `value` is computed from (cases 1, 2); a reason if not constant."""
+        leaf = leaf_tensor(value)
+        if isinstance(leaf, str):
+            return leaf
+        if leaf is not None:
+            cone.leaves[id(value)] = (value, leaf)
+            return None
+        node = value.producer()
+        if any(n is node for n, _ in cone.seen):
+            return None
+        cone.seen.append((node, tuple(node.inputs)))
+        reason = is_pure_op(node)
+        if reason is not None:
+            return reason
+        if len(cone.seen) > self.max_nodes:
+            return f"computed by more than {self.max_nodes} nodes"
+        for inp in node.inputs:
+            if inp is not None and (reason := self._collect(inp, cone)) is not None:
+                return reason
+        cone.nodes.append(node)  # after its inputs: topological order
+        return None
+
+    def _run(self, value: ir.Value, cone: _Cone) -> np.ndarray | str:
+        """Cases 3 and 4: the cone as one small model, sized by inference, then evaluated."""
+        names: dict[int, str] = {}
+
+        def name(v: ir.Value | None) -> str:
+            return "" if v is None else names.setdefault(id(v), f"v{len(names)}")
+
+        initializers, inputs, feeds, leaf_bytes = [], [], {}, 0
+        for v, tensor in cone.leaves.values():
+            leaf_bytes += tensor.nbytes
+            if tensor.size <= _INLINE_ELEMENTS:
+                proto = ir.serde.serialize_tensor(tensor)
+                proto.name = name(v)
+                initializers.append(proto)
+            else:  # fed at run time: no copy into a TensorProto
+                dims = list(tensor.shape.numpy())
+                inputs.append(onnx.helper.make_tensor_value_info(name(v), tensor.dtype, dims))
+                feeds[name(v)] = tensor.numpy()
+        nodes = []
+        for node in cone.nodes:
+            proto = ir.serde.serialize_node(node)
+            proto.ClearField("input")
+            proto.input.extend(name(v) for v in node.inputs)
+            proto.ClearField("output")
+            proto.output.extend(name(v) for v in node.outputs)
+            nodes.append(proto)
+        out = name(value)
+        graph = onnx.helper.make_graph(
+            nodes, "constant", inputs, [onnx.ValueInfoProto(name=out)], initializers
+        )
+        opset = self.opset or onnx.defs.onnx_opset_version()
+        model = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", opset)])
+        size = _inferred_bytes(model, out)
+        if isinstance(size, str):
+            return size
+        if leaf_bytes + size > self.limit_bytes:
+            return (
+                f"computed from constants, but {leaf_bytes + size} bytes to evaluate "
+                f"exceed the limit of {self.limit_bytes}"
+            )
+        try:
+            result = ReferenceEvaluator(model).run(None, feeds)[0]
+        except Exception as exc:  # an op the reference evaluator lacks, or a bad graph
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            logger.info("could not evaluate constant %r: %s", value.name, first)
+            return f"computed from constants, but evaluating it failed: {first}"
+        if not isinstance(result, np.ndarray):
+            return "computed from constants, but not a tensor"
+        logger.debug("evaluated %r from %d nodes", value.name, len(cone.nodes))
+        return result
+
+
+def _inferred_bytes(model: onnx.ModelProto, output: str) -> int | str:
+    """Bytes of `output` by onnx shape inference of `model`, or why they are unknown."""
+    try:
+        inferred = onnx.shape_inference.infer_shapes(model, strict_mode=True, data_prop=True)
+    except Exception as exc:
+        return f"computed from constants, but shape inference failed: {exc}"
+    info = next((o for o in inferred.graph.output if o.name == output), None)
+    tensor_type = info.type.tensor_type if info is not None else None
+    if tensor_type is None or not tensor_type.elem_type or not tensor_type.HasField("shape"):
+        return "computed from constants, but its size is unknown"
+    dims = [d.dim_value if d.HasField("dim_value") else None for d in tensor_type.shape.dim]
+    if any(d is None for d in dims):
+        return "computed from constants, but its size is unknown"
+    return int(np.prod(dims, dtype=np.int64) * ir.DataType(tensor_type.elem_type).itemsize)
