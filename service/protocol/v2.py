@@ -223,6 +223,12 @@ def _check_shape(shape: Any, spec: TensorSpec, max_elements: int, max_batch: int
             f"input {name!r}: shape {shape} has {count} elements, above the limit of "
             f"{max_elements} per tensor"
         )
+    # a zero elsewhere makes the count 0, but numpy has no array with a dimension past int64
+    if any(d > max_elements for d in shape):
+        raise BadRequest(
+            f"input {name!r}: shape {shape} has a dimension above the limit of "
+            f"{max_elements} elements per tensor"
+        )
     if max_batch and spec.shape and spec.shape[0] == -1 and shape[0] > max_batch:
         raise BadRequest(f"input {name!r}: batch {shape[0]} exceeds max_batch_size {max_batch}")
     return shape
@@ -307,8 +313,12 @@ def _from_json(name: str, data: Any, datatype: str, shape: list[int]) -> np.ndar
     if datatype == "BYTES":
         if not types <= {str}:
             raise BadRequest(f"input {name!r}: BYTES values in JSON must be strings")
+        try:
+            encoded = [v.encode() for v in flat]
+        except UnicodeEncodeError:  # a lone surrogate, sent as a \ud800 escape
+            raise BadRequest(f"input {name!r}: BYTES values must be valid Unicode") from None
         array = np.empty(len(flat), dtype=object)
-        array[:] = [v.encode() for v in flat]
+        array[:] = encoded
         return array.reshape(shape)
     allowed = {bool} if datatype == "BOOL" else {int, float} if datatype.startswith("FP") else {int}
     if not types <= allowed:

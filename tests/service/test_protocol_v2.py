@@ -272,3 +272,25 @@ def test_decode_rejects_bad_requested_outputs_and_parameters(extra, message):
 def test_json_the_decoder_cannot_take_is_a_bad_request(body, message):
     with pytest.raises(BadRequest, match=message):
         v2.decode_request(body, None, sig(), max_elements=100)
+
+
+@pytest.mark.parametrize("binary", [False, True], ids=["json", "binary"])
+@pytest.mark.parametrize("datatype", ["FP32", "BYTES"])
+def test_empty_tensor_with_a_dimension_past_int64_is_a_bad_request(binary, datatype):
+    """[0, 2**70] holds no elements, but numpy cannot shape an array so (was a 500)."""
+    tensor = {"name": "x", "shape": [0, 2**70], "datatype": datatype}
+    if binary:
+        tensor["parameters"] = {"binary_data_size": 0}
+        body, length = binary_request({"inputs": [tensor]})
+    else:
+        tensor["data"] = []
+        body, length = json.dumps({"inputs": [tensor]}).encode(), None
+    with pytest.raises(BadRequest, match="dimension above the limit"):
+        v2.decode_request(body, length, sig(datatype, (-1, -1)), max_elements=100)
+
+
+def test_json_bytes_with_a_lone_surrogate_is_a_bad_request():
+    """ "\\ud800" is valid JSON but no UTF-8 string (was a 500 from str.encode)."""
+    doc = {"inputs": [{"name": "x", "shape": [1, 1], "datatype": "BYTES", "data": ["\ud800"]}]}
+    with pytest.raises(BadRequest, match="valid Unicode"):
+        v2.decode_request(json.dumps(doc).encode(), None, sig("BYTES", (-1, 1)), max_elements=10)
