@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 from typing import Any
 
@@ -44,6 +45,10 @@ def _http_protocol(settings: Settings) -> Any:
     return "auto"
 
 
+def _stopped(signum: int, frame: object) -> None:
+    raise SystemExit(0)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
@@ -79,6 +84,11 @@ def main(argv: list[str] | None = None) -> int:
         timeout_graceful_shutdown=5,
     )
     server = uvicorn.Server(config)
+    # SIGTERM is the ordinary stop (docker stop, Kubernetes). uvicorn catches it, stops
+    # accepting, answers what is in flight, then raises it again against the handler it found:
+    # this one, so that a stop exits 0 rather than 143 (as PID 1 of a container the default
+    # action would be ignored and exit 0 anyway; under an init, or outside one, it would not).
+    signal.signal(signal.SIGTERM, _stopped)
     server.run()
     # uvicorn exits on a failed start-up (e.g. require_gpu without CUDA) without raising
     return 0 if server.started else 1

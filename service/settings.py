@@ -36,6 +36,9 @@ class Settings:
     # FastAPI's native OpenTelemetry (spans, metrics, logs to a configured SDK provider); off
     # by default: its per-request checks cost more than the whole infer fast path's routing
     opentelemetry: bool = False
+    # set by the container image (Dockerfile), not by users: "full", or "slim", which has no
+    # torch, so serves but cannot fold an upload; "" outside an image
+    image_variant: str = ""
 
     # limits, all enforced before the memory is spent
     max_upload_bytes: int = 256 * MiB  # POST /v1/models body

@@ -38,12 +38,28 @@ def test_dockerfile_passes_hadolint():
     assert result.returncode == 0, result.stdout + result.stderr
 
 
-def image_instructions() -> tuple[list[str], dict[str, str], list[str]]:
-    """ENTRYPOINT, the BNFOLD_* ENV and the HEALTHCHECK command, read from the Dockerfile."""
+def image_instructions(target: str = "full") -> tuple[list[str], dict[str, str], list[str]]:
+    """ENTRYPOINT, the BNFOLD_* ENV and the HEALTHCHECK command of one target of the
+    Dockerfile: its own stage and the stages it is built FROM."""
     text = DOCKERFILE.read_text().replace("\\\n", " ")
-    entrypoint, healthcheck, env = None, None, {}
+    stages: dict[str, tuple[str, list[str]]] = {}  # name -> (parent, lines)
+    lines: list[str] = []
     for line in text.splitlines():
         word, _, rest = line.strip().partition(" ")
+        if word == "FROM":
+            parent, _, name = rest.partition(" AS ")
+            lines = []
+            stages[name.strip()] = (parent.strip(), lines)
+        else:
+            lines.append(line.strip())
+    chain: list[str] = []
+    while target in stages:
+        parent, own = stages[target]
+        chain = own + chain
+        target = parent
+    entrypoint, healthcheck, env = None, None, {}
+    for line in chain:
+        word, _, rest = line.partition(" ")
         if word == "ENTRYPOINT":
             entrypoint = json.loads(rest)
         elif word == "HEALTHCHECK":
