@@ -113,11 +113,13 @@ class InferRequest:
 def parse_header_length(value: str | None, body_length: int) -> int | None:
     if value is None:
         return None
-    try:
-        length = int(value)
-    except ValueError:
-        raise BadRequest(f"{HEADER_LENGTH} must be an integer, got {value!r}") from None
-    if length < 0 or length > body_length:
+    # digits only: int() would also take "1_0", "+5" and other scripts' digits; and at most
+    # 19 of them, past which int() refuses (4300) and no body is that long anyway
+    text = value.strip()
+    if not (text.isascii() and text.isdigit() and len(text) < 20):
+        raise BadRequest(f"{HEADER_LENGTH} must be a number of bytes, got {value[:40]!r}")
+    length = int(text)
+    if length > body_length:
         raise BadRequest(
             f"{HEADER_LENGTH} is {length} but the body has {body_length} bytes; "
             "it must be the length of the JSON part, between 0 and the body length"

@@ -54,10 +54,10 @@ class InferFastPath:
             inference.model(name, version)  # 404 before reading the body
             body = await _read_body(receive)
             encoding = header_length = None
-            for key, value in scope["headers"]:
-                if key == b"content-encoding":
+            for key, value in scope["headers"]:  # the first of each, as Starlette reads them
+                if key == b"content-encoding" and encoding is None:
                     encoding = value.decode("latin-1")
-                elif key == _HEADER_LENGTH:
+                elif key == _HEADER_LENGTH and header_length is None:
                     header_length = value.decode("latin-1")
             payload, headers = await run_infer(
                 inference, name, version, body, encoding, header_length

@@ -118,7 +118,7 @@ def test_decode_rejects_inconsistent_binary_frames(shape, size, payload, message
         v2.decode_request(body, length, sig(), max_elements=1 << 20, max_batch_size=64)
 
 
-@pytest.mark.parametrize("value", ["-1", "abc", "99999"])
+@pytest.mark.parametrize("value", ["-1", "abc", "99999", "1_0", "+5", "", "1e1", "9" * 5000])
 def test_header_length_outside_body_is_rejected(value):
     with pytest.raises(BadRequest, match="Inference-Header-Content-Length"):
         v2.parse_header_length(value, 100)
