@@ -13,12 +13,15 @@ weight arrives as ``DequantizeLinear`` of an int8 initializer. The rule:
    of which is a leaf or an interior node's output (at most ``max_nodes`` of them).
 3. The cone of interior nodes runs as one small model in
    ``onnx.reference.ReferenceEvaluator``, in the graph's own dtypes (a Cast to float16 rounds
-   as onnxruntime would); the fold numerics then read the result in float64 as usual.
+   as onnxruntime would); the fold numerics then read the result in float64 as usual. An op
+   version the reference does not implement (DequantizeLinear before 19) runs after
+   ``onnx.version_converter`` lifts the small model to the latest opset.
 4. What is evaluated is bounded: the leaves plus the result, whose size onnx shape inference
    of that small model gives before anything runs, stay under ``limit_bytes``. A result whose
    size inference cannot tell is not evaluated.
-5. A result (or the reason there is none) is kept while the nodes of its cone are unchanged,
-   so each constant is evaluated once per pass; at most ``cache_bytes`` of arrays are kept.
+5. A result is kept while the nodes of its cone are unchanged, so each constant is evaluated
+   once per pass (at most ``cache_bytes`` of arrays are kept); a value found not constant is
+   kept too, so that walks from the many activations a pattern asks about stay short.
 
 The graph itself is never rewritten here: a pattern that changes a weight writes a new
 initializer (``FoldContext.new_initializer``), and a cone left without consumers goes with
@@ -92,12 +95,13 @@ class _Cone:
     nodes: list[ir.Node] = field(default_factory=list)
     leaves: dict[int, tuple[ir.Value, ir.TensorProtocol]] = field(default_factory=dict)
     seen: list[tuple[ir.Node, tuple]] = field(default_factory=list)  # with inputs, for the cache
+    visited: set[int] = field(default_factory=set)
 
 
 @dataclass
 class _Cached:
     value: ir.Value  # held so that its id is not reused while the entry lives
-    seen: list[tuple[ir.Node, tuple]]
+    seen: list[tuple[ir.Node, tuple]]  # the nodes the result depends on, with their inputs
     result: np.ndarray | str
 
     def valid(self) -> bool:
@@ -117,20 +121,45 @@ class ConstantEvaluator:
 
     def evaluate(self, value: ir.Value) -> np.ndarray | str:
         """The array behind a computed `value`, or why it is not a constant."""
-        cached = self._cache.get(id(value))
-        if cached is not None and cached.value is value and cached.valid():
-            return cached.result
+        cached = self._cached(value)
+        if cached is not None:
+            return cached
         cone = _Cone()
         reason = self._collect(value, cone)
-        result = reason if reason is not None else self._run(value, cone)
-        size = result.nbytes if isinstance(result, np.ndarray) else 0
-        if self._cached_bytes + size <= self.cache_bytes:
-            self._cache[id(value)] = _Cached(value, cone.seen, result)
-            self._cached_bytes += size
+        if reason is not None:
+            return reason  # remembered by _collect
+        result = self._run(value, cone)
+        self._remember(value, cone.seen, result)
         return result
 
+    def _cached(self, value: ir.Value) -> np.ndarray | str | None:
+        entry = self._cache.get(id(value))
+        if entry is None or entry.value is not value:
+            return None
+        if entry.valid():
+            return entry.result
+        self._forget(id(value))
+        return None
+
+    def _remember(self, value: ir.Value, seen: list, result: np.ndarray | str) -> None:
+        self._forget(id(value))
+        size = result.nbytes if isinstance(result, np.ndarray) else 0
+        if self._cached_bytes + size <= self.cache_bytes:
+            self._cache[id(value)] = _Cached(value, seen, result)
+            self._cached_bytes += size
+
+    def _forget(self, key: int) -> None:
+        old = self._cache.pop(key, None)
+        if old is not None and isinstance(old.result, np.ndarray):
+            self._cached_bytes -= old.result.nbytes
+
     def _collect(self, value: ir.Value, cone: _Cone) -> str | None:
-        """Fill `cone` with what `value` is computed from (cases 1, 2); a reason if not constant."""
+        """Fill `cone` with what `value` is computed from (cases 1, 2); a reason if not constant.
+
+        A value found not constant is remembered with only its producer as what the verdict
+        depends on: the next walk from another consumer stops there instead of going up to the
+        graph inputs again. A stale "not constant" only costs a fold; a constant is remembered
+        with its whole cone (``evaluate``), so a stale array is never used."""
         leaf = leaf_tensor(value)
         if isinstance(leaf, str):
             return leaf
@@ -138,17 +167,24 @@ class ConstantEvaluator:
             cone.leaves[id(value)] = (value, leaf)
             return None
         node = value.producer()
-        if any(n is node for n, _ in cone.seen):
+        if id(node) in cone.visited:
             return None
+        known = self._cached(value)
+        if isinstance(known, str):
+            return known
+        cone.visited.add(id(node))
         cone.seen.append((node, tuple(node.inputs)))
-        reason = is_pure_op(node)
-        if reason is not None:
-            return reason
+        too_many = f"computed by more than {self.max_nodes} nodes"
         if len(cone.seen) > self.max_nodes:
-            return f"computed by more than {self.max_nodes} nodes"
-        for inp in node.inputs:
+            return too_many
+        reason = is_pure_op(node)
+        for inp in node.inputs if reason is None else ():
             if inp is not None and (reason := self._collect(inp, cone)) is not None:
-                return reason
+                break
+        if reason is not None:
+            if reason != too_many:  # a value nearer the leaves may well fit
+                self._remember(value, [(node, tuple(node.inputs))], reason)
+            return reason
         cone.nodes.append(node)  # after its inputs: topological order
         return None
 
@@ -193,7 +229,7 @@ class ConstantEvaluator:
                 f"exceed the limit of {self.limit_bytes}"
             )
         try:
-            result = ReferenceEvaluator(model).run(None, feeds)[0]
+            result = _evaluator(model).run(None, feeds)[0]
         except Exception as exc:  # an op the reference evaluator lacks, or a bad graph
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             logger.info("could not evaluate constant %r: %s", value.name, first)
@@ -202,6 +238,16 @@ class ConstantEvaluator:
             return "computed from constants, but not a tensor"
         logger.debug("evaluated %r from %d nodes", value.name, len(cone.nodes))
         return result
+
+
+def _evaluator(model: onnx.ModelProto) -> ReferenceEvaluator:
+    try:
+        return ReferenceEvaluator(model)
+    except RuntimeError:
+        # the reference implements some ops only from a later version (DequantizeLinear from
+        # 19, which only added types): the same cone, converted up, computes the same values
+        latest = onnx.version_converter.convert_version(model, onnx.defs.onnx_opset_version())
+        return ReferenceEvaluator(latest)
 
 
 def _inferred_bytes(model: onnx.ModelProto, output: str) -> int | str:
