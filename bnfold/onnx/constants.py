@@ -16,9 +16,9 @@ weight arrives as ``DequantizeLinear`` of an int8 initializer. The rule:
    as onnxruntime would); the fold numerics then read the result in float64 as usual. An op
    version the reference does not implement (DequantizeLinear before 19) runs after
    ``onnx.version_converter`` lifts the small model to the latest opset.
-4. What is evaluated is bounded: the leaves plus the result, whose size onnx shape inference
-   of that small model gives before anything runs, stay under ``limit_bytes``. A result whose
-   size inference cannot tell is not evaluated.
+4. What is evaluated is bounded: the leaves plus every value the cone computes, whose sizes
+   onnx shape inference of that small model gives before anything runs, stay under
+   ``limit_bytes``. A cone whose sizes inference cannot tell is not evaluated.
 5. A result is kept while the nodes of its cone are unchanged, so each constant is evaluated
    once per pass (at most ``cache_bytes`` of arrays are kept); a value found not constant is
    kept too, so that walks from the many activations a pattern asks about stay short.
@@ -38,11 +38,11 @@ import onnx
 import onnx_ir as ir
 from onnx.reference import ReferenceEvaluator
 
-__all__ = ["ConstantEvaluator", "is_pure_op"]
+__all__ = ["ONNX_DOMAINS", "ConstantEvaluator", "is_pure_op", "leaf_tensor"]
 
 logger = logging.getLogger(__name__)
 
-_ONNX_DOMAINS = ("", "ai.onnx")
+ONNX_DOMAINS = ("", "ai.onnx")
 _RANDOM_OPS = frozenset(
     {
         "Bernoulli",
@@ -61,7 +61,7 @@ _INLINE_ELEMENTS = 4096  # leaves this small go in as initializers: shape infere
 def is_pure_op(node: ir.Node) -> str | None:
     """Why `node` cannot be part of a constant (case 2), or None when it can."""
     label = f"{node.op_type} {node.name or node.outputs[0].name!r}"
-    if node.domain not in _ONNX_DOMAINS:
+    if node.domain not in ONNX_DOMAINS:
         return f"computed by {label} of domain {node.domain!r}"
     if node.op_type in _RANDOM_OPS:
         return f"computed by {label}, which is random"
@@ -83,7 +83,7 @@ def leaf_tensor(value: ir.Value) -> ir.TensorProtocol | str | None:
     producer = value.producer()
     if producer is None:
         return f"{value.name!r} is neither an initializer nor computed in this graph"
-    if producer.op_type == "Constant" and producer.domain in _ONNX_DOMAINS:
+    if producer.op_type == "Constant" and producer.domain in ONNX_DOMAINS:
         return f"{value.name!r} is a Constant with a reference attribute"
     return None
 
@@ -121,7 +121,7 @@ class ConstantEvaluator:
 
     def evaluate(self, value: ir.Value) -> np.ndarray | str:
         """The array behind a computed `value`, or why it is not a constant."""
-        cached = self._cached(value)
+        cached = self._cached(value)  # case 5
         if cached is not None:
             return cached
         cone = _Cone()
@@ -189,7 +189,7 @@ class ConstantEvaluator:
         return None
 
     def _run(self, value: ir.Value, cone: _Cone) -> np.ndarray | str:
-        """Cases 3 and 4: the cone as one small model, sized by inference, then evaluated."""
+        """The cone as one small model (case 3), sized by inference (case 4), then evaluated."""
         names: dict[int, str] = {}
 
         def name(v: ir.Value | None) -> str:
@@ -220,7 +220,7 @@ class ConstantEvaluator:
         )
         opset = self.opset or onnx.defs.onnx_opset_version()
         model = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", opset)])
-        size = _inferred_bytes(model, out)
+        size = _inferred_bytes(model)
         if isinstance(size, str):
             return size
         if leaf_bytes + size > self.limit_bytes:
@@ -250,17 +250,21 @@ def _evaluator(model: onnx.ModelProto) -> ReferenceEvaluator:
         return ReferenceEvaluator(latest)
 
 
-def _inferred_bytes(model: onnx.ModelProto, output: str) -> int | str:
-    """Bytes of `output` by onnx shape inference of `model`, or why they are unknown."""
+def _inferred_bytes(model: onnx.ModelProto) -> int | str:
+    """Bytes of every value `model` computes, by onnx shape inference, or why they are unknown:
+    the reference evaluator holds them all at once."""
     try:
         inferred = onnx.shape_inference.infer_shapes(model, strict_mode=True, data_prop=True)
     except Exception as exc:
         return f"computed from constants, but shape inference failed: {exc}"
-    info = next((o for o in inferred.graph.output if o.name == output), None)
-    tensor_type = info.type.tensor_type if info is not None else None
-    if tensor_type is None or not tensor_type.elem_type or not tensor_type.HasField("shape"):
-        return "computed from constants, but its size is unknown"
-    dims = [d.dim_value if d.HasField("dim_value") else None for d in tensor_type.shape.dim]
-    if any(d is None for d in dims):
-        return "computed from constants, but its size is unknown"
-    return int(np.prod(dims, dtype=np.int64) * ir.DataType(tensor_type.elem_type).itemsize)
+    infos = {i.name: i for i in (*inferred.graph.value_info, *inferred.graph.output)}
+    total = 0
+    for name in {out for node in model.graph.node for out in node.output if out}:
+        tensor_type = infos[name].type.tensor_type if name in infos else None
+        if tensor_type is None or not tensor_type.elem_type or not tensor_type.HasField("shape"):
+            return "computed from constants, but its size is unknown"
+        dims = [d.dim_value if d.HasField("dim_value") else None for d in tensor_type.shape.dim]
+        if any(d is None for d in dims):
+            return "computed from constants, but its size is unknown"
+        total += int(np.prod(dims, dtype=np.int64) * ir.DataType(tensor_type.elem_type).itemsize)
+    return total

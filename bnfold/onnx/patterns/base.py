@@ -23,16 +23,14 @@ import onnx_ir as ir
 import torch
 
 from bnfold.numerics import bn_scale_shift
-from bnfold.onnx.constants import ConstantEvaluator, is_pure_op, leaf_tensor
+from bnfold.onnx.constants import ONNX_DOMAINS, ConstantEvaluator, is_pure_op, leaf_tensor
 from bnfold.report import Action
 
 __all__ = ["BNAffine", "FoldContext", "Pattern", "Plan", "bn_label"]
 
-_ONNX_DOMAINS = ("", "ai.onnx")
-
 
 def is_op(node: ir.Node | None, *op_types: str) -> bool:
-    return node is not None and node.domain in _ONNX_DOMAINS and node.op_type in op_types
+    return node is not None and node.domain in ONNX_DOMAINS and node.op_type in op_types
 
 
 def bn_label(bn: ir.Node) -> str:

@@ -317,6 +317,34 @@ def test_a_result_too_large_is_refused_before_anything_runs(monkeypatch):
     assert isinstance(reason, str) and "exceed the limit" in reason
 
 
+def test_a_large_intermediate_is_refused_too(monkeypatch):
+    # the result is one float, but the Expand before it would be 2**32 of them
+    nodes = [
+        helper.make_node("Expand", ["one", "shape"], ["big"]),
+        helper.make_node("ReduceSum", ["big"], ["total"], keepdims=0),
+    ]
+    inits = {"one": np.ones(1, np.float32), "shape": np.array([2**16, 2**16], np.int64)}
+    graph = _ir_graph(nodes, inits, "total")
+    monkeypatch.setattr(constants, "ReferenceEvaluator", None)
+
+    reason = ConstantEvaluator().evaluate(_output(graph))
+
+    assert isinstance(reason, str) and "exceed the limit" in reason
+
+
+def test_a_remembered_constant_is_evaluated_again_after_its_cone_changes():
+    a = np.arange(6, dtype=np.float32).reshape(2, 3)
+    graph = _ir_graph(
+        [helper.make_node("Transpose", ["a"], ["t"], perm=[1, 0])], {"a": a, "b": 2 * a}, "t"
+    )
+    evaluator = ConstantEvaluator()
+    np.testing.assert_array_equal(evaluator.evaluate(_output(graph)), a.T)
+
+    graph.node(0).replace_input_with(0, graph.initializers["b"])
+
+    np.testing.assert_array_equal(evaluator.evaluate(_output(graph)), 2 * a.T)
+
+
 def test_each_constant_is_evaluated_once(monkeypatch):
     calls = []
     real = constants.ReferenceEvaluator
