@@ -45,7 +45,8 @@ DEFAULT_ATOL = 1e-5
 class UploadRequest:
     name: str
     upload: Path  # the uploaded file, in a scratch directory of the store
-    architecture: str | None = None
+    architecture: str | None = None  # zoo:NAME (or NAME), torchvision:NAME, timm:NAME
+    arch_args: dict[str, Any] | None = None  # constructor arguments, checked by the worker
     input_shape: Any = None
     rtol: float = DEFAULT_RTOL
     atol: float = DEFAULT_ATOL
@@ -55,6 +56,7 @@ class UploadRequest:
         return {
             "kind": "safetensors" if self.architecture else "onnx",
             "architecture": self.architecture,
+            "arch_args": self.arch_args,
             "input_shape": self.input_shape,
             "rtol": self.rtol,
             "atol": self.atol,

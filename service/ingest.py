@@ -1,7 +1,7 @@
 """Upload -> fold -> verify, in an isolated worker process with resource limits.
 
 The server never parses an uploaded model itself. It writes the upload and a ``job.json`` into a
-scratch directory inside the store, runs ``service.ingest_worker`` on it, and reads back
+scratch directory inside the store, runs ``service.worker`` on it, and reads back
 ``result.json``. A worker that crashes (a segfault in onnxruntime on a crafted graph), runs out
 of memory or time is reported to the client as a refusal; the server keeps running.
 """
@@ -94,7 +94,7 @@ class Ingestor:
             proc = await asyncio.create_subprocess_exec(
                 sys.executable,
                 "-m",
-                "service.ingest_worker",
+                "service.worker",
                 json.dumps(self._limits()),
                 str(job_dir),
                 stdin=asyncio.subprocess.DEVNULL,

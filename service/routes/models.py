@@ -37,7 +37,17 @@ _UPLOAD_SCHEMA = {
                             "description": "an .onnx model, or a .safetensors state dict "
                             "together with 'architecture'",
                         },
-                        "architecture": {"type": "string", "description": "a zoo model name"},
+                        "architecture": {
+                            "type": "string",
+                            "description": "for a .safetensors file: zoo:NAME (or a zoo name), "
+                            "torchvision:NAME or timm:NAME",
+                        },
+                        "arch_args": {
+                            "type": "string",
+                            "description": 'JSON constructor arguments, e.g. {"num_classes": 10}'
+                            " (num_classes, in_chans, global_pool, drop_rate, width_mult, "
+                            "aux_logits)",
+                        },
                         "input_shape": {
                             "type": "string",
                             "description": 'JSON: [2,3,32,32], or {"input": [2,3,32,32]}',
@@ -119,6 +129,7 @@ _FIELDS = {
     "name",
     "file",
     "architecture",
+    "arch_args",
     "input_shape",
     "rtol",
     "atol",
@@ -142,6 +153,7 @@ async def _read_upload_form(request: Request, scratch) -> UploadRequest:
         request_fields = {
             "name": validate_name(_required(fields, "name")),
             "architecture": fields.get("architecture") or None,
+            "arch_args": _arch_args(fields),
             "input_shape": _input_shape(fields.get("input_shape")),
             "rtol": _tolerance(fields, "rtol", DEFAULT_RTOL),
             "atol": _tolerance(fields, "atol", DEFAULT_ATOL),
@@ -209,6 +221,25 @@ def _batching(fields: dict[str, str]) -> dict[str, Any]:
             raise BadRequest(f"dynamic_batching must be true or false, got {raw!r}")
         out["dynamic_batching"] = flag in ("true", "1")
     return out
+
+
+def _arch_args(fields: dict[str, str]) -> dict[str, Any] | None:
+    """The JSON object of constructor arguments; its names and values are checked by the worker
+    against bnfold.architectures.ARGUMENTS, where the architecture is known."""
+    raw = fields.get("arch_args")
+    if raw is None or raw.strip() == "":
+        return None
+    if not fields.get("architecture"):
+        raise BadRequest("arch_args is given without an architecture")
+    try:
+        value = json.loads(raw)
+    except json.JSONDecodeError:
+        raise BadRequest(
+            f'arch_args must be a JSON object like {{"num_classes": 10}}, got {raw!r}'
+        ) from None
+    if not isinstance(value, dict):
+        raise BadRequest(f'arch_args must be a JSON object like {{"num_classes": 10}}, got {raw!r}')
+    return value
 
 
 def _input_shape(raw: str | None) -> list[int] | dict[str, list[int]] | None:

@@ -1,0 +1,99 @@
+"""Uploaded bytes to an ONNX graph or a state dict: protobuf and safetensors, never pickles."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from service.worker.sandbox import Refused, disable_unpickling, require
+
+__all__ = ["external_data_refs", "parse_onnx", "parse_safetensors"]
+
+
+def external_data_refs(model: Any) -> list[str]:
+    """Names of every tensor in the model (graphs, subgraphs, functions) stored outside it.
+
+    Wider than onnx's own tensor walk (and so ``bnfold.onnx.external_data``): sparse
+    initializers and sparse attribute tensors are checked too."""
+    from onnx import AttributeProto, TensorProto
+
+    found: list[str] = []
+
+    def tensor(t: Any) -> None:
+        if t.data_location == TensorProto.EXTERNAL or len(t.external_data):
+            found.append(t.name or "<unnamed>")
+
+    def graph(g: Any) -> None:
+        for t in g.initializer:
+            tensor(t)
+        for st in g.sparse_initializer:
+            tensor(st.values)
+            tensor(st.indices)
+        for node in g.node:
+            nodes_attrs(node.attribute)
+
+    def nodes_attrs(attrs: Any) -> None:
+        for a in attrs:
+            if a.type == AttributeProto.TENSOR:
+                tensor(a.t)
+            elif a.type == AttributeProto.TENSORS:
+                for t in a.tensors:
+                    tensor(t)
+            elif a.type == AttributeProto.SPARSE_TENSOR:
+                tensor(a.sparse_tensor.values)
+            elif a.type == AttributeProto.GRAPH:
+                graph(a.g)
+            elif a.type == AttributeProto.GRAPHS:
+                for g in a.graphs:
+                    graph(g)
+
+    graph(model.graph)
+    for fn in model.functions:
+        for node in fn.node:
+            nodes_attrs(node.attribute)
+    return found
+
+
+def parse_onnx(data: bytes) -> Any:
+    require("onnx")
+    import onnx
+    from google.protobuf.message import DecodeError
+
+    try:
+        model = onnx.load_from_string(data)
+    except (DecodeError, ValueError, RuntimeError) as exc:
+        raise Refused(
+            400, f"the file is not a valid ONNX model (protobuf parse failed: {exc})"
+        ) from None
+    # before anything else looks at the graph: external data names a path on *our* disk
+    external = external_data_refs(model)
+    if external:
+        raise Refused(
+            400,
+            f"ONNX models with external data are refused (tensors {external[:5]}); "
+            "save the model with all tensors inside the file",
+        )
+    if not model.graph.node:
+        raise Refused(400, "the file is not a usable ONNX model: its graph has no nodes")
+    try:
+        onnx.checker.check_model(model)
+    except Exception as exc:  # onnx raises ValidationError and C++ errors
+        raise Refused(400, f"the ONNX model does not pass onnx.checker: {exc}") from None
+    return model
+
+
+def parse_safetensors(data: bytes) -> dict[str, Any]:
+    """A state dict of torch tensors from safetensors bytes (a JSON header and raw buffers)."""
+    from safetensors import SafetensorError, deserialize
+
+    try:
+        deserialize(data)  # validates header and buffers before torch is loaded
+    except (SafetensorError, ValueError, OSError) as exc:
+        raise Refused(400, f"the file is not a valid safetensors state dict: {exc}") from None
+    require("torch")
+    disable_unpickling()
+    from safetensors.torch import load
+
+    try:
+        return load(data)
+    except (SafetensorError, ValueError, RuntimeError, OSError) as exc:
+        raise Refused(400, f"the file is not a valid safetensors state dict: {exc}") from None
