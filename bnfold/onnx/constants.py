@@ -12,8 +12,8 @@ weight arrives as ``DequantizeLinear`` of an int8 initializer. The rule:
 2. An interior node is a deterministic op of the ONNX domain without subgraphs, every input
    of which is a leaf or an interior node's output (at most ``max_nodes`` of them).
 3. The cone of interior nodes runs as one small model in
-   ``onnx.reference.ReferenceEvaluator``, in the graph's own dtypes (a Cast to float16 rounds
-   as onnxruntime would); the fold numerics then read the result in float64 as usual. An op
+   ``onnx.reference.ReferenceEvaluator``, in the graph's own dtypes (a Cast to float16 yields
+   float16 values); the fold numerics then read the result in float64 as usual. An op
    version the reference does not implement (DequantizeLinear before 19) runs after
    ``onnx.version_converter`` lifts the small model to the latest opset.
 4. What is evaluated is bounded: the leaves plus every value the cone computes, whose sizes
