@@ -1,10 +1,13 @@
-"""The ``bnfold`` command.
+"""The ``bnfold`` command line.
 
     bnfold fold IN [-o OUT.onnx] [--report REPORT.json] [--verify] [--input-shape NAME=1,3,H,W]
+    bnfold fold ARCH [--weights W.safetensors] [--arch-args JSON] [-o OUT.onnx] [--verify]
     bnfold serve [--host 127.0.0.1] [--port 8000] [--store DIR] [--require-gpu]   (service/)
 
-IN is an ONNX file or ``zoo:NAME``. The summary goes to stdout, progress to stderr. Exit codes:
-0 done (and verified, when asked), 1 verification failed, 2 bad input (one line on stderr).
+IN is an ONNX file; ARCH is ``zoo:NAME``, ``torchvision:NAME`` or ``timm:NAME``, folded in
+torch with the weights given (the zoo's shipped ones, or the library's random initialization,
+when none are). The summary goes to stdout, progress to stderr. Exit codes: 0 done (and
+verified, when asked), 1 verification failed, 2 bad input (one line on stderr).
 """
 
 from __future__ import annotations
@@ -63,6 +66,36 @@ def _parse_shapes(items: list[str]) -> dict[str, list[int]]:
     return shapes
 
 
+_NOT_LOADED = (
+    "bnfold does not load PyTorch checkpoints (pickles run code when loaded): export the model "
+    "to ONNX (torch.onnx.export) and fold that, or save its state dict with safetensors and run "
+    "`bnfold fold torchvision:NAME|timm:NAME|zoo:NAME --weights W.safetensors`"
+)
+
+
+def _refuse_non_onnx(path: Path) -> None:
+    """Name what the file is when it is clearly not ONNX, rather than a protobuf parse error."""
+    with open(path, "rb") as f:
+        head = f.read(8)
+    if head.startswith(b"PK\x03\x04") or head[:1] == b"\x80" or path.suffix in (".pt", ".pth"):
+        raise BadInput(f"{path}: looks like a PyTorch checkpoint; {_NOT_LOADED}")
+    if path.suffix == ".safetensors" or (len(head) == 8 and head[:1] != b"\x08" and _is_st(path)):
+        raise BadInput(
+            f"{path}: safetensors weights need their architecture: "
+            f"`bnfold fold torchvision:NAME|timm:NAME|zoo:NAME --weights {path}`"
+        )
+
+
+def _is_st(path: Path) -> bool:
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="numpy"):
+            return True
+    except Exception:  # noqa: BLE001 - any failure means: not safetensors
+        return False
+
+
 def _load_onnx(path: Path):
     import onnx
     from google.protobuf.message import DecodeError
@@ -71,6 +104,7 @@ def _load_onnx(path: Path):
         raise BadInput(f"{path}: no such file")
     if not path.is_file():
         raise BadInput(f"{path}: not a file")
+    _refuse_non_onnx(path)
     try:
         model = onnx.load(str(path), load_external_data=False)
     except (DecodeError, RuntimeError, ValueError) as exc:
@@ -129,17 +163,54 @@ def _with_data(model, base_dir):
     return load_external_data(model, base_dir)
 
 
-def _fold_zoo(name: str, args, progress: _Progress, out: dict) -> int:
-    import bnfold
-    import models
+def _architecture_model(args, progress: _Progress):
+    """The module and example inputs for ARCH, with --weights and --arch-args applied."""
+    from bnfold.architectures import ArchitectureError, load_weights, parse_architecture
 
     try:
-        spec = models.get_spec(name)
-    except models.UnknownModelError as exc:
+        architecture = parse_architecture(args.input, args.arch_args)
+        progress.stage(f"building {architecture.spec}")
+        model = architecture.build()
+        if args.weights:
+            progress.stage(f"loading weights from {args.weights}")
+            model = load_weights(model, _read_weights(Path(args.weights)), architecture.spec)
+        elif architecture.source != "zoo":
+            progress.stage("no --weights: folding the architecture's random initialization")
+    except ArchitectureError as exc:
         raise BadInput(str(exc)) from None
-    progress.stage(f"building zoo model {spec.name} (trains on first use)")
-    model = models.build(name)
-    inputs = models.example_inputs(name, batch=2)
+    except ImportError as exc:
+        raise BadInput(f"{args.input}: its library is not installed ({exc.name})") from None
+    shapes = list(args.input_shapes.values()) or None
+    if shapes is not None and len(shapes) != len(architecture.input_shapes()):
+        raise BadInput(
+            f"{architecture.spec} takes {len(architecture.input_shapes())} input(s), "
+            f"--input-shape gives {len(shapes)}"
+        )
+    batch = shapes[0][0] if shapes else 2
+    inputs = architecture.example_inputs(batch=batch, shapes=shapes)
+    return architecture, model, inputs
+
+
+def _read_weights(path: Path):
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    if not path.is_file():
+        raise BadInput(f"--weights {path}: no such file")
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as exc:
+        with open(path, "rb") as f:
+            head = f.read(2)
+        if head == b"PK" or head[:1] == b"\x80":
+            raise BadInput(f"--weights {path}: a PyTorch checkpoint; {_NOT_LOADED}") from None
+        raise BadInput(f"--weights {path}: not a safetensors file ({exc})") from None
+
+
+def _fold_architecture(args, progress: _Progress, out: dict) -> int:
+    import bnfold
+
+    architecture, model, inputs = _architecture_model(args, progress)
     progress.stage("folding BatchNorm (torch)")
     result = bnfold.fold(model, inputs)
     print(result.report.summary())
@@ -164,11 +235,8 @@ def _fold_zoo(name: str, args, progress: _Progress, out: dict) -> int:
         progress.stage("exporting the original for comparison")
         original = export_onnx(model, inputs)
         out["onnx"]["nodes_original"] = count_nodes(original)
-        # the zoo knows its sample shapes; the exported graph leaves spatial dims symbolic
-        known = dict(
-            zip((v.name for v in original.graph.input), models.input_shapes(name), strict=False)
-        )
-        shapes = {**{k: list(v) for k, v in known.items()}, **args.input_shapes}
+        # the inputs' own shapes; the exported graph leaves spatial dims symbolic
+        shapes = {v.name: list(x.shape) for v, x in zip(original.graph.input, inputs, strict=False)}
         progress.stage("verifying the exported graphs in onnxruntime")
         try:
             onnx_check = verify_onnx(
@@ -183,13 +251,22 @@ def _fold_zoo(name: str, args, progress: _Progress, out: dict) -> int:
     return status
 
 
+_ARCHITECTURE_PREFIXES = ("zoo:", "torchvision:", "timm:")
+
+
 def _cmd_fold(args) -> int:
     args.input_shapes = _parse_shapes(args.input_shape)
     progress = _Progress()
     out: dict = {"input": args.input}
-    if args.input.startswith("zoo:"):
-        status = _fold_zoo(args.input[len("zoo:") :], args, progress, out)
+    if args.input.startswith(_ARCHITECTURE_PREFIXES):
+        status = _fold_architecture(args, progress, out)
     else:
+        for flag in ("weights", "arch_args"):
+            if getattr(args, flag):
+                raise BadInput(
+                    f"--{flag.replace('_', '-')} goes with an architecture "
+                    "(zoo:NAME, torchvision:NAME, timm:NAME), not with an ONNX file"
+                )
         status = _fold_onnx_file(args, progress, out)
     if args.report:
         Path(args.report).write_text(json.dumps(out, indent=2) + "\n")
@@ -203,10 +280,36 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="bnfold", description=__doc__.splitlines()[0])
+    parser = _Parser(
+        prog="bnfold",
+        description="Fold trained BatchNorm into the layers around it, verify the result "
+        "against the original, export ONNX, and serve it.",
+        epilog="Exit codes: 0 done, 1 verification failed, 2 bad input.",
+    )
     sub = parser.add_subparsers(dest="command", required=True)
-    fold = sub.add_parser("fold", help="fold BatchNorm in an ONNX file or a zoo model")
-    fold.add_argument("input", metavar="IN", help="an .onnx file or zoo:NAME")
+    fold = sub.add_parser(
+        "fold",
+        help="fold BatchNorm in an ONNX file or an architecture's weights",
+        description="Fold BatchNorm in an ONNX file, or in a zoo / torchvision / timm "
+        "architecture with safetensors weights (folded in torch, exported to ONNX).",
+    )
+    fold.add_argument(
+        "input",
+        metavar="IN",
+        help="an .onnx file, or zoo:NAME, torchvision:NAME, timm:NAME (PyTorch checkpoints, "
+        "which are pickles, are not loaded)",
+    )
+    fold.add_argument(
+        "--weights",
+        metavar="W.safetensors",
+        help="the architecture's weights (default: the zoo's own; torchvision/timm: random)",
+    )
+    fold.add_argument(
+        "--arch-args",
+        metavar="JSON",
+        help="constructor arguments, e.g. '{\"num_classes\": 10}' (num_classes, in_chans, "
+        "global_pool, drop_rate, width_mult, aux_logits)",
+    )
     fold.add_argument("-o", "--output", metavar="OUT.onnx", help="write the folded ONNX graph")
     fold.add_argument("--report", metavar="REPORT.json", help="write the reports as JSON")
     fold.add_argument("--verify", action="store_true", help="compare with the original")

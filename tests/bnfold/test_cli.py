@@ -87,13 +87,24 @@ def test_cli_symbolic_spatial_dims_need_input_shape(tmp_path):
     [
         (["fold", "missing.onnx"], "no such file"),
         (["fold", "garbage.onnx"], "not an ONNX model"),
-        (["fold", "zoo:no_such_model"], "unknown model"),
+        (["fold", "zoo:no_such_model"], "unknown architecture zoo:no_such_model"),
+        (["fold", "model.pt"], "looks like a PyTorch checkpoint; bnfold does not load"),
+        (["fold", "w.safetensors"], "safetensors weights need their architecture"),
+        (["fold", "in.onnx", "--weights", "w.safetensors"], "--weights goes with an arch"),
+        (["fold", "zoo:conv1d_seq", "--weights", "model.pt"], "a PyTorch checkpoint"),
+        (["fold", "zoo:conv1d_seq", "--weights", "w.safetensors"], "do not fit architecture"),
+        (["fold", "timm:resnet18", "--arch-args", '{"pretrained": true}'], "is not accepted"),
         (["fold", "in.onnx", "--input-shape", "x=1,three"], "bad --input-shape"),
         (["fold", "external.onnx"], "external data"),
     ],
 )
 def test_cli_bad_input_exits_2_with_one_line(tmp_path, args, expected):
+    import torch
+    from safetensors.torch import save_file
+
     (tmp_path / "garbage.onnx").write_text("this is not protobuf\n" * 10)
+    torch.save({"w": torch.zeros(2)}, tmp_path / "model.pt")  # a zip holding a pickle
+    save_file({"w": torch.zeros(2)}, str(tmp_path / "w.safetensors"))
     model = onnx.load(_conv_bn(tmp_path / "in.onnx"))
     onnx.save_model(model, tmp_path / "external.onnx", save_as_external_data=True, size_threshold=0)
 
@@ -108,6 +119,47 @@ def test_cli_zoo_model_folds_exports_and_verifies(tmp_path):
     assert "ONNX: " in proc.stdout and "0 BatchNormalization" in proc.stdout
     assert proc.stdout.count("verification OK") == 2  # torch, then the exported graphs
     out = onnx.load(tmp_path / "m.onnx")
+    assert not any(n.op_type == "BatchNormalization" for n in out.graph.node)
+
+
+def test_cli_help_says_what_bnfold_does():
+    proc = subprocess.run([*_CMD, "--help"], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0
+    assert "Fold trained BatchNorm into the layers around it" in proc.stdout
+    assert "``" not in proc.stdout
+
+
+def test_cli_folds_torchvision_weights_in_torch_and_verifies_the_export(tmp_path):
+    import torch
+    from safetensors.torch import save_file
+
+    from bnfold.architectures import parse_architecture
+
+    model = parse_architecture("torchvision:shufflenet_v2_x0_5", {"num_classes": 10}).build()
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_var.uniform_(0.5, 2.0)
+                m.running_mean.uniform_(-0.5, 0.5)
+    save_file(model.state_dict(), str(tmp_path / "w.safetensors"))
+    proc = bnfold(
+        "fold",
+        "torchvision:shufflenet_v2_x0_5",
+        "--weights",
+        "w.safetensors",
+        "--arch-args",
+        '{"num_classes": 10}',
+        "--input-shape",
+        "x=1,3,64,64",
+        "-o",
+        "out.onnx",
+        "--verify",
+        cwd=tmp_path,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "0 BatchNormalization" in proc.stdout
+    assert proc.stdout.count("verification OK") == 2  # torch, then the exported graphs
+    out = onnx.load(tmp_path / "out.onnx")
     assert not any(n.op_type == "BatchNormalization" for n in out.graph.node)
 
 
