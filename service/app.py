@@ -65,8 +65,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             logger.info("execution provider: %s (GPU)", provider)
         else:
             logger.warning(
-                "execution provider: %s: no usable GPU (onnxruntime offers %s), serving on the CPU",
+                "execution provider: %s: no usable GPU (%s; onnxruntime offers %s), serving on "
+                "the CPU",
                 provider,
+                handlers.sessions.cpu_reason or "CUDA not tried",
                 ", ".join(available_providers()),
             )
         task = asyncio.create_task(_warm_up(app, handlers, deployed))

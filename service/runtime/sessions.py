@@ -15,6 +15,7 @@ import logging
 import sys
 import threading
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -96,6 +97,7 @@ class SessionFactory:
         self.intra_op_threads = intra_op_threads
         self.cuda_options = {"cudnn_conv_algo_search": cudnn_conv_algo_search}
         self._cuda_usable: bool | None = None  # unknown until a session tells
+        self.cpu_reason: str | None = None  # why CUDA is not used, once that is known
         self._lock = threading.Lock()
 
     def create(self, model: bytes | str) -> LoadedSession:
@@ -108,12 +110,15 @@ class SessionFactory:
         with self._lock:
             if self._cuda_usable is None and CUDA not in ort.get_available_providers():
                 self._cuda_usable = False
+                self.cpu_reason = "this onnxruntime build has no CUDA execution provider"
             if self._cuda_usable is None:
                 _preload_cuda_libraries(ort)
             if self._cuda_usable is not False:
                 session = self._cuda_session(ort, model, options)
                 if session is not None:  # a failure of this one model says nothing of CUDA
                     self._cuda_usable = session.get_providers()[0] == CUDA
+                    if not self._cuda_usable:
+                        self.cpu_reason = cuda_unusable_reason(ort)
         on_gpu = session is not None and session.get_providers()[0] == CUDA
         if self.require_gpu and not on_gpu:
             raise ServiceUnavailable(
@@ -130,11 +135,20 @@ class SessionFactory:
         return LoadedSession(session, provider, signature_of(session), replans)
 
     def _cuda_session(self, ort: Any, model: bytes | str, options: Any) -> Any:
+        # quietly: onnxruntime's own logger prints its failure to load the CUDA provider in red
+        # (an ERROR and a WARNING) before falling back; the fallback is detected and explained
+        # here instead, once (cuda_unusable_reason)
+        set_severity = getattr(ort, "set_default_logger_severity", None)
+        if set_severity is not None:
+            set_severity(4)
         try:
             return ort.InferenceSession(model, options, providers=[(CUDA, self.cuda_options), CPU])
         except Exception as exc:
             logger.warning("a session with CUDA failed (%s); using the CPU", first_line(exc))
             return None
+        finally:
+            if set_severity is not None:
+                set_severity(2)  # onnxruntime's default: warnings
 
     def probe(self) -> str:
         """The provider a model would get here (used at start for ``require_gpu``)."""
@@ -179,6 +193,28 @@ def _preload_cuda_libraries(ort: Any) -> None:
         logger.debug("onnxruntime.preload_dlls failed: %s", first_line(exc))
     if printed.getvalue().strip():
         logger.debug("onnxruntime.preload_dlls: %s", printed.getvalue().strip())
+
+
+def cuda_unusable_reason(ort: Any) -> str:
+    """Why a session asked for CUDA got the CPU, found without onnxruntime's logs: no driver, or
+    a library the CUDA provider needs that the loader cannot find (named by the loader)."""
+    if not _cuda_driver_present():
+        return (
+            "NVIDIA's driver (libcuda.so.1) is not loadable: no GPU here, or the container was "
+            "started without --gpus"
+        )
+    provider = (
+        Path(getattr(ort, "__file__", "")).parent / "capi" / "libonnxruntime_providers_cuda.so"
+    )
+    if provider.is_file():
+        try:
+            ctypes.CDLL(str(provider))
+        except OSError as exc:
+            return (
+                f"onnxruntime's CUDA provider cannot load ({first_line(exc)}); install CUDA 13 "
+                "and cuDNN 9, e.g. pip install 'onnxruntime-gpu[cuda,cudnn]'"
+            )
+    return "onnxruntime's CUDA provider found no usable device"
 
 
 def _cuda_driver_present() -> bool:
