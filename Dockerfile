@@ -17,18 +17,11 @@
 # service loads them with onnxruntime.preload_dlls(), and `docker run --gpus all` brings the
 # driver. The base is plain Debian, so no CUDA base image is needed.
 
-# --- the Python both images run on: Debian's python3 (3.11, which the local wheels are for) ---
-FROM debian:bookworm-slim AS python
+# --- build: a virtual environment in /opt/venv, on Debian's python3 (3.11, as the images') ---
+FROM debian:bookworm-slim AS build-slim
 # hadolint ignore=DL3008
 RUN apt-get update \
-    && apt-get install -y --no-install-recommends python3 \
-    && rm -rf /var/lib/apt/lists/* /var/cache/apt/*.bin /var/log/apt /var/log/dpkg.log
-
-# --- build: a virtual environment in /opt/venv; nothing of this stage but the venv is kept ---
-FROM python AS build-slim
-# hadolint ignore=DL3008
-RUN apt-get update \
-    && apt-get install -y --no-install-recommends python3-venv ca-certificates \
+    && apt-get install -y --no-install-recommends python3 python3-venv ca-certificates \
     && rm -rf /var/lib/apt/lists/*
 # A machine behind a TLS-inspecting proxy mounts its CA certificates at
 # /usr/local/share/ca-certificates/host for the build (-v ...:ro); a local wheel folder goes in
@@ -62,9 +55,25 @@ RUN --mount=type=cache,target=/root/.cache/pip \
     /opt/venv/bin/pip install -r requirements.txt -c constraints.txt \
     && /opt/venv/bin/pip uninstall -y triton
 
+# the service's source, readable by the image's user whatever the checkout's umask, and compiled:
+# the images' root filesystem may be read-only, so no __pycache__ is written at run time
+FROM build-slim AS source
+COPY pyproject.toml README.md /app/
+COPY bnfold /app/bnfold
+COPY models /app/models
+COPY service /app/service
+RUN chmod -R a+rX,go-w /app \
+    && /opt/venv/bin/python -m compileall -q /app/bnfold /app/models /app/service
+
 # --- the images: Debian's python3, the venv, the source; no compiler, no pip cache, no CA ---
-FROM python AS runtime
-RUN groupadd --system --gid 10001 bnfold \
+# (.ci/image builds these stages without the build's host mounts, which would leave their
+# mount points behind)
+FROM debian:bookworm-slim AS runtime
+# hadolint ignore=DL3008
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends python3 \
+    && rm -rf /var/lib/apt/lists/* /var/cache/apt/*.bin /var/log/apt /var/log/dpkg.log \
+    && groupadd --system --gid 10001 bnfold \
     && useradd --system --uid 10001 --gid 10001 --no-create-home --home-dir /nonexistent \
         --shell /usr/sbin/nologin bnfold \
     && mkdir -p /store \
@@ -94,18 +103,12 @@ ENTRYPOINT ["python", "-m", "service"]
 
 FROM runtime AS slim
 COPY --from=build-slim /opt/venv /opt/venv
-COPY pyproject.toml README.md ./
-COPY bnfold ./bnfold
-COPY models ./models
-COPY service ./service
+COPY --from=source /app /app
 # without torch no upload can be folded, and a fresh store cannot deploy the zoo's defaults
 ENV BNFOLD_IMAGE_VARIANT=slim \
     BNFOLD_DEPLOY_DEFAULTS=0
 
 FROM runtime AS full
 COPY --from=build-full /opt/venv /opt/venv
-COPY pyproject.toml README.md ./
-COPY bnfold ./bnfold
-COPY models ./models
-COPY service ./service
+COPY --from=source /app /app
 ENV BNFOLD_IMAGE_VARIANT=full
