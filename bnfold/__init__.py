@@ -14,10 +14,14 @@ _LAZY = {
     "FoldResult": "bnfold.folding",
     "verify": "bnfold.verification",
     "recalibrate": "bnfold.recalibration",
+    "drift_score": "bnfold.drift.torch_score",
     "export_onnx": "bnfold.onnx.export",
     "fold_onnx": "bnfold.onnx.fold",
     "OnnxFoldResult": "bnfold.onnx.fold",
     "verify_onnx": "bnfold.onnx.verify",
+    "optimize": "bnfold.optimizer",
+    "Budget": "bnfold.optimizer",
+    "OptimizeResult": "bnfold.optimizer",
 }
 
 __all__ = [

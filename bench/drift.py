@@ -1,0 +1,226 @@
+"""Drift on real data: the digits CNN (models/digits.py) and shifted copies of its test split.
+
+Detection: windows of 32 held-out digits, clean and shifted (contrast, brightness, inversion,
+blur, noise, each at three strengths), scored by ``bnfold.drift_score`` (the numbers the
+service's monitor reports for the same window); ROC AUC clean vs shifted, per shift and strength.
+
+Repair: the service's path (``recalibrate_onnx`` on the exported original, ``fold_onnx``,
+onnxruntime): recalibrate on 32-256 unlabeled *shifted training* digits, measure accuracy on
+the shifted *test* digits; and on clean training digits, to see what recalibrating costs.
+
+Serving cost (``--serving``): a real server, monitoring off vs the default sampling rate,
+interleaved runs of bench/load.py-style closed-loop clients; see ``serving_ab``.
+
+    python bench/drift.py --out bench/results/drift.json
+    python bench/drift.py --serving --out bench/results/drift_serving.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(ROOT)]
+
+WINDOW = 32
+N_WINDOWS = 300
+REPAIR_SIZES = (32, 64, 128, 256)
+REPAIR_SEEDS = 3
+
+
+def _blur(x, sigma: float):
+    import torch
+
+    radius = 2
+    t = torch.arange(-radius, radius + 1, dtype=torch.float32)
+    k = torch.exp(-(t**2) / (2 * sigma**2))
+    k = k / k.sum()
+    pad = torch.nn.functional.pad(x, (radius,) * 4, mode="replicate")
+    out = torch.nn.functional.conv2d(pad, k.view(1, 1, 1, -1))
+    return torch.nn.functional.conv2d(out, k.view(1, 1, -1, 1))
+
+
+def _noise(x, std: float):
+    import torch
+
+    g = torch.Generator().manual_seed(1234)
+    return x + std * torch.randn(x.shape, generator=g)
+
+
+def _contrast(x, f: float):
+    m = x.mean(dim=(1, 2, 3), keepdim=True)
+    return m + f * (x - m)
+
+
+# name -> (function, strengths mild / moderate / severe)
+SHIFTS = {
+    "contrast": (_contrast, (0.75, 0.5, 0.25)),
+    "brightness": (lambda x, b: (x + b).clamp(0, 1), (0.1, 0.2, 0.4)),
+    "inversion": (lambda x, a: (1 - a) * x + a * (1 - x), (0.1, 0.25, 1.0)),
+    "blur": (_blur, (0.5, 0.8, 1.2)),
+    "noise": (_noise, (0.05, 0.1, 0.2)),
+}
+LEVELS = ("mild", "moderate", "severe")
+
+
+def _windows(n: int, count: int, seed: int) -> list[np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return [rng.choice(n, WINDOW, replace=False) for _ in range(count)]
+
+
+def _scores(model, x, windows) -> tuple[np.ndarray, np.ndarray]:
+    """Per window: the model score (median over sites), and per-site scores."""
+    import bnfold
+
+    model_scores, site_scores = [], []
+    for index in windows:
+        result = bnfold.drift_score(model, [x[index]])
+        model_scores.append(result.score)
+        site_scores.append([s.score for s in result.sites])
+    return np.array(model_scores), np.array(site_scores)
+
+
+def detection() -> dict:
+    from sklearn.metrics import roc_auc_score
+
+    from bnfold.drift import DEFAULT_THRESHOLD
+    from models import digits
+
+    model, split = digits.build(), digits.load_split()
+    x = split.test_x
+    windows = _windows(len(x), N_WINDOWS, seed=0)
+    clean, clean_sites = _scores(model, x, windows)
+    out = {
+        "window": WINDOW,
+        "windows": N_WINDOWS,
+        "threshold": DEFAULT_THRESHOLD,
+        "clean": _summary(clean),
+        "clean_false_positive_rate": float(np.mean(clean > DEFAULT_THRESHOLD)),
+        "shifts": [],
+    }
+    labels = np.r_[np.zeros(len(clean)), np.ones(len(clean))]
+    for shift, (fn, strengths) in SHIFTS.items():
+        for level, strength in zip(LEVELS, strengths, strict=True):
+            xs = fn(x, strength)
+            scores, sites = _scores(model, xs, windows)
+            row = {
+                "shift": shift,
+                "level": level,
+                "strength": strength,
+                "auc": float(roc_auc_score(labels, np.r_[clean, scores])),
+                "auc_mean_over_sites": float(
+                    roc_auc_score(labels, np.r_[clean_sites.mean(1), sites.mean(1)])
+                ),
+                "auc_per_site": [
+                    float(roc_auc_score(labels, np.r_[clean_sites[:, i], sites[:, i]]))
+                    for i in range(sites.shape[1])
+                ],
+                "detected_at_threshold": float(np.mean(scores > DEFAULT_THRESHOLD)),
+                "score": _summary(scores),
+            }
+            out["shifts"].append(row)
+            print(json.dumps(row), flush=True)
+    return out
+
+
+def _summary(v: np.ndarray) -> dict:
+    return {
+        "median": float(np.median(v)),
+        "p99": float(np.quantile(v, 0.99)),
+        "min": float(v.min()),
+        "max": float(v.max()),
+    }
+
+
+def repair() -> dict:
+    import onnxruntime as ort
+    import torch
+
+    import bnfold
+    from bnfold.drift import recalibrate_onnx
+    from models import digits
+
+    model, split = digits.build(), digits.load_split()
+    original = bnfold.export_onnx(model, (split.test_x[:2],), dynamic_batch=True)
+
+    def accuracy(graph, x, y) -> float:
+        session = ort.InferenceSession(
+            graph.SerializeToString(), providers=["CPUExecutionProvider"]
+        )
+        logits = session.run(None, {"x": x.numpy()})[0]
+        return float((logits.argmax(1) == y.numpy()).mean())
+
+    def recalibrated(x_cal: torch.Tensor) -> object:
+        batches = [{"x": x_cal[i : i + 32].numpy()} for i in range(0, len(x_cal), 32)]
+        return bnfold.fold_onnx(recalibrate_onnx(original, batches).model).model
+
+    def calibration(x_train, n: int, seed: int) -> torch.Tensor:
+        order = np.random.default_rng(100 + seed).permutation(len(x_train))[:n]
+        return x_train[order]
+
+    clean_accuracy = accuracy(original, split.test_x, split.test_y)
+    out = {"clean_accuracy": clean_accuracy, "seeds": REPAIR_SEEDS, "clean_recalibration": {}}
+    for n in REPAIR_SIZES:
+        accs = [
+            accuracy(recalibrated(calibration(split.train_x, n, s)), split.test_x, split.test_y)
+            for s in range(REPAIR_SEEDS)
+        ]
+        out["clean_recalibration"][n] = {"mean": float(np.mean(accs)), "min": float(min(accs))}
+    print(json.dumps(out), flush=True)
+    out["shifts"] = []
+    for shift, (fn, strengths) in SHIFTS.items():
+        for level, strength in zip(LEVELS, strengths, strict=True):
+            xs_test, xs_train = fn(split.test_x, strength), fn(split.train_x, strength)
+            shifted = accuracy(original, xs_test, split.test_y)
+            row = {
+                "shift": shift,
+                "level": level,
+                "strength": strength,
+                "accuracy": shifted,
+                "cost": clean_accuracy - shifted,
+                "recalibrated": {},
+            }
+            for n in REPAIR_SIZES:
+                accs = [
+                    accuracy(recalibrated(calibration(xs_train, n, s)), xs_test, split.test_y)
+                    for s in range(REPAIR_SEEDS)
+                ]
+                mean = float(np.mean(accs))
+                recovered = (mean - shifted) / row["cost"] if row["cost"] > 0 else None
+                row["recalibrated"][n] = {"accuracy": mean, "recovered": recovered}
+            out["shifts"].append(row)
+            print(json.dumps(row), flush=True)
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path)
+    parser.add_argument("--serving", action="store_true", help="the serving-cost A/B only")
+    parser.add_argument("--rounds", type=int, default=6)
+    parser.add_argument("--seconds", type=float, default=10.0)
+    args = parser.parse_args()
+    import torch
+
+    torch.set_num_threads(1)
+    t0 = time.perf_counter()
+    if args.serving:
+        from drift_serving import serving_ab
+
+        result = {"serving": serving_ab(args.rounds, args.seconds)}
+    else:
+        result = {"detection": detection(), "repair": repair()}
+    result["seconds"] = time.perf_counter() - t0
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(result, indent=1))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,103 @@
+"""BN re-estimation on an ONNX graph: new running statistics from unlabeled batches.
+
+The ONNX counterpart of ``bnfold.recalibrate``, with the same numerics: every calibration
+batch runs through the observer graph in its batch-statistics form (each BN normalizes by its
+batch's own moments, as a torch BN in train mode does), the per-batch moments of each BN's
+input are gathered, and the population estimate (``statistics.population_statistics``)
+replaces the statistics in the original graph's BatchNormalization nodes. The caller's graph is
+unchanged; a rewritten copy is returned, to be folded and verified like any upload.
+
+A statistics initializer that something else also reads is not overwritten: the BN gets a new
+initializer of its own.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+from bnfold.drift.observer import ObserverSession, observer_graph
+from bnfold.drift.statistics import population_statistics
+
+__all__ = ["OnnxRecalibration", "recalibrate_onnx"]
+
+
+@dataclass
+class OnnxRecalibration:
+    model: onnx.ModelProto  # the original with re-estimated statistics
+    batches: int
+    samples: int
+    sites: list[dict[str, Any]] = field(default_factory=list)  # per BN: what changed
+    skipped: list[dict[str, str]] = field(default_factory=list)
+
+    def report(self) -> dict[str, Any]:
+        return {
+            "batches": self.batches,
+            "samples": self.samples,
+            "sites": self.sites,
+            "skipped": self.skipped,
+        }
+
+
+def recalibrate_onnx(
+    model: onnx.ModelProto, batches: Iterable[dict[str, np.ndarray]]
+) -> OnnxRecalibration:
+    """Re-estimate every BN site's running statistics on ``batches`` (feed dicts)."""
+    observer = observer_graph(model, batch_stats=True)
+    if not observer.sites:
+        raise ValueError("the graph has no BatchNormalization with constant running statistics")
+    session = ObserverSession(observer)
+    gathered: dict[str, tuple[list, list, list]] = {s.name: ([], [], []) for s in observer.sites}
+    n_batches = samples = 0
+    for feeds in batches:
+        for name, (mean, var, count) in session.moments(feeds).items():
+            means, variances, counts = gathered[name]
+            if count < 2:
+                raise ValueError(
+                    f"BatchNorm {name!r} sees {count} value per channel in a batch: one value "
+                    "has no variance; calibrate with batches of at least 2 samples"
+                )
+            means.append(mean)
+            variances.append(var)
+            counts.append(count)
+        n_batches += 1
+        samples += int(next(iter(feeds.values())).shape[0])
+    if n_batches == 0:
+        raise ValueError("recalibration needs at least one calibration batch")
+
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    graph = out.graph
+    inits = {t.name: t for t in graph.initializer}
+    readers: dict[str, int] = {}
+    for node in graph.node:
+        for name in node.input:
+            readers[name] = readers.get(name, 0) + 1
+    reports = []
+    for site in observer.sites:
+        mean, var = population_statistics(*gathered[site.name])
+        node = graph.node[site.node_index]
+        for slot, old_name, value in ((3, site.mean_name, mean), (4, site.var_name, var)):
+            old = inits[old_name]
+            dtype = numpy_helper.to_array(old).dtype
+            new = numpy_helper.from_array(value.astype(dtype).reshape(old.dims), old_name)
+            if readers.get(old_name, 0) > 1:  # shared: give this BN its own copy
+                new.name = f"{old_name}.recalibrated.{site.node_index}"
+                graph.initializer.append(new)
+                node.input[slot] = new.name
+            else:
+                old.CopyFrom(new)
+        std_r = np.sqrt(site.var + site.eps)
+        reports.append(
+            {
+                "name": site.name,
+                "mean_shift": float(np.mean(np.abs(mean - site.mean) / std_r)),  # in old stds
+                "std_ratio": float(np.mean(np.sqrt(var + site.eps) / std_r)),
+            }
+        )
+    return OnnxRecalibration(out, n_batches, samples, reports, observer.skipped)
