@@ -1,0 +1,56 @@
+"""BN statistics of a graph, by the name of each BatchNormalization's output tensor.
+
+Read from the graph *before* folding: BN output channel c has mean beta_c and standard
+deviation |gamma_c| on the training distribution (`bnfold.optimizer.dfq`). ``fold_onnx`` hands
+a BN output's name to the node it folds into, so after a backward fold the same name is the
+folded conv's output, the pre-activation tensor whose statistics these are.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+__all__ = ["ChannelStats", "read_bn_stats"]
+
+
+@dataclass
+class ChannelStats:
+    mean: np.ndarray  # [C]
+    std: np.ndarray  # [C], >= 0
+
+    def scaled(self, s: np.ndarray) -> ChannelStats:
+        """The statistics of x / s per channel (s > 0)."""
+        return ChannelStats(self.mean / s, self.std / s)
+
+
+def _constants(graph: onnx.GraphProto) -> dict[str, np.ndarray]:
+    values = {t.name: numpy_helper.to_array(t) for t in graph.initializer}
+    for node in graph.node:
+        if node.op_type == "Constant" and node.output:
+            for attr in node.attribute:
+                if attr.name == "value":
+                    values[node.output[0]] = numpy_helper.to_array(attr.t)
+    return values
+
+
+def read_bn_stats(model: onnx.ModelProto) -> tuple[dict[str, ChannelStats], list[str]]:
+    """(stats by BN output name, notes on BNs whose statistics could not be read)."""
+    constants = _constants(model.graph)
+    stats: dict[str, ChannelStats] = {}
+    notes: list[str] = []
+    for node in model.graph.node:
+        if node.op_type != "BatchNormalization":
+            continue
+        training = any(a.name == "training_mode" and a.i for a in node.attribute)
+        gamma, beta = constants.get(node.input[1]), constants.get(node.input[2])
+        if training or gamma is None or beta is None:
+            notes.append(f"{node.name or node.output[0]}: BN in training mode or not constant")
+            continue
+        stats[node.output[0]] = ChannelStats(
+            np.asarray(beta, np.float64).reshape(-1), np.abs(np.asarray(gamma, np.float64))
+        )
+    return stats, notes

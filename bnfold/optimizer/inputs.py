@@ -1,0 +1,102 @@
+"""The inputs `optimize` works on: example, calibration, generated, timing feeds.
+
+Everything becomes feed dicts {graph input name: float32 array}. Generated inputs follow the
+example inputs: Gaussian with their mean and standard deviation, clipped to their range when
+they are bounded below (images in [0, 1]); an ONNX graph without example inputs gets N(0, 1)
+at its declared shape, symbolic batch 1.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import onnx
+
+__all__ = ["InputSpec", "as_feeds", "concat_feeds", "input_spec"]
+
+
+class InputSpec:
+    """Graph input names and one example feed (the model's example inputs)."""
+
+    def __init__(self, names: list[str], example: dict[str, np.ndarray], assumed: str) -> None:
+        self.names = names
+        self.example = example
+        self.assumed = assumed  # how the example was obtained, for the report
+
+    def generated(self, batch: int, count: int, seed: int = 0) -> list[dict[str, np.ndarray]]:
+        rng = np.random.default_rng(seed)
+        feeds = []
+        for _ in range(count):
+            feed = {}
+            for name, x in self.example.items():
+                shape = (batch, *x.shape[1:])
+                mean, std = float(x.mean()), float(x.std()) or 1.0
+                value = rng.standard_normal(shape) * std + mean
+                if x.min() >= 0:
+                    value = np.clip(value, float(x.min()), float(x.max()))
+                feed[name] = value.astype(x.dtype)
+            feeds.append(feed)
+        return feeds
+
+    def describe(self) -> dict:
+        return {
+            "names": self.names,
+            "example_shapes": {n: list(x.shape) for n, x in self.example.items()},
+            "example_range": {n: [float(x.min()), float(x.max())] for n, x in self.example.items()},
+            "assumed": self.assumed,
+        }
+
+
+def _graph_inputs(model: onnx.ModelProto) -> list[onnx.ValueInfoProto]:
+    initializers = {t.name for t in model.graph.initializer}
+    return [v for v in model.graph.input if v.name not in initializers]
+
+
+def as_feeds(names: list[str], batches: Sequence) -> list[dict[str, np.ndarray]]:
+    """A list of input tuples (or arrays, for one input) as feed dicts."""
+    feeds = []
+    for item in batches:
+        values = item if isinstance(item, list | tuple) else (item,)
+        if len(values) != len(names):
+            raise ValueError(f"an input set has {len(values)} arrays; the model takes {len(names)}")
+        feeds.append({n: _array(v) for n, v in zip(names, values, strict=True)})
+    return feeds
+
+
+def concat_feeds(feeds: Sequence[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    return {n: np.concatenate([f[n] for f in feeds]) for n in feeds[0]}
+
+
+def _array(value) -> np.ndarray:
+    if hasattr(value, "detach"):
+        value = value.detach().cpu().numpy()
+    array = np.asarray(value)
+    return array.astype(np.float32) if array.dtype == np.float64 else array
+
+
+def input_spec(model: onnx.ModelProto, example_inputs, calibration) -> InputSpec:
+    graph_inputs = _graph_inputs(model)
+    names = [v.name for v in graph_inputs]
+    if example_inputs is not None:
+        example = as_feeds(names, [example_inputs])[0]
+        return InputSpec(names, example, "example inputs")
+    if calibration:
+        return InputSpec(names, as_feeds(names, calibration[:1])[0], "the first calibration set")
+    example = {}
+    for value in graph_inputs:
+        dims = value.type.tensor_type.shape.dim
+        shape = []
+        for i, d in enumerate(dims):
+            if d.HasField("dim_value"):
+                shape.append(d.dim_value)
+            elif i == 0:
+                shape.append(1)
+            else:
+                raise ValueError(
+                    f"input {value.name!r} has a symbolic dimension {d.dim_param or i!r}: "
+                    "give example_inputs (or --input-shape)"
+                )
+        elem = onnx.helper.tensor_dtype_to_np_dtype(value.type.tensor_type.elem_type)
+        example[value.name] = np.random.default_rng(0).standard_normal(shape).astype(elem)
+    return InputSpec(names, example, "N(0, 1) at the graph's declared shapes (no inputs given)")

@@ -1,0 +1,356 @@
+"""optimize: the fastest graph on this machine that stays within an accuracy budget.
+
+1. The model as an ONNX graph with its BatchNorm intact (an nn.Module is exported with
+   ``export_onnx``), BN statistics read from it (`bn_stats`), then folded with ``fold_onnx``:
+   the folded fp32 graph is the first candidate and the reference for speed.
+2. INT8 data-free: cross-layer equalization where exact (`equalize`), ranges from the BN
+   statistics propagated through the graph (`ranges`), analytic bias correction (`bias_correct`),
+   then onnxruntime's quantizer with those ranges (`quantize`).
+3. INT8 calibrated, when calibration inputs are given: each of onnxruntime's calibration
+   methods (`quantize.CALIBRATION_METHODS`).
+4. INT8 mixed: the best INT8 candidate with operators kept in fp32 where measurement says
+   they lose time or accuracy (`mixed`).
+5. Every candidate is measured against the eval-mode original (`accuracy`) and timed with the
+   serving options against the fp32 graph (`timing`, batch 1 and `LARGE_BATCH`). The chosen
+   one is the fastest within the budget and faster than the fp32 graph at every batch
+   timed, else the fp32 graph.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import onnx
+
+from bnfold.optimizer import progress
+from bnfold.optimizer.accuracy import compare
+from bnfold.optimizer.bias_correct import correct_biases
+from bnfold.optimizer.bn_stats import read_bn_stats
+from bnfold.optimizer.budget import Budget
+from bnfold.optimizer.candidates import Candidate, OptimizeReport, OptimizeResult
+from bnfold.optimizer.equalize import equalize
+from bnfold.optimizer.graph import copy_model, name_nodes
+from bnfold.optimizer.hardware import cpu_features
+from bnfold.optimizer.inputs import InputSpec, as_feeds, input_spec
+from bnfold.optimizer.mixed import search_mixed
+from bnfold.optimizer.quantize import CALIBRATION_METHODS, calibrate, quantize, ranges_cache
+from bnfold.optimizer.ranges import propagate_ranges
+from bnfold.optimizer.timing import make_session, time_interleaved
+
+__all__ = ["optimize"]
+
+logger = logging.getLogger(__name__)
+
+LARGE_BATCH = 8
+TIMING_ROUNDS = 20
+SEARCH_ROUNDS = 10
+EVAL_BATCHES = 8  # generated inputs for accuracy: this many batches of EVAL_BATCH
+EVAL_BATCH = 8
+THREADS: int | None = None  # onnxruntime's default, as the service creates sessions
+
+
+def _original_graph(model, inputs: tuple | None) -> tuple[onnx.ModelProto, object, list[str]]:
+    """(graph with BN intact, torch module or None, notes)."""
+    import torch
+
+    if isinstance(model, torch.nn.Module):
+        from bnfold.onnx.export import export_onnx
+
+        if inputs is None:
+            raise ValueError("an nn.Module needs example_inputs (or calibration) to be exported")
+        return (
+            export_onnx(model.eval(), inputs),
+            model,
+            [
+                "the module is exported with its BatchNorm and folded by fold_onnx, so the BN "
+                "statistics and the folded tensors carry the same names"
+            ],
+        )
+    if isinstance(model, onnx.ModelProto):
+        return model, None, []
+    if isinstance(model, str | os.PathLike):
+        return onnx.load(os.fspath(model)), None, []
+    raise TypeError(f"model must be an nn.Module, an onnx.ModelProto or a path, not {type(model)}")
+
+
+def _run(model: onnx.ModelProto, feeds: Sequence[dict]) -> list[np.ndarray]:
+    session = make_session(model, THREADS)
+    outs = [session.run(None, f) for f in feeds]
+    return [np.concatenate([o[i] for o in outs]) for i in range(len(outs[0]))]
+
+
+def _reference(module, original: onnx.ModelProto, feeds: Sequence[dict]) -> list[np.ndarray]:
+    if module is None:
+        return _run(original, feeds)
+    import torch
+
+    outs = []
+    module.eval()
+    with torch.no_grad():
+        for feed in feeds:
+            y = module(*[torch.from_numpy(v) for v in feed.values()])
+            ys = y if isinstance(y, list | tuple) else (y,)
+            outs.append([t.detach().numpy() for t in ys])
+    return [np.concatenate([o[i] for o in outs]) for i in range(len(outs[0]))]
+
+
+def _timing_feeds(spec: InputSpec, fp32: onnx.ModelProto) -> dict[str, dict]:
+    static = any(
+        v.type.tensor_type.shape.dim and v.type.tensor_type.shape.dim[0].HasField("dim_value")
+        for v in fp32.graph.input
+        if v.name in spec.names
+    )
+    batches = [next(iter(spec.example.values())).shape[0]] if static else [1, LARGE_BATCH]
+    return {f"batch={b}": spec.generated(b, 1, seed=1)[0] for b in batches}
+
+
+def _example_tuple(example_inputs, calibration) -> tuple | None:
+    source = example_inputs if example_inputs is not None else (calibration or [None])[0]
+    if source is None:
+        return None
+    return tuple(source) if isinstance(source, list | tuple) else (source,)
+
+
+def optimize(
+    model,
+    example_inputs=None,
+    *,
+    target: str = "cpu",
+    budget: Budget | None = None,
+    calibration: Sequence | None = None,
+    labels=None,
+) -> OptimizeResult:
+    """The fastest verified graph of `model` for `target` (see the module docstring).
+
+    `model`: nn.Module, onnx.ModelProto or path. `calibration`: a list of input tuples (or
+    arrays, for one input), one batch each; `labels`: their class indices, concatenated.
+    """
+    if target != "cpu":
+        raise ValueError(f"target {target!r}: only 'cpu' is supported")
+    budget = budget or Budget()
+    calibration = list(calibration) if calibration is not None else None
+    notes: list[str] = []
+    import torch
+
+    with progress.stage("exporting and folding"):
+        inputs = _example_tuple(example_inputs, calibration)
+        if inputs is not None:
+            inputs = tuple(
+                torch.as_tensor(np.asarray(x)) if not hasattr(x, "detach") else x for x in inputs
+            )
+        original, module, more = _original_graph(model, inputs)
+        notes += more
+        from bnfold.onnx.fold import fold_onnx
+
+        stats, stat_notes = read_bn_stats(original)
+        folded_result = fold_onnx(original)
+        fp32 = name_nodes(copy_model(folded_result.model))
+    spec = input_spec(original, example_inputs if example_inputs is not None else None, calibration)
+    calib_feeds = as_feeds(spec.names, calibration) if calibration else None
+    eval_feeds = calib_feeds or [spec.example, *spec.generated(EVAL_BATCH, EVAL_BATCHES)]
+    label_array = (
+        None
+        if labels is None
+        else np.asarray(labels.detach().numpy() if hasattr(labels, "detach") else labels).reshape(
+            -1
+        )
+    )
+    if label_array is not None and calib_feeds is None:
+        raise ValueError("labels are the class indices of the calibration inputs: give both")
+    with progress.stage("reference outputs"):
+        reference = _reference(module, original, eval_feeds)
+    if label_array is not None and len(label_array) != len(reference[0]):
+        raise ValueError(f"{len(label_array)} labels for {len(reference[0])} calibration samples")
+
+    def evaluate(candidate_model: onnx.ModelProto) -> tuple[bool, dict]:
+        acc = compare(reference, _run(candidate_model, eval_feeds), label_array)
+        met, _ = budget.check(acc)
+        return met, acc
+
+    candidates: list[Candidate] = [
+        Candidate("fp32", "fp32", "BatchNorm folded (fold_onnx), fp32", fp32)
+    ]
+    steps: dict = {
+        "fold": {
+            "modified": folded_result.modified,
+            "nodes_before": folded_result.nodes_before,
+            "nodes_after": folded_result.nodes_after,
+        },
+        "bn_statistics": {"tensors": len(stats), "notes": stat_notes},
+    }
+    tmp = tempfile.TemporaryDirectory(prefix="bnfold-optimize-")
+    caches: dict[str, tuple] = {}  # candidate -> (source graph, ranges cache, method, exclude)
+    try:
+        # step 2: data-free
+        with progress.stage("INT8 data-free: equalization, ranges, bias correction", 3) as step:
+            data_free = copy_model(fp32)
+            bn = {k: v for k, v in stats.items()}
+            eq = equalize(data_free, bn)
+            step()
+            range_feeds = (
+                calib_feeds[:8]
+                if calib_feeds
+                else [spec.example, *spec.generated(EVAL_BATCH, 3, 2)]
+            )
+            ranges, replaced = propagate_ranges(data_free, bn, range_feeds, threads=THREADS)
+            step()
+            # a graph output (the logits) that no BN describes has a range that depends on
+            # correlations between channels, which BN statistics do not carry: its producer
+            # stays in fp32 rather than clip on a guessed range
+            outputs = {o.name for o in data_free.graph.output}
+            unknown = [
+                n.name
+                for n in data_free.graph.node
+                if any(o in outputs and o not in bn for o in n.output)
+            ]
+            bc = correct_biases(data_free, ranges, exclude=set(unknown))
+            cache = ranges_cache(ranges, Path(tmp.name, "data_free.json"))
+            int8 = quantize(data_free, cache, exclude=unknown)
+            caches["int8_data_free"] = (data_free, cache, "minmax", unknown)
+        input_note = (
+            "graph input ranges from the calibration inputs"
+            if calib_feeds
+            else f"graph input ranges assumed from {spec.assumed} (no calibration given)"
+        )
+        steps["data_free"] = {
+            "equalization": eq.to_dict(),
+            "bias_correction": bc.to_dict(),
+            "bn_sampled_tensors": len(replaced),
+            "fp32_outputs": unknown,
+            "input_ranges": input_note,
+            "high_bias_absorption": "not applied",
+        }
+        candidates.append(
+            Candidate(
+                "int8_data_free",
+                "int8",
+                "QDQ int8 (per-channel weights, uint8 activations); activation ranges from BN "
+                f"statistics, {len(eq.pairs)} pairs equalized, {bc.corrected} biases corrected; "
+                + input_note,
+                int8,
+            )
+        )
+        # step 3: calibrated
+        if calib_feeds:
+            with progress.stage("INT8 calibrated", len(CALIBRATION_METHODS)) as step:
+                for method in CALIBRATION_METHODS:
+                    cache = Path(tmp.name, f"{method}.json")
+                    q = calibrate(fp32, calib_feeds, method, cache)
+                    caches[f"int8_{method}"] = (fp32, cache, method, [])
+                    candidates.append(
+                        Candidate(
+                            f"int8_{method}",
+                            "int8",
+                            f"QDQ int8, onnxruntime quantize_static calibrated with {method} on "
+                            f"{len(calib_feeds)} input sets",
+                            q,
+                        )
+                    )
+                    step()
+        with progress.stage("accuracy", len(candidates)) as step:
+            for c in candidates:
+                c.budget_met, c.accuracy = evaluate(c.model)
+                c.budget_met, c.budget_reasons = budget.check(c.accuracy)
+                step()
+        timing_feeds = _timing_feeds(spec, fp32)
+        with progress.stage("timing", len(timing_feeds)) as step:
+            _time_all(candidates, timing_feeds)
+            step()
+        # step 4: mixed, from the best INT8 candidate
+        base = _best_int8(candidates)
+        source, cache, method, base_exclude = caches[base.name]
+        types = len({n.op_type for n in source.graph.node})
+        with progress.stage(f"INT8 mixed precision from {base.name}", types + 1) as step:
+            search = search_mixed(
+                source,
+                lambda exclude: quantize(
+                    source, cache, method=method, exclude=[*base_exclude, *exclude]
+                ),
+                evaluate,
+                timing_feeds,
+                threads=THREADS,
+                rounds=SEARCH_ROUNDS,
+                progress=step,
+            )
+        steps["mixed"] = {"from": base.name, **search.to_dict()}
+        if search.exclude:
+            mixed = Candidate(
+                "int8_mixed",
+                "int8",
+                f"{base.name} with {len(search.exclude)} nodes kept in fp32, chosen by measurement",
+                search.model,
+                excluded_nodes=list(search.exclude),
+            )
+            mixed.accuracy = evaluate(mixed.model)[1]
+            mixed.budget_met, mixed.budget_reasons = budget.check(mixed.accuracy)
+            candidates.append(mixed)
+            with progress.stage("timing all candidates again", len(timing_feeds)):
+                _time_all(candidates, timing_feeds)
+        else:
+            notes.append("mixed precision: no operator was worth keeping in fp32")
+    finally:
+        tmp.cleanup()
+    chosen, why = _choose(candidates)
+    report = OptimizeReport(
+        target=target,
+        cpu=cpu_features(),
+        budget=budget.to_dict(),
+        chosen=chosen.name,
+        why=why,
+        inputs={
+            **spec.describe(),
+            "calibration_sets": len(calib_feeds or []),
+            "evaluated_on": (
+                "calibration inputs"
+                if calib_feeds
+                else f"{len(eval_feeds)} generated/example input sets"
+            ),
+            "labels": label_array is not None,
+        },
+        timing={
+            "method": "interleaved, order alternating each round, sessions created in both "
+            "orders, intra-op spinning off, median of paired ratios to fp32",
+            "rounds": TIMING_ROUNDS,
+            "threads": THREADS or "onnxruntime default",
+            "batches": list(timing_feeds),
+        },
+        steps=steps,
+        candidates=[c.to_dict() for c in candidates],
+        notes=notes,
+    )
+    return OptimizeResult(chosen.model, candidates, report)
+
+
+def _time_all(candidates: list[Candidate], timing_feeds: dict[str, dict]) -> None:
+    models = {c.name: c.model for c in candidates}
+    for label, feeds in timing_feeds.items():
+        result = time_interleaved(
+            models, feeds, reference="fp32", threads=THREADS, rounds=TIMING_ROUNDS
+        )
+        for c in candidates:
+            c.latency[label] = {
+                "median_ms": result[c.name]["median_ms"],
+                "ratio": result[c.name]["ratio"],
+            }
+
+
+def _best_int8(candidates: list[Candidate]) -> Candidate:
+    int8 = [c for c in candidates if c.precision == "int8"]
+    met = [c for c in int8 if c.budget_met]
+    if met:
+        return max(met, key=lambda c: c.speedup or 0.0)
+    return min(int8, key=lambda c: c.accuracy["rel_l2"])
+
+
+def _choose(candidates: list[Candidate]) -> tuple[Candidate, str]:
+    fp32 = candidates[0]
+    eligible = [c for c in candidates[1:] if c.budget_met and not c.slower_than_fp32()]
+    if not eligible:
+        return fp32, "no INT8 candidate is within the budget and faster than fp32 at every batch"
+    best = max(eligible, key=lambda c: c.speedup or 0.0)
+    return best, f"fastest within the budget: {best.speedup:.2f}x the fp32 graph"
