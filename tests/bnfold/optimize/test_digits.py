@@ -1,0 +1,34 @@
+"""Real data: the digits CNN's held-out accuracy, fp32 against data-free and calibrated INT8."""
+
+import pytest
+
+import bnfold
+from bnfold.optimizer.timing import make_session
+
+
+@pytest.fixture(scope="module")
+def digits_setup():
+    from models import digits
+
+    return digits.build(), digits.load_split()
+
+
+def _test_accuracy(model, split) -> float:
+    session = make_session(model)
+    x, y = split.test_x.numpy(), split.test_y.numpy()
+    return float((session.run(None, {session.get_inputs()[0].name: x})[0].argmax(1) == y).mean())
+
+
+def test_digits_int8_accuracy(digits_setup, fast_pipeline):
+    model, split = digits_setup
+    free = bnfold.optimize(model, split.train_x[:8])
+    fp32 = _test_accuracy(free.candidates[0].model, split)
+    assert fp32 > 0.97
+    data_free = next(c for c in free.candidates if c.name == "int8_data_free")
+    assert 100 * (fp32 - _test_accuracy(data_free.model, split)) <= 1.0
+    calibration = [split.train_x[i : i + 64] for i in range(0, 512, 64)]
+    calibrated = bnfold.optimize(model, calibration=calibration, labels=split.train_y[:512])
+    for c in calibrated.candidates:
+        if c.name in ("int8_minmax", "int8_percentile", "int8_entropy"):
+            assert 100 * (fp32 - _test_accuracy(c.model, split)) <= 0.5, c.name
+            assert c.accuracy["accuracy_drop_points"] <= 1.0

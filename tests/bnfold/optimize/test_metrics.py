@@ -1,0 +1,69 @@
+import json
+
+import numpy as np
+import pytest
+from optimize_graphs import conv_act_conv
+
+from bnfold.optimizer.accuracy import compare
+from bnfold.optimizer.budget import Budget
+from bnfold.optimizer.hardware import cpu_features
+from bnfold.optimizer.timing import aa_ratio, session_options, time_interleaved
+
+
+def test_compare_identical_outputs():
+    y = np.random.default_rng(0).standard_normal((16, 5))
+    acc = compare([y], [y.copy()], labels=y.argmax(1))
+    assert acc["rel_l2"] == 0 and acc["top1_agreement"] == 1
+    assert acc["cosine"] == pytest.approx(1) and acc["accuracy_drop_points"] == 0
+
+
+def test_compare_counts_changed_classes_and_label_accuracy():
+    ref = np.eye(4)[[0, 1, 2, 3]] * 2
+    got = np.eye(4)[[0, 1, 2, 0]] * 2
+    acc = compare([ref], [got], labels=np.array([0, 1, 2, 3]))
+    assert acc["top1_agreement"] == 0.75 and acc["accuracy_drop_points"] == pytest.approx(25)
+
+
+def test_compare_non_scores_has_no_top1():
+    y = np.ones((3, 2, 4, 4))
+    assert compare([y], [y * 1.1])["top1_agreement"] is None
+
+
+def test_budget_default_and_limits():
+    assert Budget().min_top1_agreement == 0.99
+    ok, _ = Budget().check({"rel_l2": 0.2, "top1_agreement": 0.995})
+    assert ok
+    met, reasons = Budget(max_rel_l2=0.1).check({"rel_l2": 0.2, "top1_agreement": 1.0})
+    assert not met and "relative L2" in reasons[0]
+    met, reasons = Budget(max_accuracy_drop=0.5).check({"rel_l2": 0.0, "top1_agreement": 1.0})
+    assert not met and "labels" in reasons[0]
+    # no top-1 (not class scores): held to the default relative error, never unchecked
+    assert not Budget().check({"rel_l2": 0.2, "top1_agreement": None})[0]
+    with pytest.raises(ValueError):
+        Budget(min_top1_agreement=99)
+
+
+def test_cpu_features_is_json():
+    features = cpu_features()
+    assert features["int8"] in {"amx", "vnni", "dotprod", "none"}
+    json.dumps(features)
+
+
+def test_session_options_turn_spinning_off():
+    options = session_options(2)
+    assert options.get_session_config_entry("session.intra_op.allow_spinning") == "0"
+    assert options.intra_op_num_threads == 2
+    assert (
+        session_options(spinning=True).get_session_config_entry("session.intra_op.allow_spinning")
+        == "1"
+    )
+
+
+def test_time_interleaved_pairs_every_round():
+    model = conv_act_conv()
+    feeds = {"x": np.zeros((2, 3, 8, 8), np.float32)}
+    result = time_interleaved({"a": model, "b": model}, feeds, reference="a", rounds=5)
+    assert result["a"]["ratio"] == 1.0 and result["b"]["rounds"] == 5
+    assert result["b"]["median_ms"] > 0
+    assert aa_ratio(model, feeds, rounds=4) > 0
+    assert aa_ratio(model, feeds, rounds=4, creation_orders=False, spinning=True) > 0

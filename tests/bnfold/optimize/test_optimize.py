@@ -1,0 +1,80 @@
+"""bnfold.optimize end to end on a small CNN, real onnxruntime sessions (never timed here)."""
+
+import json
+
+import numpy as np
+import onnx
+import pytest
+import torch
+
+import bnfold
+from bnfold.optimizer import progress
+
+
+def test_optimize_module_candidates_and_report(cnn, fast_pipeline):
+    x = torch.randn(2, 3, 16, 16)
+    seen = []
+    with progress.reporting(lambda stage, done, total: seen.append(stage)):
+        result = bnfold.optimize(cnn, x)
+    names = [c.name for c in result.candidates]
+    assert names[:2] == ["fp32", "int8_data_free"]
+    assert not any(n.startswith("int8_minmax") for n in names)  # no calibration given
+    assert isinstance(result.model, onnx.ModelProto)
+    report = result.report.to_dict()
+    json.dumps(report)
+    assert report["cpu"]["int8"] in {"amx", "vnni", "dotprod", "none"}
+    assert "assumed from example inputs" in report["steps"]["data_free"]["input_ranges"]
+    assert report["steps"]["bn_statistics"]["tensors"] == 3
+    assert set(report["timing"]["batches"]) == {"batch=1", "batch=4"}
+    for c in result.candidates:
+        assert {"rel_l2", "cosine", "top1_agreement"} <= set(c.accuracy)
+        assert set(c.latency) == {"batch=1", "batch=4"}
+    chosen = result.chosen
+    assert chosen.model is result.model
+    # the choice rule (not a speed claim): within budget, never slower than fp32
+    if chosen.name != "fp32":
+        assert chosen.budget_met and not chosen.slower_than_fp32()
+    assert "exporting and folding" in seen and "timing" in seen
+    assert result.report.table().splitlines()[0].startswith("candidate")
+
+
+def test_optimize_onnx_with_calibration_and_labels(cnn, fast_pipeline, tmp_path):
+    from bnfold.onnx.export import export_onnx
+
+    x = torch.randn(2, 3, 16, 16)
+    path = tmp_path / "cnn.onnx"
+    export_onnx(cnn, (x,), path=path)
+    calibration = [
+        np.random.default_rng(i).standard_normal((4, 3, 16, 16)).astype(np.float32)
+        for i in range(3)
+    ]
+    with torch.no_grad():
+        labels = np.concatenate([cnn(torch.from_numpy(c)).argmax(1).numpy() for c in calibration])
+    result = bnfold.optimize(
+        str(path),
+        calibration=calibration,
+        labels=labels,
+        budget=bnfold.Budget(max_accuracy_drop=50.0),
+    )
+    names = [c.name for c in result.candidates]
+    assert {"int8_minmax", "int8_percentile", "int8_entropy"} <= set(names)
+    fp32 = result.candidates[0]
+    assert fp32.accuracy["rel_l2"] < 1e-5 and fp32.accuracy["accuracy"] == 1.0
+    assert "calibration" in result.report.to_dict()["steps"]["data_free"]["input_ranges"]
+    for c in result.candidates:
+        assert "accuracy_drop_points" in c.accuracy
+        # an INT8 graph really is one
+        if c.precision == "int8":
+            assert any(n.op_type == "QuantizeLinear" for n in c.model.graph.node)
+
+
+def test_optimize_rejects_bad_arguments(cnn):
+    x = torch.randn(2, 3, 16, 16)
+    with pytest.raises(ValueError, match="only 'cpu'"):
+        bnfold.optimize(cnn, x, target="tpu")
+    with pytest.raises(ValueError, match="labels"):
+        bnfold.optimize(cnn, x, labels=np.zeros(2))
+    with pytest.raises(ValueError, match="example_inputs"):
+        bnfold.optimize(cnn)
+    with pytest.raises(TypeError):
+        bnfold.optimize(42)

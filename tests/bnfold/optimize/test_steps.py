@@ -1,0 +1,68 @@
+"""equalize, bias_correct and ranges on small graphs, checked through onnxruntime."""
+
+import numpy as np
+import pytest
+from optimize_graphs import conv_act_conv
+
+from bnfold.optimizer.bias_correct import correct_biases
+from bnfold.optimizer.bn_stats import ChannelStats
+from bnfold.optimizer.dfq import quantize_weight_per_channel
+from bnfold.optimizer.equalize import equalize
+from bnfold.optimizer.graph import GraphIndex, copy_model
+from bnfold.optimizer.ranges import TensorRange, propagate_ranges
+from bnfold.optimizer.timing import make_session
+
+
+def _run(model, x):
+    return make_session(model).run(None, {"x": x})[0]
+
+
+@pytest.mark.parametrize("depthwise", [False, True])
+def test_equalize_relu_pair_is_exact(depthwise):
+    model = conv_act_conv("Relu", depthwise)
+    x = np.random.default_rng(0).standard_normal((2, 3, 8, 8)).astype(np.float32)
+    before = _run(model, x)
+    stats = {"h": ChannelStats(np.ones(6), np.full(6, 2.0))}
+    result = equalize(model, stats)
+    assert result.pairs == ["conv1"]
+    np.testing.assert_allclose(_run(model, x), before, rtol=1e-4, atol=1e-4)
+    w1 = GraphIndex(model.graph).weight("w1")
+    assert not np.allclose(stats["h"].std, 2.0)  # the statistics follow the scaling
+    r1 = np.abs(w1.reshape(6, -1)).max(1)
+    w2 = GraphIndex(model.graph).weight("w2")
+    r2 = np.abs((w2 if depthwise else np.moveaxis(w2, 1, 0)).reshape(6, -1)).max(1)
+    np.testing.assert_allclose(r1, r2, rtol=1e-5)
+
+
+def test_equalize_skips_relu6_with_a_reason():
+    model = conv_act_conv("Clip")
+    original = copy_model(model)
+    result = equalize(model, {})
+    assert not result.modified and result.pairs == []
+    assert any("Clip" in reason for reason in result.skipped)
+    assert model == original
+
+
+def test_bias_correction_removes_the_expected_shift():
+    model = conv_act_conv("Relu")
+    mean = np.array([0.5, 1.0, 0.0, 2.0, 0.3, 0.1])
+    index = GraphIndex(model.graph)
+    w2 = index.weight("w2")
+    result = correct_biases(model, {"a": TensorRange(0.0, 5.0, mean)}, exclude={"conv1"})
+    assert result.corrected == 1
+    bias = GraphIndex(model.graph).weight(model.graph.node[2].input[2])
+    expected = -((quantize_weight_per_channel(w2) - w2).sum(axis=(2, 3)) @ mean)
+    np.testing.assert_allclose(bias, expected, rtol=1e-5, atol=1e-7)
+
+
+def test_ranges_follow_the_bn_statistics():
+    model = conv_act_conv("Relu")
+    beta, gamma = np.linspace(-1, 1, 6), np.linspace(0.5, 2, 6)
+    feeds = [{"x": np.random.default_rng(1).standard_normal((8, 3, 8, 8)).astype(np.float32)}]
+    ranges, replaced = propagate_ranges(model, {"h": ChannelStats(beta, gamma)}, feeds, repeats=16)
+    assert replaced == ["h"]
+    np.testing.assert_allclose(ranges["h"].channel_mean, beta, atol=0.25)
+    assert ranges["a"].rmin == 0.0  # after ReLU
+    # the extreme channel: beta 1, gamma 2, a quantile 1e-5 from the end (4.3 sigma)
+    assert 1 + 2 * 3.0 < ranges["h"].rmax < 1 + 2 * 5.5
+    assert {"x", "y"} <= set(ranges)
