@@ -29,7 +29,7 @@ __all__ = ["MixedSearch", "search_mixed"]
 
 MIN_GAIN = 0.03
 STEP = 2
-MAX_ACCURACY_ROUNDS = 4
+MAX_ACCURACY_ROUNDS = 2
 _LAYOUT_OPS = {
     "Reshape",
     "Flatten",
