@@ -18,11 +18,12 @@ from starlette.concurrency import run_in_threadpool
 
 import service
 from service.auth import TOKEN_FILE, load_or_create_token
+from service.drift import DriftMonitor
 from service.errors import install_error_handlers
 from service.handlers import InferenceService, ModelService
 from service.limits import BodyLimitMiddleware
 from service.metrics import ServiceMetrics
-from service.routes import health, inference, models
+from service.routes import drift, health, inference, models
 from service.routes import metrics as metrics_route
 from service.routes.infer_asgi import InferFastPath
 from service.runtime.registry import ModelRegistry
@@ -59,6 +60,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         handlers = ModelService(settings, store, registry, metrics)
         app.state.models = handlers
         app.state.inference = InferenceService(settings, registry, metrics)
+        if settings.drift_sample > 0:
+            monitor = DriftMonitor(settings, store.original_path)
+            handlers.drift = app.state.inference.drift = monitor
+            metrics.watch_drift(monitor)
+            monitor.start()
         # raises under require_gpu without CUDA; otherwise says where models will run
         provider = await run_in_threadpool(handlers.sessions.probe)
         if provider == CUDA:
@@ -77,6 +83,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         finally:
             task.cancel()
             handlers.executor.shutdown(wait=False, cancel_futures=True)
+            if handlers.drift is not None:
+                handlers.drift.stop()
 
     app = FastAPI(
         title="bnfold service",
@@ -100,6 +108,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(health.router)
     app.include_router(inference.router)
     app.include_router(models.router)
+    app.include_router(drift.router)
     app.include_router(metrics_route.router)
     return app
 

@@ -19,6 +19,7 @@ from typing import Any
 
 from starlette.concurrency import run_in_threadpool
 
+from service.drift import DriftMonitor
 from service.errors import Forbidden, NotFound, ServiceError, Unprocessable, first_line
 from service.ingest import Ingestor, IngestResult
 from service.metrics import ServiceMetrics
@@ -77,6 +78,7 @@ class ModelService:
         self.store = store
         self.registry = registry
         self.metrics = metrics
+        self.drift: DriftMonitor | None = None  # set by create_app
         self.sessions = SessionFactory(
             settings.require_gpu, settings.intra_op_threads, settings.cudnn_conv_algo_search
         )
@@ -188,6 +190,7 @@ class ModelService:
             "batching": batching or {},
             "deployed_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         }
+        record.update(info.get("lineage") or {})  # a recalibration: recalibrated_from, data used
         if runtime.provider == CUDA:
             try:
                 record["gpu_divergence"] = await run_in_threadpool(
@@ -198,7 +201,10 @@ class ModelService:
                 record["gpu_divergence"] = {"error": first_line(exc)}
         lock = self._name_locks.setdefault(name, asyncio.Lock())
         async with lock:
-            await run_in_threadpool(self.store.deploy, name, version, result.folded_path, record)
+            original = result.original_path if result.original_path.is_file() else None
+            await run_in_threadpool(
+                self.store.deploy, name, version, result.folded_path, record, original
+            )
             model = self._loaded(name, version, record, runtime)
             self.registry.put(model)
             # under the lock: a concurrent deploy's new directory is not yet current
@@ -213,11 +219,66 @@ class ModelService:
         async with lock:
             await run_in_threadpool(self.store.delete, name)
             self.registry.remove(name)
+            if self.drift is not None:
+                self.drift.forget(name)
 
     def onnx_path(self, name: str) -> Path:
         validate_name(name)
         model = self.registry.get(name)
         return self.store.get(model.name).model_path
+
+    # -- drift: recalibrate and roll back ------------------------------------------------------
+    async def recalibrate(self, name: str, scratch: Path, job: dict[str, Any]) -> LoadedModel:
+        """Re-estimate the BN statistics of the current version on the data in
+        ``scratch/upload`` (or the kept traffic samples), fold, verify, deploy a new version."""
+        self._writable()
+        validate_name(name)
+        self.registry.get(name)
+        stored = await run_in_threadpool(self.store.get, name)
+        if not stored.original_path.is_file():
+            raise Unprocessable(
+                f"model {name!r} version {stored.version} has no original graph in the store "
+                "(deployed before originals were kept): upload it again to recalibrate"
+            )
+        if job.get("format") == "traffic":
+            await run_in_threadpool(self._traffic_data, name, scratch / "upload")
+            job["format"] = "npz"
+        await run_in_threadpool(shutil.copyfile, stored.original_path, scratch / "base.onnx")
+        job = {**job, "job": "recalibrate", "input_shapes": stored.record.get("input_shapes")}
+        result = await self.ingestor.run(scratch, job)
+        result.result["source"] = stored.record.get("source", {})
+        result.result["lineage"] = {
+            "recalibrated_from": stored.version,
+            "recalibration": result.result.pop("recalibration"),
+        }
+        return await self._commit(name, result, stored.record.get("batching"))
+
+    def _traffic_data(self, name: str, target: Path) -> None:
+        import numpy as np
+
+        if self.drift is None or self.settings.drift_keep_samples <= 0:
+            raise Forbidden(
+                "source=traffic needs sampled requests kept: set BNFOLD_DRIFT_KEEP_SAMPLES "
+                "(and BNFOLD_DRIFT_SAMPLE > 0), or send the data as a file"
+            )
+        arrays, count = self.drift.kept_samples(name)
+        if count == 0:
+            raise Unprocessable(f"no sampled requests of {name!r} are kept yet")
+        with open(target, "wb") as out:
+            np.savez(out, **arrays)
+
+    async def rollback(self, name: str) -> LoadedModel:
+        """Serve the previous version again (the current one becomes the previous)."""
+        self._writable()
+        validate_name(name)
+        lock = self._name_locks.setdefault(name, asyncio.Lock())
+        async with lock:
+            target = await run_in_threadpool(self.store.previous, name)
+            model = await run_in_threadpool(self._load, target)  # before the switch
+            await run_in_threadpool(self.store.rollback, name)
+            self.registry.put(model)
+        logger.info("rolled %s back to version %s", name, model.version)
+        return model
 
 
 class InferenceService:
@@ -227,6 +288,7 @@ class InferenceService:
         self.settings = settings
         self.registry = registry
         self.metrics = metrics
+        self.drift: DriftMonitor | None = None  # set by create_app
 
     def model(self, name: str, version: str | None = None) -> LoadedModel:
         model = self.registry.get(name)
@@ -280,9 +342,10 @@ class InferenceService:
             v2.encode_response, model.name, model.version, request.id, results, request.outputs
         )
         json_values = sum(results[o.name].size for o in request.outputs if not o.binary)
-        if json_values > _LOOP_JSON_VALUES:
-            return (*await run_in_threadpool(encode), timing)
-        return (*encode(), timing)
+        reply = await run_in_threadpool(encode) if json_values > _LOOP_JSON_VALUES else encode()
+        if self.drift is not None:  # a coin flip and a non-blocking put: the reply never waits
+            self.drift.offer(model.name, model.version, request.inputs)
+        return (*reply, timing)
 
 
 def _deploy_timing(record: dict[str, Any]) -> tuple[int, float] | None:

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
-from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from service.runtime.registry import ModelRegistry
@@ -84,6 +84,10 @@ class ServiceMetrics:
         rows = self.batch_rows.labels(model)
         return lambda n, _compute_s: rows.observe(n)
 
+    def watch_drift(self, monitor: Any) -> None:
+        """Export a ``service.drift.DriftMonitor``'s scores and counts, read at scrape time."""
+        self.registry.register(_DriftCollector(monitor))
+
     def render(self) -> bytes:
         return generate_latest(self.registry)
 
@@ -143,3 +147,33 @@ class _ModelCollector(Collector):
                 if f"{graph}_latency_s" in savings:
                     latency.add_metric([name, graph], savings[f"{graph}_latency_s"])
         yield from (depth, info, removed, kept, nodes, latency)
+
+
+class _DriftCollector(Collector):
+    """Drift scores and sample counts, read from the monitor at scrape time."""
+
+    def __init__(self, monitor: Any) -> None:
+        self.monitor = monitor
+
+    def collect(self) -> Iterator[Metric]:
+        score = GaugeMetricFamily(
+            "bnfold_input_drift_score",
+            "Input drift of the model's last window: median over BN sites of the standardized "
+            "W2 distance to the running statistics",
+            labels=["model"],
+        )
+        samples = CounterMetricFamily(
+            "bnfold_drift_samples", "Sampled rows run through the drift observer", labels=["model"]
+        )
+        dropped = CounterMetricFamily(
+            "bnfold_drift_samples_dropped",
+            "Sampled requests dropped because the drift monitor was busy",
+            labels=["model"],
+        )
+        for name, value in sorted(self.monitor.scores().items()):
+            score.add_metric([name], value)
+        for name, value in sorted(dict(self.monitor.sampled).items()):
+            samples.add_metric([name], value)
+        for name, value in sorted(dict(self.monitor.dropped).items()):
+            dropped.add_metric([name], value)
+        yield from (score, samples, dropped)

@@ -58,6 +58,17 @@ class Settings:
     infer_fast_path: bool = True  # infer requests skip FastAPI's routing (routes/infer_asgi.py)
     coalesce_writes: bool = True  # a response's header and body in one write (http_protocol.py)
 
+    # drift monitoring (service/drift.py): a fraction of infer requests runs, off the request
+    # path, through each model's observer graph; windows are compared with the BN statistics
+    drift_sample: float = 0.01  # fraction of infer requests sampled; 0 turns monitoring off
+    drift_window: int = 32  # samples (rows) per window; defaults: docs/BENCHMARKS.md "Drift"
+    drift_threshold: float = 0.1  # a full window scoring above it is drifting
+    drift_queue: int = 64  # sampled requests waiting for the monitor; more are dropped, counted
+    # sampled rows kept in memory per model for recalibrate source=traffic; 0 keeps none (the
+    # default: they are user data); never logged, never written to disk
+    drift_keep_samples: int = 0
+    drift_keep_bytes: int = 16 * MiB  # and at most this many bytes of them per model
+
     # the ingest worker: one process per upload, with resource limits
     worker_timeout_s: float = 300.0  # wall clock
     worker_cpu_s: int = 300  # RLIMIT_CPU
@@ -84,6 +95,9 @@ class Settings:
                 + ", ".join(CUDNN_CONV_ALGO_SEARCH)
             )
         values["cudnn_conv_algo_search"] = search
+        sample = float(values.get("drift_sample", cls.drift_sample))
+        if not 0.0 <= sample <= 1.0:
+            raise ValueError(f"{ENV_PREFIX}DRIFT_SAMPLE={sample!r} must be between 0 and 1")
         return cls(**values)
 
 

@@ -5,6 +5,10 @@ Layout under the store root::
     models/<name>/CURRENT             the deployed version, one line; replaced atomically
     models/<name>/<version>/model.onnx  the folded graph
     models/<name>/<version>/record.json what the service says about it (reports, signature)
+    models/<name>/<version>/original.onnx the unfolded graph it was folded from, where kept: the
+                                      drift monitor's observer and recalibration start from it
+    models/<name>/PREVIOUS            the version current before the last deploy or rollback,
+                                      kept by prune so that a rollback has somewhere to go
     tmp/                              scratch: uploads, worker jobs, staged versions, trash
     api_token                         the generated management token (mode 0600)
 
@@ -33,6 +37,8 @@ logger = logging.getLogger(__name__)
 MODEL_FILE = "model.onnx"
 RECORD_FILE = "record.json"
 CURRENT_FILE = "CURRENT"
+ORIGINAL_FILE = "original.onnx"
+PREVIOUS_FILE = "PREVIOUS"
 
 # letters, digits, '.', '_', '-'; must start with a letter or digit. This alone excludes path
 # separators, NUL and control characters; '..' is refused on top so no name reads like a path.
@@ -55,6 +61,11 @@ class StoredModel:
     version: str
     model_path: Path
     record: dict[str, Any]
+
+    @property
+    def original_path(self) -> Path:
+        """The unfolded graph (absent for versions deployed before it was kept)."""
+        return self.model_path.with_name(ORIGINAL_FILE)
 
 
 class ModelStore:
@@ -85,11 +96,22 @@ class ModelStore:
         return sorted(p.name for p in self.models_dir.iterdir() if _NAME_RE.fullmatch(p.name))
 
     def current_version(self, name: str) -> str | None:
+        return self._read_version(name, CURRENT_FILE)
+
+    def previous_version(self, name: str) -> str | None:
+        return self._read_version(name, PREVIOUS_FILE)
+
+    def _read_version(self, name: str, pointer: str) -> str | None:
         try:
-            version = (self._name_dir(name) / CURRENT_FILE).read_text().strip()
+            version = (self._name_dir(name) / pointer).read_text().strip()
         except FileNotFoundError:
             return None
         return version if _VERSION_RE.fullmatch(version) else None
+
+    def original_path(self, name: str, version: str) -> Path:
+        if not _VERSION_RE.fullmatch(version):
+            raise ValueError(f"bad version {version!r}")
+        return self._name_dir(name) / version / ORIGINAL_FILE
 
     def get(self, name: str) -> StoredModel:
         version = self.current_version(name)
@@ -100,10 +122,19 @@ class ModelStore:
         return StoredModel(name, version, vdir / MODEL_FILE, record)
 
     # -- writing -----------------------------------------------------------------------------
-    def deploy(self, name: str, version: str, model_file: Path, record: dict[str, Any]) -> Path:
+    def deploy(
+        self,
+        name: str,
+        version: str,
+        model_file: Path,
+        record: dict[str, Any],
+        original_file: Path | None = None,
+    ) -> Path:
         """Put a complete version directory in place and make it current, atomically.
 
-        ``model_file`` is moved (it must live under tmp/). Returns the new model path.
+        ``model_file`` (and ``original_file``, the unfolded graph) are moved (they must live
+        under tmp/). The version current until now becomes ``PREVIOUS``. Returns the new
+        model path.
         """
         if not _VERSION_RE.fullmatch(version):
             raise ValueError(f"bad version {version!r}")
@@ -113,12 +144,16 @@ class ModelStore:
         if vdir.is_dir() and (vdir / MODEL_FILE).is_file():
             # the same folded graph again (the version is its hash): only the record changes
             os.unlink(model_file)
+            if original_file is not None and not (vdir / ORIGINAL_FILE).is_file():
+                os.replace(original_file, vdir / ORIGINAL_FILE)
             tmp = vdir / f".{RECORD_FILE}.tmp"
             _write_durably(tmp, json.dumps(record, indent=1).encode())
             os.replace(tmp, vdir / RECORD_FILE)
         else:
             staged = self.scratch_dir("stage-")
             os.replace(model_file, staged / MODEL_FILE)
+            if original_file is not None:
+                os.replace(original_file, staged / ORIGINAL_FILE)
             _write_durably(staged / RECORD_FILE, json.dumps(record, indent=1).encode())
             _fsync_path(staged / MODEL_FILE)
             _fsync_path(staged)
@@ -126,20 +161,44 @@ class ModelStore:
                 _remove(vdir)
             os.replace(staged, vdir)
             _fsync_path(name_dir)
-        self._set_current(name_dir, version)
+        previous = self.current_version(name)
+        if previous is not None and previous != version:
+            # before the commit point: a kill in between leaves PREVIOUS naming the current one
+            self._set_pointer(name_dir, PREVIOUS_FILE, previous)
+        self._set_pointer(name_dir, CURRENT_FILE, version)
         return vdir / MODEL_FILE
 
-    def _set_current(self, name_dir: Path, version: str) -> None:
-        tmp = name_dir / f".{CURRENT_FILE}.tmp"
+    def _set_pointer(self, name_dir: Path, pointer: str, version: str) -> None:
+        tmp = name_dir / f".{pointer}.tmp"
         _write_durably(tmp, (version + "\n").encode())
-        os.replace(tmp, name_dir / CURRENT_FILE)  # the commit point of a deployment
+        os.replace(tmp, name_dir / pointer)  # for CURRENT: the commit point of a deployment
         _fsync_path(name_dir)
 
-    def prune(self, name: str) -> None:
-        """Remove the versions that are not current (after a swap has finished)."""
+    def previous(self, name: str) -> StoredModel:
+        """The version a rollback would serve."""
+        version = self.previous_version(name)
+        vdir = self._name_dir(name) / version if version else None
+        if version is None or version == self.current_version(name) or not vdir.is_dir():
+            raise NotFound(f"model {name!r} has no previous version to roll back to")
+        record = json.loads((vdir / RECORD_FILE).read_text())
+        return StoredModel(name, version, vdir / MODEL_FILE, record)
+
+    def rollback(self, name: str) -> StoredModel:
+        """Make the previous version current; the one current until now becomes previous, so a
+        second rollback undoes the first."""
+        target = self.previous(name)
+        name_dir = self._name_dir(name)
         current = self.current_version(name)
+        self._set_pointer(name_dir, CURRENT_FILE, target.version)  # the commit point
+        if current is not None:
+            self._set_pointer(name_dir, PREVIOUS_FILE, current)
+        return target
+
+    def prune(self, name: str) -> None:
+        """Remove the versions that are neither current nor previous (after a swap)."""
+        keep = {self.current_version(name), self.previous_version(name)}
         for p in self._name_dir(name).iterdir():
-            if p.is_dir() and p.name != current:
+            if p.is_dir() and p.name not in keep:
                 shutil.rmtree(p, ignore_errors=True)
 
     def delete(self, name: str) -> None:
@@ -172,7 +231,7 @@ class ModelStore:
                 continue
             self.prune(p.name)
             for stray in p.iterdir():
-                if stray.is_file() and stray.name != CURRENT_FILE:
+                if stray.is_file() and stray.name not in (CURRENT_FILE, PREVIOUS_FILE):
                     stray.unlink()
             deployed.append(model)
         return deployed

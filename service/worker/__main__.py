@@ -11,10 +11,14 @@ from pathlib import Path
 from typing import Any
 
 from service.worker.fold_job import run_fold_job
+from service.worker.recalibrate_job import run_recalibrate_job
 from service.worker.sandbox import Refused, first_lines, set_limits
 
 # one entry a job; "fold" takes every upload kind (onnx, zoo, safetensors)
-JOBS: dict[str, Callable[[Path, dict[str, Any]], dict[str, Any]]] = {"fold": run_fold_job}
+JOBS: dict[str, Callable[[Path, dict[str, Any]], dict[str, Any]]] = {
+    "fold": run_fold_job,
+    "recalibrate": run_recalibrate_job,  # new BN statistics for a deployed model
+}
 
 
 def run_job(job_dir: Path) -> None:

@@ -9,7 +9,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from service.errors import BadRequest, NotFound
-from service.store import CURRENT_FILE, ModelStore, validate_name
+from service.store import CURRENT_FILE, PREVIOUS_FILE, ModelStore, validate_name
 
 
 @pytest.fixture
@@ -25,13 +25,28 @@ def put(store: ModelStore, name: str, version: str, content: bytes = b"graph") -
     return store.deploy(name, version, scratch / "folded.onnx", {"name": name, "v": version})
 
 
-def test_deploy_then_redeploy_keeps_only_the_current_version(store):
+def test_deploy_then_redeploy_keeps_the_current_and_the_previous_version(store):
     put(store, "m", "aa", b"one")
     put(store, "m", "bb", b"two")
+    put(store, "m", "cc", b"three")
     store.prune("m")
     got = store.get("m")
-    assert got.version == "bb" and got.model_path.read_bytes() == b"two"
-    assert sorted(p.name for p in (store.models_dir / "m").iterdir()) == [CURRENT_FILE, "bb"]
+    assert got.version == "cc" and got.model_path.read_bytes() == b"three"
+    listed = sorted(p.name for p in (store.models_dir / "m").iterdir())
+    assert listed == [CURRENT_FILE, PREVIOUS_FILE, "bb", "cc"]  # kept for a rollback
+
+
+def test_rollback_serves_the_previous_version_and_a_second_one_undoes_it(store):
+    put(store, "m", "aa", b"one")
+    with pytest.raises(NotFound, match="no previous version"):
+        store.rollback("m")
+    put(store, "m", "bb", b"two")
+    assert store.rollback("m").version == "aa"
+    assert store.get("m").model_path.read_bytes() == b"one"
+    store.prune("m")
+    assert store.rollback("m").version == "bb"
+    assert store.recover()[0].version == "bb"  # recovery keeps both versions and the pointer
+    assert store.previous("m").version == "aa"
 
 
 def test_same_version_again_updates_the_record_in_place(store):

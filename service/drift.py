@@ -1,0 +1,231 @@
+"""The drift monitor: sampled infer requests through each model's observer graph, off the
+request path.
+
+``offer`` is what the inference path calls once a reply is encoded: a coin flip at the
+model's sampling rate and, for the chosen few, a ``put_nowait`` on a bounded queue (a full
+queue drops the sample and counts it). One background thread takes samples off the queue and
+runs them through the observer graph of the version that served them (``bnfold.drift``: the
+original graph, kept by the store next to the folded one, with each BatchNormalization's input
+moments as outputs), and keeps per model a window of the last ``drift_window`` sampled rows.
+Its ``DriftDetector`` (fitted on the original's running statistics) scores the window; a log
+line says when a model starts and stops drifting.
+
+Where ``drift_keep_samples`` allows it, the sampled rows are also kept, in memory only and
+bounded in count and bytes, for ``POST /v1/models/{name}/recalibrate`` with
+``source=traffic``. They are never logged.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import random
+import threading
+from collections import deque
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from bnfold.drift import ChannelMoments, DriftDetector, DriftResult, SiteReference
+from service.errors import ServiceError
+from service.settings import Settings
+
+logger = logging.getLogger(__name__)
+
+
+class DriftUnavailable(ServiceError):
+    """The model cannot be monitored (no original graph kept, no BatchNorm statistics)."""
+
+    status_code = 409
+
+
+@dataclass
+class _Window:
+    version: str
+    detector: DriftDetector | None
+    session: Any  # bnfold.drift.ObserverSession
+    unavailable: str | None = None
+    entries: deque = field(default_factory=deque)  # (rows, {site: ChannelMoments})
+    rows: int = 0
+    result: DriftResult | None = None
+
+
+@dataclass
+class _Kept:
+    rows: deque = field(default_factory=deque)  # (rows, bytes, {input: array})
+    count: int = 0
+    nbytes: int = 0
+
+
+class DriftMonitor:
+    def __init__(self, settings: Settings, original_path) -> None:
+        """``original_path(name, version)`` says where the store keeps a version's original."""
+        self.settings = settings
+        self._original_path = original_path
+        self._queue: queue.Queue = queue.Queue(maxsize=max(1, settings.drift_queue))
+        self._windows: dict[str, _Window] = {}
+        self._kept: dict[str, _Kept] = {}
+        self.sampled: dict[str, int] = {}  # rows observed, per model
+        self.dropped: dict[str, int] = {}  # samples dropped on a full queue, per model
+        self._lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+        self._random = random.Random()
+
+    # -- the request path ----------------------------------------------------------------------
+    def offer(self, name: str, version: str, inputs: dict[str, np.ndarray]) -> None:
+        """Maybe sample one request; never blocks, never raises."""
+        rate = self.settings.drift_sample
+        if rate <= 0 or self._random.random() >= rate:
+            return
+        try:
+            self._queue.put_nowait((name, version, inputs))
+        except queue.Full:
+            self.dropped[name] = self.dropped.get(name, 0) + 1
+
+    # -- lifecycle -----------------------------------------------------------------------------
+    def start(self) -> None:
+        if self._thread is None and self.settings.drift_sample > 0:
+            self._thread = threading.Thread(target=self._run, name="drift-monitor", daemon=True)
+            self._thread.start()
+
+    def stop(self) -> None:
+        if self._thread is not None:
+            try:
+                self._queue.put(None, timeout=1)
+            except queue.Full:
+                pass  # a daemon thread: it ends with the process
+            self._thread.join(timeout=5)
+            self._thread = None
+
+    def forget(self, name: str) -> None:
+        """A deleted model: drop its window and kept samples."""
+        with self._lock:
+            self._windows.pop(name, None)
+            self._kept.pop(name, None)
+
+    # -- the monitor thread ----------------------------------------------------------------------
+    def _run(self) -> None:
+        while True:
+            item = self._queue.get()
+            if item is None:
+                return
+            try:
+                self._observe(*item)
+            except Exception:  # a monitor must never take the service down
+                logger.exception("drift: observing a sample of %s failed", item[0])
+
+    def _observe(self, name: str, version: str, inputs: dict[str, np.ndarray]) -> None:
+        with self._lock:
+            window = self._window(name, version)
+        if window.unavailable:
+            return
+        first = next(iter(inputs.values()))
+        rows = int(first.shape[0]) if first.ndim else 1
+        moments = {
+            site: ChannelMoments.of(mean, var, count)
+            for site, (mean, var, count) in window.session.moments(inputs).items()
+        }
+        size = self.settings.drift_window
+        with self._lock:
+            if self._windows.get(name) is not window:
+                return  # redeployed meanwhile
+            window.entries.append((rows, moments))
+            window.rows += rows
+            while len(window.entries) > 1 and window.rows - window.entries[0][0] >= size:
+                window.rows -= window.entries.popleft()[0]
+            was = window.result.drifting if window.result else False
+            window.result = self._score(window)
+            self.sampled[name] = self.sampled.get(name, 0) + rows
+            self._keep(name, rows, inputs)
+        now = window.result
+        if now.drifting and not was:
+            logger.warning(
+                "drift: model %s version %s started drifting: score %.3f > threshold %.3f over "
+                "the last %d samples",
+                name, version, now.score, now.threshold, now.samples,
+            )  # fmt: skip
+        elif was and not now.drifting:
+            logger.warning(
+                "drift: model %s version %s stopped drifting: score %.3f <= threshold %.3f",
+                name, version, now.score, now.threshold,
+            )  # fmt: skip
+
+    def _score(self, window: _Window) -> DriftResult:
+        pooled: dict[str, ChannelMoments] = {}
+        for _, moments in window.entries:
+            for site, part in moments.items():
+                pooled[site] = part if site not in pooled else pooled[site] + part
+        return window.detector.score(pooled, window.rows)
+
+    def _keep(self, name: str, rows: int, inputs: dict[str, np.ndarray]) -> None:
+        limit, byte_limit = self.settings.drift_keep_samples, self.settings.drift_keep_bytes
+        nbytes = sum(a.nbytes for a in inputs.values())
+        if limit <= 0 or rows > limit or nbytes > byte_limit:
+            return
+        kept = self._kept.setdefault(name, _Kept())
+        kept.rows.append((rows, nbytes, {k: np.array(v, copy=True) for k, v in inputs.items()}))
+        kept.count += rows
+        kept.nbytes += nbytes
+        while kept.count > limit or kept.nbytes > byte_limit:
+            old_rows, old_bytes, _ = kept.rows.popleft()
+            kept.count -= old_rows
+            kept.nbytes -= old_bytes
+
+    # -- building a model's observer -------------------------------------------------------------
+    def _window(self, name: str, version: str) -> _Window:
+        """The model's window for ``version`` (a new version starts a new window); under lock."""
+        window = self._windows.get(name)
+        if window is None or window.version != version:
+            window = self._windows[name] = self._build(name, version)
+        return window
+
+    def _build(self, name: str, version: str) -> _Window:
+        import onnx
+
+        from bnfold.drift import ObserverSession, observer_graph
+
+        path = Path(self._original_path(name, version))
+        if not path.is_file():
+            why = "the store keeps no original graph for this version (deployed before it did)"
+            return _Window(version, None, None, why)
+        observer = observer_graph(onnx.load(str(path)))
+        if not observer.sites:
+            return _Window(version, None, None, "the model has no BatchNorm running statistics")
+        detector = DriftDetector(
+            [SiteReference(s.name, s.mean, s.var, s.eps) for s in observer.sites],
+            self.settings.drift_threshold,
+            self.settings.drift_window,
+        )
+        return _Window(version, detector, ObserverSession(observer))
+
+    # -- reading -------------------------------------------------------------------------------
+    def report(self, name: str, version: str) -> DriftResult:
+        """The model's latest window score (building its observer if no sample came yet)."""
+        with self._lock:
+            window = self._window(name, version)
+            if window.unavailable:
+                raise DriftUnavailable(f"model {name!r} cannot be monitored: {window.unavailable}")
+            return window.result or window.detector.score({}, 0)
+
+    def scores(self) -> dict[str, float]:
+        with self._lock:
+            return {n: w.result.score for n, w in self._windows.items() if w.result is not None}
+
+    def kept_samples(self, name: str) -> tuple[dict[str, np.ndarray], int]:
+        """The kept sampled rows of a model, concatenated per input, and how many."""
+        with self._lock:
+            kept = self._kept.get(name)
+            parts = [inputs for _, _, inputs in kept.rows] if kept else []
+        if not parts:
+            return {}, 0
+        by_shape: dict[tuple, list] = {}
+        for inputs in parts:  # rows of one shape only: the most recent shape wins
+            key = tuple((k, v.shape[1:], v.dtype.str) for k, v in sorted(inputs.items()))
+            by_shape.setdefault(key, []).append(inputs)
+        chosen = by_shape[
+            tuple((k, v.shape[1:], v.dtype.str) for k, v in sorted(parts[-1].items()))
+        ]
+        arrays = {k: np.concatenate([p[k] for p in chosen]) for k in chosen[0]}
+        return arrays, int(next(iter(arrays.values())).shape[0])
