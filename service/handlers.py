@@ -52,9 +52,13 @@ class UploadRequest:
     rtol: float = DEFAULT_RTOL
     atol: float = DEFAULT_ATOL
     batching: dict[str, Any] | None = None  # max_batch_size, max_queue_delay_ms for this model
+    # bnfold.optimize: {"budget": {...}, "calibration": file name in the scratch dir or None}
+    optimize: dict[str, Any] | None = None
 
     def job(self) -> dict[str, Any]:
         return {
+            "job": "optimize" if self.optimize is not None else "fold",
+            "optimize": self.optimize,
             "kind": "safetensors" if self.architecture else "onnx",
             "architecture": self.architecture,
             "arch_args": self.arch_args,
@@ -191,6 +195,9 @@ class ModelService:
             "deployed_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         }
         record.update(info.get("lineage") or {})  # a recalibration: recalibrated_from, data used
+        record["precision"] = info.get("precision") or _exact_precision(runtime)
+        if info.get("optimization"):
+            record["optimization"] = info["optimization"]
         if runtime.provider == CUDA:
             try:
                 record["gpu_divergence"] = await run_in_threadpool(
@@ -346,6 +353,17 @@ class InferenceService:
         if self.drift is not None:  # a coin flip and a non-blocking put: the reply never waits
             self.drift.offer(model.name, model.version, request.inputs)
         return (*reply, timing)
+
+
+def _exact_precision(runtime: LoadedSession) -> dict[str, Any]:
+    """What a model deployed without ``optimize`` is served in: the exact fold, as uploaded."""
+    floats = [s.datatype for s in runtime.signature.inputs if s.datatype.startswith(("FP", "BF"))]
+    return {
+        "precision": (floats[0] if floats else "FP32").lower(),
+        "candidate": "folded",
+        "why": "optimize was not requested: the exact fold is served",
+        "verified": "to rtol/atol against the original (an exact fold)",
+    }
 
 
 def _deploy_timing(record: dict[str, Any]) -> tuple[int, float] | None:

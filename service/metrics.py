@@ -112,8 +112,8 @@ class _ModelCollector(Collector):
         )
         info = GaugeMetricFamily(
             "bnfold_model_info",
-            "A deployed model: version, execution provider, batching (value 1)",
-            labels=["model", "version", "execution_provider", "dynamic_batching"],
+            "A deployed model: version, execution provider, batching, precision (value 1)",
+            labels=["model", "version", "execution_provider", "dynamic_batching", "precision"],
         )
         removed = GaugeMetricFamily(
             "bnfold_fold_batchnorm_removed", "BatchNorm nodes folding removed", labels=["model"]
@@ -135,7 +135,9 @@ class _ModelCollector(Collector):
             name = model.name
             depth.add_metric([name], model.batcher.depth)
             batching = str(model.batcher.policy.enabled).lower()
-            info.add_metric([name, model.version, model.runtime.provider, batching], 1)
+            info.add_metric(
+                [name, model.version, model.runtime.provider, batching, model.precision], 1
+            )
             counts = (model.record.get("fold_report") or {}).get("counts") or {}
             if counts:
                 removed.add_metric([name], counts.get("total", 0) - counts.get("kept", 0))

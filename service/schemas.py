@@ -37,6 +37,8 @@ class ModelPublic(ModelSummary):
     gpu_divergence: dict[str, Any] | None = None
     savings: dict[str, Any] | None = None  # nodes and deploy-time latency, before/after
     batching: dict[str, Any] | None = None
+    precision: dict[str, Any] | None = None  # precision, candidate, why, how it was verified
+    optimization: dict[str, Any] | None = None  # bnfold.optimize's report, when asked for
 
 
 class ModelsPublic(BaseModel):

@@ -418,14 +418,20 @@ def _to_json(array: np.ndarray, datatype: str) -> list[Any]:
 
 
 def model_metadata(
-    name: str, version: str, signature: Signature, execution_provider: str
+    name: str,
+    version: str,
+    signature: Signature,
+    execution_provider: str,
+    precision: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """The v2 metadata, plus the onnxruntime provider in use (clients ignore extra keys)."""
+    """The v2 metadata, plus the onnxruntime provider in use and the precision served, with
+    why (clients ignore extra keys)."""
     return {
         "name": name,
         "versions": [version],
         "platform": "onnxruntime_onnx",
         "execution_provider": execution_provider,
+        "precision": precision or {"precision": "fp32"},
         "inputs": [s.to_dict() for s in signature.inputs],
         "outputs": [s.to_dict() for s in signature.outputs],
     }

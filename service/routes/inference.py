@@ -57,7 +57,11 @@ _INFER_SCHEMA = {
 def model_metadata(name: str, inference: Inference, version: str | None = None) -> dict:
     model = inference.model(name, version)
     return v2.model_metadata(
-        model.name, model.version, model.runtime.signature, model.runtime.provider
+        model.name,
+        model.version,
+        model.runtime.signature,
+        model.runtime.provider,
+        model.record.get("precision") or {"precision": model.precision},
     )
 
 

@@ -65,6 +65,20 @@ _UPLOAD_SCHEMA = {
                             "minimum": 0,
                             "description": "how long a request may wait for others to batch with",
                         },
+                        "optimize": {
+                            "type": "boolean",
+                            "description": "serve the fastest candidate of bnfold.optimize "
+                            "(fp32, INT8 data-free, INT8 calibrated, mixed) within the budget",
+                        },
+                        "min_top1_agreement": {"type": "number", "minimum": 0, "maximum": 1},
+                        "max_rel_l2": {"type": "number", "minimum": 0},
+                        "max_accuracy_drop": {"type": "number", "minimum": 0},
+                        "calibration": {
+                            "type": "string",
+                            "format": "binary",
+                            "description": "calibration inputs for optimize: .npy (one "
+                            "input), .npz or .safetensors (one array per input, by name)",
+                        },
                         "dynamic_batching": {
                             "type": "boolean",
                             "description": "true or false: batch this model's requests or not; "
@@ -136,7 +150,14 @@ _FIELDS = {
     "max_batch_size",
     "max_queue_delay_ms",
     "dynamic_batching",
+    "optimize",
+    "min_top1_agreement",
+    "max_rel_l2",
+    "max_accuracy_drop",
+    "calibration",
 }
+_BUDGET_FIELDS = ("min_top1_agreement", "max_rel_l2", "max_accuracy_drop")
+_DATA_FORMATS = {".npy": "npy", ".npz": "npz", ".safetensors": "safetensors"}
 
 
 async def _read_upload_form(request: Request, scratch) -> UploadRequest:
@@ -144,7 +165,7 @@ async def _read_upload_form(request: Request, scratch) -> UploadRequest:
     if not content_type.startswith("multipart/form-data"):
         raise BadRequest("send the model as multipart/form-data with fields 'name' and 'file'")
     # the body limit middleware bounds what this reads; non-file fields are capped at 64 KiB
-    form = await request.form(max_files=1, max_fields=len(_FIELDS), max_part_size=64 << 10)
+    form = await request.form(max_files=2, max_fields=len(_FIELDS), max_part_size=64 << 10)
     try:
         unknown = sorted(set(form.keys()) - _FIELDS)
         if unknown:
@@ -158,23 +179,62 @@ async def _read_upload_form(request: Request, scratch) -> UploadRequest:
             "rtol": _tolerance(fields, "rtol", DEFAULT_RTOL),
             "atol": _tolerance(fields, "atol", DEFAULT_ATOL),
             "batching": _batching(fields),
+            "optimize": _optimize(fields, form.get("calibration")),
         }
         file = form.get("file")
         if not isinstance(file, UploadFile):
             raise BadRequest("missing the 'file' field (the model file)")
         target = scratch / "upload"
         await run_in_threadpool(_copy, file, target)
+        calibration = form.get("calibration")
+        if isinstance(calibration, UploadFile):
+            await run_in_threadpool(_copy, calibration, scratch / "calibration", "calibration")
         return UploadRequest(upload=target, **request_fields)
     finally:
         await form.close()
 
 
-def _copy(file: UploadFile, target) -> None:
+def _copy(file: UploadFile, target, field: str = "file") -> None:
     file.file.seek(0)
     with open(target, "wb") as out:
         shutil.copyfileobj(file.file, out, 1 << 20)
         if out.tell() == 0:
-            raise BadRequest("the uploaded 'file' is empty")
+            raise BadRequest(f"the uploaded {field!r} is empty")
+
+
+def _optimize(fields: dict[str, str], calibration: Any) -> dict[str, Any] | None:
+    """``optimize=true``, its budget and calibration file; without it, nothing changes."""
+    raw = (fields.get("optimize") or "").strip().lower()
+    if raw not in ("", "true", "false", "1", "0"):
+        raise BadRequest(f"optimize must be true or false, got {fields['optimize']!r}")
+    wanted = raw in ("true", "1")
+    given = [k for k in _BUDGET_FIELDS if fields.get(k)]
+    if isinstance(calibration, str) and calibration:
+        raise BadRequest("calibration must be a file (.npy, .npz or .safetensors), not a field")
+    if not wanted:
+        if given or isinstance(calibration, UploadFile):
+            extra = given + (["calibration"] if isinstance(calibration, UploadFile) else [])
+            raise BadRequest(f"{extra} only apply with optimize=true")
+        return None
+    budget: dict[str, float] = {}
+    for key in given:
+        budget[key] = _tolerance(fields, key, 0.0)
+    if budget.get("min_top1_agreement", 0.0) > 1:
+        raise BadRequest("min_top1_agreement is a fraction between 0 and 1")
+    if "max_accuracy_drop" in budget and not isinstance(calibration, UploadFile):
+        raise BadRequest(
+            "max_accuracy_drop needs labelled calibration data: a calibration file (.npz or "
+            ".safetensors) holding a 'labels' array of class indices beside the inputs"
+        )
+    out: dict[str, Any] = {"budget": budget, "calibration": None}
+    if isinstance(calibration, UploadFile):
+        suffix = "." + (calibration.filename or "").rsplit(".", 1)[-1].lower()
+        if suffix not in _DATA_FORMATS:
+            raise BadRequest(
+                f"calibration file {calibration.filename!r}: send .npy, .npz or .safetensors"
+            )
+        out.update(calibration="calibration", format=_DATA_FORMATS[suffix])
+    return out
 
 
 def _required(fields: dict[str, str], key: str) -> str:

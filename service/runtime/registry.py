@@ -24,11 +24,18 @@ class LoadedModel:
     runtime: LoadedSession
     batcher: Batcher  # every request goes through it, batched or not
 
+    @property
+    def precision(self) -> str:
+        """What the served graph computes in: "int8" for an optimized INT8 graph, else the
+        graph's own float type (records from before ``optimize`` existed say nothing: fp32)."""
+        return (self.record.get("precision") or {}).get("precision", "fp32")
+
     def public(self) -> dict[str, Any]:
         """The record, with what the session in this process says: signature and provider."""
         signature = self.runtime.signature
         return {
             **self.record,
+            "precision": self.record.get("precision") or {"precision": self.precision},
             "inputs": [s.to_dict() for s in signature.inputs],
             "outputs": [s.to_dict() for s in signature.outputs],
             "execution_provider": self.runtime.provider,

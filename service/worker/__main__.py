@@ -11,12 +11,14 @@ from pathlib import Path
 from typing import Any
 
 from service.worker.fold_job import run_fold_job
+from service.worker.optimize_job import run_optimize_job
 from service.worker.recalibrate_job import run_recalibrate_job
 from service.worker.sandbox import Refused, first_lines, set_limits
 
 # one entry a job; "fold" takes every upload kind (onnx, zoo, safetensors)
 JOBS: dict[str, Callable[[Path, dict[str, Any]], dict[str, Any]]] = {
     "fold": run_fold_job,
+    "optimize": run_optimize_job,  # the fold job, then the fastest candidate within a budget
     "recalibrate": run_recalibrate_job,  # new BN statistics for a deployed model
 }
 

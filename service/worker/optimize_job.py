@@ -1,0 +1,100 @@
+"""The optimize job: the fold job, then ``bnfold.optimize`` picks what is served.
+
+First the upload goes through the fold job unchanged (parsed, folded, verified exactly against
+the original, load-tested, written). Then ``bnfold.optimize`` measures its candidates on this
+machine (the folded fp32 graph, INT8 data-free from the BN statistics, INT8 calibrated when a
+calibration file came with the upload, INT8 with operators kept in fp32 by measurement) and the
+fastest one within the upload's accuracy budget replaces ``folded.onnx``. A lossy candidate is
+verified against its budget, not to rtol/atol: the record says which, and why it was chosen.
+
+The calibration file holds one array per model input (``.npy`` for one input, ``.npz`` or
+``.safetensors`` by input name), parsed and checked as the recalibrate job's data is, and
+optionally a ``labels`` array of class indices (for ``max_accuracy_drop``).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from service.worker.fold_job import _load_test, run_fold_job
+from service.worker.input_data import batches_of, match_inputs, parse_arrays
+from service.worker.sandbox import Refused, first_lines, require
+
+__all__ = ["run_optimize_job"]
+
+CALIBRATION_BATCH = 8
+LABELS = "labels"  # the calibration file's array of class indices, for max_accuracy_drop
+
+
+def _labels(array: Any) -> Any:
+    import numpy as np
+
+    if array.ndim != 1 or array.dtype.kind not in "iu":
+        raise Refused(
+            400, f"'labels' must be a 1-D array of class indices, got {array.dtype} {array.shape}"
+        )
+    return array.astype(np.int64)
+
+
+def run_optimize_job(job_dir: Path, job: dict[str, Any]) -> dict[str, Any]:
+    result = run_fold_job(job_dir, job)
+    require("bnfold.optimizer")
+    import numpy as np
+    import onnx
+
+    import bnfold
+
+    settings = job.get("optimize") or {}
+    original = onnx.load(str(job_dir / "original.onnx"))
+    shapes = result["input_shapes"] or {}
+    calibration = labels = None
+    if settings.get("calibration"):
+        data = (job_dir / settings["calibration"]).read_bytes()
+        arrays = parse_arrays(data, settings.get("format"))
+        if LABELS in arrays and LABELS not in {i.name for i in original.graph.input}:
+            labels = _labels(arrays.pop(LABELS))
+        feeds = match_inputs(original, arrays, shapes)
+        if labels is not None and len(labels) != len(next(iter(feeds.values()))):
+            raise Refused(
+                400,
+                f"the calibration file holds {len(labels)} labels for "
+                f"{len(next(iter(feeds.values())))} samples",
+            )
+        calibration = [tuple(batch.values()) for batch in batches_of(feeds, CALIBRATION_BATCH)]
+    if settings.get("budget", {}).get("max_accuracy_drop") is not None and labels is None:
+        raise Refused(
+            400,
+            f"max_accuracy_drop needs a {LABELS!r} array of class indices in the calibration file",
+        )
+    example = None
+    if calibration is None and shapes:
+        rng = np.random.default_rng(0)
+        example = tuple(rng.standard_normal(shape).astype(np.float32) for shape in shapes.values())
+    try:
+        optimized = bnfold.optimize(
+            original,
+            example,
+            budget=bnfold.Budget(**settings.get("budget", {})),
+            calibration=calibration,
+            labels=labels,
+        )
+    except (ValueError, TypeError) as exc:
+        raise Refused(422, f"optimizing failed: {first_lines(exc)}") from None
+    chosen = optimized.chosen
+    chosen_bytes = optimized.model.SerializeToString()
+    _load_test(chosen_bytes)
+    (job_dir / "folded.onnx").write_bytes(chosen_bytes)
+    report = optimized.report.to_dict()
+    result["optimization"] = report
+    result["precision"] = {
+        "precision": chosen.precision,
+        "candidate": chosen.name,
+        "why": report["why"],
+        "verified": "to rtol/atol against the original (an exact fold)"
+        if chosen.precision == "fp32" and chosen.name == "fp32"
+        else "against the accuracy budget "
+        + ", ".join(f"{k}={v}" for k, v in report["budget"].items() if v is not None),
+        "calibration_samples": sum(len(b[0]) for b in calibration) if calibration else 0,
+    }
+    return result
