@@ -1,0 +1,250 @@
+"""bnfold optimize against the anchor (dynamo export + onnxruntime fp32) and onnxruntime's own
+quantize_static, with an A/A control for the timing method.
+
+    .venv/bin/python bench/optimize.py [--models resnet18,resnet50,mobilenet_v2,efficientnet_b0,
+        mobilenet_v3_large,digits] [--rounds 20] [--out bench/results/optimize.jsonl]
+
+Per torchvision model (random weights, randomized BN statistics, 100 classes, 224x224):
+
+- A:  the anchor, torch.onnx.export(dynamo=True, optimize=True) of the model, fp32;
+- Q:  onnxruntime's quantize_static of A (QDQ, per-channel int8 weights, uint8 activations,
+      MinMax on the calibration batches);
+- B:  bnfold.optimize(model, calibration=the same batches): the chosen artifact.
+
+Timing (`bnfold.optimizer.timing`): sessions with intra-op spinning off, onnxruntime's
+default threads, interleaved with the order alternating, created in both orders, median of
+paired ratios, at batch 1 and batch 8. A second session of A (A') runs in the same rounds: the
+A/A control, whose ratio says how far the method can be trusted. Once per run, the naive method
+(spinning on, one creation order) is shown on the first model for comparison.
+
+Accuracy on 64 generated N(0, 1) inputs against the torch eval-mode original: top-1
+agreement and relative L2 for B, Q and every candidate of B (data-free included). The digits
+CNN (shipped, trained weights) reports held-out accuracy instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from onnx_latency import anchor_export  # noqa: E402
+from onnx_models import randomize_bn  # noqa: E402
+
+import bnfold  # noqa: E402
+from bnfold.optimizer import pipeline  # noqa: E402
+from bnfold.optimizer.accuracy import compare  # noqa: E402
+from bnfold.optimizer.hardware import cpu_features  # noqa: E402
+from bnfold.optimizer.quantize import CALIBRATION_METHODS  # noqa: E402
+from bnfold.optimizer.timing import aa_ratio, make_session, time_interleaved  # noqa: E402
+
+DEFAULT = "resnet18,resnet50,mobilenet_v2,efficientnet_b0,mobilenet_v3_large,digits"
+
+
+def _build(name: str):
+    import torchvision
+
+    torch.manual_seed(0)
+    model = getattr(torchvision.models, name)(weights=None, num_classes=100)
+    return randomize_bn(model)
+
+
+def _ort_quantize_static(anchor, calibration: list[np.ndarray]):
+    """onnxruntime's own recipe on the anchor graph, as a user would run it."""
+    import tempfile
+
+    import onnx
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+
+    name = anchor.graph.input[0].name
+
+    class Reader:
+        def __init__(self):
+            self.it = iter([{name: c} for c in calibration])
+
+        def get_next(self):
+            return next(self.it, None)
+
+    with tempfile.TemporaryDirectory() as tmp:
+        src, dst = Path(tmp, "a.onnx"), Path(tmp, "q.onnx")
+        onnx.save(anchor, src)
+        quantize_static(
+            str(src),
+            str(dst),
+            Reader(),
+            quant_format=QuantFormat.QDQ,
+            per_channel=True,
+            activation_type=QuantType.QUInt8,
+            weight_type=QuantType.QInt8,
+            calibrate_method=CalibrationMethod.MinMax,
+        )
+        return onnx.load(str(dst))
+
+
+def _outputs(model, x: np.ndarray, batch: int = 8) -> np.ndarray:
+    session = make_session(model)
+    name = session.get_inputs()[0].name
+    return np.concatenate(
+        [session.run(None, {name: x[i : i + batch]})[0] for i in range(0, len(x), batch)]
+    )
+
+
+def bench_torchvision(name: str, rounds: int, naive_aa: bool) -> dict:
+    model = _build(name)
+    rng = np.random.default_rng(0)
+    calibration = [rng.standard_normal((2, 3, 224, 224)).astype(np.float32) for _ in range(8)]
+    x = torch.from_numpy(calibration[0][:1])
+    t0 = time.time()
+    anchor = anchor_export(model, torch.cat([x, x]))
+    q = _ort_quantize_static(anchor, calibration)
+    result = bnfold.optimize(model, x, calibration=calibration)
+    optimize_s = time.time() - t0
+    eval_x = rng.standard_normal((64, 3, 224, 224)).astype(np.float32)
+    with torch.no_grad():
+        ref = np.concatenate(
+            [model(torch.from_numpy(eval_x[i : i + 8])).numpy() for i in range(0, 64, 8)]
+        )
+    accuracy = {"Q (ort quantize_static)": compare([ref], [_outputs(q, eval_x)])}
+    for c in result.candidates:
+        accuracy[c.name] = compare([ref], [_outputs(c.model, eval_x)])
+    row = {
+        "model": name,
+        "chosen": result.report.chosen,
+        "optimize_s": optimize_s,
+        "accuracy": accuracy,
+        "latency": {},
+        "report": result.report.to_dict(),
+    }
+    feed_name = anchor.graph.input[0].name
+    for batch in (1, 8):
+        feeds = {feed_name: rng.standard_normal((batch, 3, 224, 224)).astype(np.float32)}
+        bnfold_feeds = {result.model.graph.input[0].name: feeds[feed_name]}
+        assert bnfold_feeds.keys() == feeds.keys(), "anchor and bnfold input names differ"
+        models = {"A": anchor, "A'": anchor, "Q": q, "B": result.model}
+        row["latency"][f"batch={batch}"] = time_interleaved(
+            models, feeds, reference="A", rounds=rounds
+        )
+        if naive_aa and batch == 1:
+            row["naive_aa_spinning_on"] = aa_ratio(
+                anchor, feeds, rounds=rounds, spinning=True, creation_orders=False
+            )
+            row["aa_spinning_off_both_orders"] = aa_ratio(anchor, feeds, rounds=rounds)
+    return row
+
+
+def bench_digits() -> dict:
+    from models import digits
+
+    model, split = digits.build(), digits.load_split()
+    calibration = [split.train_x[i : i + 64] for i in range(0, 512, 64)]
+    free = bnfold.optimize(model, split.train_x[:8])
+    calibrated = bnfold.optimize(model, calibration=calibration, labels=split.train_y[:512])
+    x, y = split.test_x.numpy(), split.test_y.numpy()
+    acc = {"torch fp32": digits.accuracy(model, split.test_x, split.test_y)}
+    for label, res in (("no calibration", free), ("calibrated", calibrated)):
+        for c in res.candidates:
+            acc[f"{c.name} ({label})"] = float((_outputs(c.model, x).argmax(1) == y).mean())
+    return {
+        "model": "digits",
+        "test_accuracy": acc,
+        "chosen_free": free.report.chosen,
+        "chosen_calibrated": calibrated.report.chosen,
+        "table_free": free.report.table(),
+        "table_calibrated": calibrated.report.table(),
+    }
+
+
+def recheck(rounds: int) -> list[dict]:
+    """The latency ratios of docs/BENCHMARKS.md "Reparameterization" and "ONNX", timed again
+    with this module's method (spinning off, both creation orders, alternating order), each
+    table with its A/A control; 2 threads as the reparameterization run had (the ONNX run had
+    1 thread, so both thread counts for it)."""
+    from onnx_latency import build as build_latency
+    from reparam import graphs
+
+    from bnfold.onnx.export import export_onnx
+    from bnfold.onnx.fold import fold_onnx
+
+    rows = []
+    for name in ("mobileone_s0", "repvgg_a0", "mobileone_s1"):
+        protos, x, _ref = graphs(name)
+        models = {k: p for k, (p, _) in protos.items()}
+        models["timm'"] = models["timm"]
+        feeds = {models["timm"].graph.input[0].name: x.numpy()}
+        timed = time_interleaved(models, feeds, reference="timm", threads=2, rounds=rounds)
+        rows.append({"section": "reparam", "model": name, "threads": 2, "timed": timed})
+        print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
+    for name in ("resnet18", "mobilenet_v3_small", "efficientnet_b0"):
+        model, _, _ = build_latency(name, 224)
+        x = torch.randn(1, 3, 224, 224)
+        unfolded = export_onnx(model, (x,), dynamic_spatial=False)
+        models = {
+            "A/all": anchor_export(model, torch.cat([x, x])),
+            "F/all": fold_onnx(unfolded).model,
+            "U/all": unfolded,
+        }
+        models["A'/all"] = models["A/all"]
+        feeds = {unfolded.graph.input[0].name: x.numpy()}
+        for threads in (1, 2):
+            timed = time_interleaved(
+                models, feeds, reference="A/all", threads=threads, rounds=rounds
+            )
+            rows.append({"section": "onnx", "model": name, "threads": threads, "timed": timed})
+            print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", default=DEFAULT)
+    parser.add_argument("--rounds", type=int, default=20)
+    parser.add_argument(
+        "--entropy",
+        action="store_true",
+        help="also onnxruntime's Entropy calibration (slow on big models)",
+    )
+    parser.add_argument("--out", default="bench/results/optimize.jsonl")
+    parser.add_argument(
+        "--recheck",
+        action="store_true",
+        help="only re-time the ONNX and reparameterization sections' ratios",
+    )
+    args = parser.parse_args()
+    warnings.filterwarnings("ignore")
+    if args.recheck:
+        with open(args.out, "a") as out:
+            for row in recheck(args.rounds):
+                out.write(json.dumps(row) + "\n")
+        return
+    if not args.entropy:
+        CALIBRATION_METHODS.pop("entropy", None)
+    pipeline.TIMING_ROUNDS = args.rounds
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    with open(args.out, "a") as out:
+        out.write(json.dumps({"cpu": cpu_features(), "started": time.ctime()}) + "\n")
+        first = next((n for n in args.models.split(",") if n != "digits"), None)
+        for name in args.models.split(","):
+            print(f"== {name}", file=sys.stderr, flush=True)
+            row = (
+                bench_digits()
+                if name == "digits"
+                else bench_torchvision(name, args.rounds, naive_aa=name == first)
+            )
+            out.write(json.dumps(row, default=str) + "\n")
+            out.flush()
+            summary = {k: v for k, v in row.items() if k not in ("report",)}
+            print(json.dumps(summary, default=str)[:3000], file=sys.stderr, flush=True)
+
+
+if __name__ == "__main__":
+    main()
