@@ -33,6 +33,9 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+DRAIN_S = 1.0  # how long a stopping server keeps idle keep-alive connections open
+
+
 def _http_protocol(settings: Settings) -> Any:
     """uvicorn's ``http`` setting: its httptools protocol with coalesced writes, or its own
     choice when that is turned off or httptools is missing."""
@@ -43,6 +46,58 @@ def _http_protocol(settings: Settings) -> Any:
             return "auto"
         return CoalescingHttpToolsProtocol
     return "auto"
+
+
+def _draining(protocol: Any) -> Any:
+    """The httptools protocol ``protocol`` names, answering with ``Connection: close`` once the
+    server drains (DrainingServer); h11, uvicorn's fallback, is left as it is."""
+    if protocol == "auto":
+        try:
+            from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+        except ImportError:
+            return protocol
+        protocol = HttpToolsProtocol
+
+    class DrainingProtocol(protocol):
+        def on_headers_complete(self) -> None:
+            super().on_headers_complete()
+            if getattr(self.server_state, "draining", False) and self.cycle is not None:
+                self.cycle.keep_alive = False
+
+    return DrainingProtocol
+
+
+def _busy(connection: Any) -> bool:
+    cycle = getattr(connection, "cycle", None)
+    return cycle is not None and not cycle.response_complete
+
+
+def _draining_server(config: Any) -> Any:
+    import asyncio
+
+    import uvicorn
+
+    class DrainingServer(uvicorn.Server):
+        """uvicorn's shutdown closes idle keep-alive connections at once, so a request a
+        client has just sent on one dies of a reset (the kernel answers unread data with RST).
+        This one first stops accepting, then for up to DRAIN_S keeps them open: a request that
+        arrives on one is answered with ``Connection: close`` and the connection then closes.
+        uvicorn's own shutdown follows: what is still idle is closed, what is in flight is
+        awaited (``timeout_graceful_shutdown``)."""
+
+        async def shutdown(self, sockets: Any = None) -> None:
+            self.server_state.draining = True
+            for server in self.servers:
+                server.close()
+            for connection in list(self.server_state.connections):
+                if _busy(connection):
+                    connection.shutdown()  # the response in progress says Connection: close
+            deadline = asyncio.get_running_loop().time() + DRAIN_S
+            while self.server_state.connections and asyncio.get_running_loop().time() < deadline:
+                await asyncio.sleep(0.02)
+            await super().shutdown(sockets)
+
+    return DrainingServer(config)
 
 
 def _stopped(signum: int, frame: object) -> None:
@@ -78,12 +133,12 @@ def main(argv: list[str] | None = None) -> int:
         create_app(settings),
         host=settings.host,
         port=settings.port,
-        http=_http_protocol(settings),
+        http=_draining(_http_protocol(settings)),
         log_level=settings.log_level,
         log_config=None,  # uvicorn's loggers propagate to the root set up above
         timeout_graceful_shutdown=5,
     )
-    server = uvicorn.Server(config)
+    server = _draining_server(config)
     # SIGTERM is the ordinary stop (docker stop, Kubernetes). uvicorn catches it, stops
     # accepting, answers what is in flight, then raises it again against the handler it found:
     # this one, so that a stop exits 0 rather than 143 (as PID 1 of a container the default

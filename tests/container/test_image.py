@@ -7,10 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import io
-import json
 import re
-import threading
-import time
 
 import httpx
 import numpy as np
@@ -21,6 +18,7 @@ import tritonclient.http as triton
 from onnx import TensorProto, helper, numpy_helper
 
 from tests.container.conftest import FULL, SLIM, podman
+from tests.container.load import stream_during_stop
 from tests.service.support import conv_bn_model
 
 TOKEN = "container-token-0123456789"
@@ -119,7 +117,7 @@ def test_full_image_uploads_serves_restarts_and_stops_gracefully(full_image, vol
     assert served == version
 
     # SIGTERM while clients stream requests: each is answered, until the port is closed
-    outcome = stream_during_stop(again, x)
+    outcome = stream_during_stop(again.url, "convbn", x, again.stop)
     assert outcome["failures"] == [], outcome
     assert outcome["answered_after_stop"] > 0, outcome  # the stop did meet requests in flight
     assert outcome["exit_code"] == 0 and outcome["stop_s"] < 10, outcome
@@ -137,72 +135,6 @@ def mlp_safetensors() -> bytes:
         for p in module.parameters():
             p.mul_(0.9)
     return save(module.state_dict())
-
-
-def stream_during_stop(box, x: np.ndarray, clients: int = 4) -> dict:
-    """`clients` threads send infer requests back to back on keep-alive connections while the
-    container is stopped. A refused connection ends a thread (the server stopped accepting);
-    a reset, a disconnect without an answer or a 5xx is a failure."""
-    body = json.dumps(
-        {
-            "inputs": [
-                {
-                    "name": "x",
-                    "shape": list(x.shape),
-                    "datatype": "FP32",
-                    "data": x.ravel().tolist(),
-                }
-            ]
-        }
-    ).encode()
-    stop_at: list[float] = []
-    failures: list[str] = []
-    answered_after = [0]
-    sent_before_stop = threading.Barrier(clients + 1)
-    lock = threading.Lock()
-
-    def client() -> None:
-        with httpx.Client(base_url=box.url, timeout=30) as c:
-            first = True
-            while True:
-                started = time.monotonic()
-                try:
-                    r = c.post("/v2/models/convbn/infer", content=body)
-                except httpx.ConnectError:
-                    return
-                except httpx.HTTPError as exc:
-                    with lock:
-                        failures.append(f"{type(exc).__name__}: {exc}")
-                    return
-                finally:
-                    if first:
-                        first = False
-                        sent_before_stop.wait()
-                with lock:
-                    if r.status_code >= 500 or r.status_code != 200:
-                        failures.append(f"{r.status_code}: {r.text[:200]}")
-                    elif stop_at and started < stop_at[0] and time.monotonic() > stop_at[0]:
-                        answered_after[0] += 1
-                if r.headers.get("connection") == "close":
-                    return  # the server said it would take no more on this connection
-
-    threads = [threading.Thread(target=client) for _ in range(clients)]
-    for t in threads:
-        t.start()
-    sent_before_stop.wait()
-    time.sleep(0.3)
-    stop_at.append(time.monotonic())
-    exit_code = box.stop()
-    stop_s = time.monotonic() - stop_at[0]
-    for t in threads:
-        t.join(30)
-    return {
-        "failures": failures,
-        "answered_after_stop": answered_after[0],
-        "clients": clients,
-        "exit_code": exit_code,
-        "stop_s": round(stop_s, 2),
-    }
 
 
 def test_fresh_store_deploys_defaults_and_prints_its_token(full_image, volume, run_container):

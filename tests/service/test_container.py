@@ -8,12 +8,14 @@ import json
 import os
 import shlex
 import shutil
+import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import httpx
+import numpy as np
 import pytest
 
 from tests.service.support import ROOT, free_port
@@ -114,3 +116,54 @@ def test_image_entrypoint_starts_and_answers_ready(tmp_path):
     provider = [r for r in records if "execution provider" in r["message"]]
     assert provider and "ExecutionProvider" in provider[0]["message"]  # which one, and why
     assert any(token in ln for ln in lines)  # the generated token is printed once
+
+
+def test_sigterm_answers_requests_in_flight_and_exits_0(tmp_path):
+    """The entrypoint under SIGTERM while clients stream requests on keep-alive connections:
+    none fails, the process exits 0 (not 143) in well under the 10 s a `docker stop` gives."""
+    from tests.container.load import stream_during_stop
+    from tests.service.support import conv_bn_model, seed_store
+
+    entrypoint, image_env, _ = image_instructions()
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("BNFOLD_")}
+    env.update(image_env)
+    env.update(
+        {
+            "BNFOLD_HOST": "127.0.0.1",
+            "BNFOLD_PORT": str(port),
+            "BNFOLD_STORE": str(tmp_path / "store"),
+            "BNFOLD_DEPLOY_DEFAULTS": "0",
+            "BNFOLD_API_TOKEN": "t" * 32,
+            "PYTHONPATH": str(ROOT),
+        }
+    )
+    seed_store(tmp_path / "store", "convbn", conv_bn_model())
+    log = tmp_path / "server.log"
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(
+            [sys.executable, *entrypoint[1:]], env=env, cwd=ROOT, stdout=out, stderr=out
+        )
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            assert proc.poll() is None and time.monotonic() < deadline, log.read_text()
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/v2/models/convbn/ready").status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.2)
+
+        def stop() -> int:
+            proc.send_signal(signal.SIGTERM)
+            return proc.wait(10)
+
+        x = np.zeros((2, 3, 8, 8), np.float32)
+        outcome = stream_during_stop(f"http://127.0.0.1:{port}", "convbn", x, stop)
+    finally:
+        proc.kill()
+        proc.wait()
+    assert outcome["failures"] == [], (outcome, log.read_text()[-2000:])
+    assert outcome["answered_after_stop"] > 0, outcome
+    assert outcome["exit_code"] == 0 and outcome["stop_s"] < 5, outcome
