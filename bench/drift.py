@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(ROOT)]
+sys.path[:0] = [str(ROOT), str(ROOT / "bench")]
 
 WINDOW = 32
 N_WINDOWS = 300
@@ -199,6 +199,81 @@ def repair() -> dict:
     return out
 
 
+def serving_ab(rounds: int, seconds: float, concurrency: int = 8) -> dict:
+    """Monitoring off (BNFOLD_DRIFT_SAMPLE=0) against the default rate, on the digits CNN: two
+    servers up at once, loaded in turn (ABBA order, so a slow drift of the machine cancels),
+    closed-loop clients with one-row binary requests."""
+    import asyncio
+    import tempfile
+
+    import torch
+    from load import run_load, v2_request
+
+    import bnfold
+    from models import digits
+    from service.settings import Settings
+    from tests.service.support import Server, upload
+
+    split = digits.load_split()
+    graph = bnfold.export_onnx(digits.build(), (split.test_x[:2],), dynamic_batch=True)
+    default_rate = Settings().drift_sample
+    work = Path(tempfile.mkdtemp(prefix="bnfold-drift-ab-"))
+    env = {"BNFOLD_API_TOKEN": "bench-token-0123456789", "BNFOLD_DEPLOY_DEFAULTS": "0"}
+    arms = {
+        "off": Server(work / "off", {**env, "BNFOLD_DRIFT_SAMPLE": "0"}),
+        "default": Server(work / "default", {**env, "BNFOLD_DRIFT_SAMPLE": str(default_rate)}),
+    }
+    x = split.test_x[:1].numpy()
+    results: dict[str, list] = {k: [] for k in arms}
+    try:
+        for server in arms.values():
+            server.start()
+            with server.client("bench-token-0123456789") as api:
+                r = upload(api, "digits", graph.SerializeToString(), input_shape="[2,1,8,8]")
+                r.raise_for_status()
+        request = v2_request("digits", "x", x, "binary")
+        for server in arms.values():  # warm-up
+            asyncio.run(run_load(server.url, *request, concurrency, 2.0, 10**9))
+        order = [
+            k
+            for i in range(rounds)
+            for k in (("off", "default") if i % 2 == 0 else ("default", "off"))
+        ]
+        for arm in order:
+            result = asyncio.run(run_load(arms[arm].url, *request, concurrency, seconds, 10**9))
+            results[arm].append(result.to_dict())
+            print(arm, json.dumps(result.to_dict()), flush=True)
+        with arms["default"].client("bench-token-0123456789") as api:
+            drift = api.get("/v1/models/digits/drift").json()
+            metrics = api.get("/metrics").text
+    finally:
+        for server in arms.values():
+            server.stop()
+    sampled = [ln for ln in metrics.splitlines() if ln.startswith("bnfold_drift_samples")]
+
+    def median(arm: str, key: str) -> float:
+        return float(np.median([r[key] for r in results[arm]]))
+
+    summary = {
+        "model": "digits_cnn",
+        "concurrency": concurrency,
+        "seconds_per_run": seconds,
+        "rounds": rounds,
+        "default_rate": default_rate,
+        "p50_ms": {a: median(a, "p50_ms") for a in arms},
+        "throughput_rps": {a: median(a, "throughput_rps") for a in arms},
+        "runs": results,
+        "sampled_metrics": sampled,
+        "drift_after": drift,
+    }
+    summary["p50_change"] = summary["p50_ms"]["default"] / summary["p50_ms"]["off"] - 1
+    summary["throughput_change"] = (
+        summary["throughput_rps"]["default"] / summary["throughput_rps"]["off"] - 1
+    )
+    torch.set_num_threads(1)
+    return summary
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path)
@@ -211,8 +286,6 @@ def main() -> None:
     torch.set_num_threads(1)
     t0 = time.perf_counter()
     if args.serving:
-        from drift_serving import serving_ab
-
         result = {"serving": serving_ab(args.rounds, args.seconds)}
     else:
         result = {"detection": detection(), "repair": repair()}
