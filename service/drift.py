@@ -24,13 +24,15 @@ import threading
 from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from bnfold.drift import ChannelMoments, DriftDetector, DriftResult, SiteReference
 from service.errors import ServiceError
 from service.settings import Settings
+
+if TYPE_CHECKING:  # bnfold is imported when the first model is observed, not with the app
+    from bnfold.drift import DriftDetector, DriftResult
 
 logger = logging.getLogger(__name__)
 
@@ -117,6 +119,8 @@ class DriftMonitor:
                 logger.exception("drift: observing a sample of %s failed", item[0])
 
     def _observe(self, name: str, version: str, inputs: dict[str, np.ndarray]) -> None:
+        from bnfold.drift import ChannelMoments
+
         with self._lock:
             window = self._window(name, version)
         if window.unavailable:
@@ -153,7 +157,7 @@ class DriftMonitor:
             )  # fmt: skip
 
     def _score(self, window: _Window) -> DriftResult:
-        pooled: dict[str, ChannelMoments] = {}
+        pooled: dict[str, Any] = {}  # site -> ChannelMoments
         for _, moments in window.entries:
             for site, part in moments.items():
                 pooled[site] = part if site not in pooled else pooled[site] + part
@@ -184,7 +188,7 @@ class DriftMonitor:
     def _build(self, name: str, version: str) -> _Window:
         import onnx
 
-        from bnfold.drift import ObserverSession, observer_graph
+        from bnfold.drift import DriftDetector, ObserverSession, SiteReference, observer_graph
 
         path = Path(self._original_path(name, version))
         if not path.is_file():

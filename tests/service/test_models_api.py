@@ -214,7 +214,8 @@ def test_redeploy_swaps_atomically_while_requests_are_in_flight(api, server):
     meta = api.get("/v2/models/swap").json()
     assert meta["versions"] == [v2]
     assert api.get(f"/v2/models/swap/versions/{v1}/ready").status_code == 404
-    assert sorted(p.name for p in (server.store / "models" / "swap").iterdir()) == ["CURRENT", v2]
+    listed = sorted(p.name for p in (server.store / "models" / "swap").iterdir())
+    assert listed == sorted(["CURRENT", "PREVIOUS", v1, v2])  # the previous kept for a rollback
 
 
 def test_delete_removes_model_everywhere(api, server, conv_bn_bytes):

@@ -23,8 +23,10 @@ def deployed(server) -> dict[str, str]:
 def assert_store_clean(store) -> None:
     assert list((store / "tmp").iterdir()) == []
     for name_dir in (store / "models").iterdir():
-        current = (name_dir / "CURRENT").read_text().strip()
-        assert sorted(p.name for p in name_dir.iterdir()) == sorted(["CURRENT", current])
+        want = {"CURRENT", (name_dir / "CURRENT").read_text().strip()}
+        if (name_dir / "PREVIOUS").is_file():  # the version a rollback would serve
+            want |= {"PREVIOUS", (name_dir / "PREVIOUS").read_text().strip()}
+        assert sorted(p.name for p in name_dir.iterdir()) == sorted(want)
 
 
 def test_restart_brings_back_every_model_at_the_same_version(start_server, tmp_path):
