@@ -8,6 +8,8 @@ For each BN call site, in graph order, until nothing changes (so Conv -> BN -> B
 2. else fold backward into its producer (patterns/producer_bn.py);
 3. else fold forward into its consumers (patterns/bn_consumer.py);
 4. else it stays, with both reasons.
+Then sums of parallel branches merge into one conv (branches.py); when one did, back to 0: a
+BN after the sum now follows a conv.
 
 The user's model is never touched: we fold an eval-mode deep copy. When the whole model cannot
 be captured as one graph, each child module is captured and folded on its own (recursively),
@@ -39,7 +41,7 @@ from bnfold.patterns import (
     fold_into_producer,
     precompute_constant_bn,
 )
-from bnfold.report import Action, BNEntry, FoldReport
+from bnfold.report import Action, BNEntry, FoldReport, MergeEntry
 
 log = logging.getLogger(__name__)
 
@@ -110,6 +112,36 @@ def fold_graph(
     ctx = FoldContext(gm)
     names = _site_names(gm, prefix)
     reasons: dict[fx.Node, str] = {}
+    sites = (gm, ctx, report, names, reasons, only, backward, forward)
+    folded = _fold_sites(*sites)
+    if merge:
+        merged, left = [], []
+        while True:
+            merges, merged_bn = _merge(gm, report, names, prefix)
+            folded += merged_bn
+            merged += [m for m in merges if m.into]
+            left = [m for m in merges if not m.into]  # the last pass's word on the others
+            if len(left) == len(merges):
+                break
+            # a BN after a merged sum now follows a conv: RepViT's BN(conv(x) + conv1x1(x) + x)
+            folded += _fold_sites(*sites)
+        report.merges.extend([*merged, *left])
+        for c in compose_affine(gm):
+            c.name, c.layers = prefix + c.name, [prefix + n for n in c.layers]
+            c.into = c.into and prefix + c.into
+            report.compositions.append(c)
+    for node in gm.graph.nodes:
+        site = bn_site(node, gm)
+        if site is not None:
+            report.add(BNEntry(names[node], site.kind, Action.KEPT, [], reasons.get(node, "")))
+    gm.graph.lint()
+    gm.delete_all_unused_submodules()
+    gm.recompile()
+    return folded
+
+
+def _fold_sites(gm, ctx, report, names, reasons, only, backward, forward) -> int:
+    """Steps 0-4 of the module docstring over every BN call site, until nothing changes."""
     folded = 0
     changed = True
     while changed:
@@ -130,19 +162,6 @@ def fold_graph(
             )
             folded += 1
             changed = True
-    if merge:
-        folded += _merge(gm, report, names, prefix)
-        for c in compose_affine(gm):
-            c.name, c.layers = prefix + c.name, [prefix + n for n in c.layers]
-            c.into = c.into and prefix + c.into
-            report.compositions.append(c)
-    for node in gm.graph.nodes:
-        site = bn_site(node, gm)
-        if site is not None:
-            report.add(BNEntry(names[node], site.kind, Action.KEPT, [], reasons.get(node, "")))
-    gm.graph.lint()
-    gm.delete_all_unused_submodules()
-    gm.recompile()
     return folded
 
 
@@ -164,8 +183,11 @@ def _record_calls(model: nn.Module, example_inputs: tuple) -> dict[int, list]:
     return calls
 
 
-def _merge(gm: fx.GraphModule, report: FoldReport, names: dict, prefix: str) -> int:
-    """Merge parallel branches; BNs that were branches are reported as merged."""
+def _merge(
+    gm: fx.GraphModule, report: FoldReport, names: dict, prefix: str
+) -> tuple[list[MergeEntry], int]:
+    """Merge parallel branches; BNs that were branches are reported as merged. Returns the
+    merge entries and how many BNs were merged."""
     bn_nodes = {node.name: node for node in gm.graph.nodes if bn_site(node, gm) is not None}
     merges = merge_branches(gm)
     merged_bn = 0
@@ -190,8 +212,7 @@ def _merge(gm: fx.GraphModule, report: FoldReport, names: dict, prefix: str) -> 
                 merged_bn += 1
         if m.into:
             m.into = prefix + m.into
-    report.merges.extend(merges)
-    return merged_bn
+    return merges, merged_bn
 
 
 def _fold_children(

@@ -160,3 +160,24 @@ def test_residual_add_is_not_a_candidate():
 
     result = fold_and_check(Residual().eval(), torch.randn(2, 3, 5, 5))
     assert result.report.merges == []
+
+
+class BNAfterSum(nn.Module):
+    """RepViT's token mixer: BN(dwconv3x3(x) + dwconv1x1(x) + x)."""
+
+    def __init__(self, c=4):
+        super().__init__()
+        self.k3 = nn.Conv2d(c, c, 3, padding=1, groups=c)
+        self.k1 = nn.Conv2d(c, c, 1, groups=c)
+        self.bn = nn.BatchNorm2d(c)
+
+    def forward(self, x):
+        return self.bn(self.k3(x) + self.k1(x) + x)
+
+
+def test_bn_after_a_merged_sum_folds_into_the_merged_conv():
+    result = fold_and_check(randomize_bn(BNAfterSum()), torch.randn(2, 4, 6, 6))
+    (merge,) = result.report.merges
+    (entry,) = result.report.entries
+    assert entry.action is Action.FOLDED_BACKWARD and entry.targets == [merge.into]
+    assert len(_conv_calls(result.module)) == 1

@@ -319,6 +319,7 @@ def _pitfalls() -> list[Case]:
         _pitfall("misaligned", br.Misaligned, 2, 3, 8, 8),
         _pitfall("cross_only", br.CrossOnly, 2, 4, 7, 7),
         _pitfall("shared_branch", br.SharedBranch, 2, 3, 5, 5),
+        _pitfall("bn_after_sum", br.BNAfterSum, 2, 4, 6, 6),
         # in-place adds and identity-fed BN branches
         *(_pitfall(f"inplace_{n}", make, *shape) for n, make, shape in ip.CASES),
         # compositions
