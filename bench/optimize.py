@@ -48,6 +48,9 @@ from bnfold.optimizer.hardware import cpu_features  # noqa: E402
 from bnfold.optimizer.quantize import CALIBRATION_METHODS  # noqa: E402
 from bnfold.optimizer.timing import aa_ratio, make_session, time_interleaved  # noqa: E402
 
+# random weights give near-tied logits: no INT8 graph, onnxruntime's own included, keeps 99% of
+# top-1 classes on them (see docs), so the torchvision models are held to the error target
+BENCH_BUDGET = bnfold.Budget(min_top1_agreement=None, max_rel_l2=0.05)
 DEFAULT = "resnet18,resnet50,mobilenet_v2,efficientnet_b0,mobilenet_v3_large,digits"
 
 
@@ -107,7 +110,7 @@ def bench_torchvision(name: str, rounds: int, naive_aa: bool) -> dict:
     t0 = time.time()
     anchor = anchor_export(model, torch.cat([x, x]))
     q = _ort_quantize_static(anchor, calibration)
-    result = bnfold.optimize(model, x, calibration=calibration)
+    result = bnfold.optimize(model, x, calibration=calibration, budget=BENCH_BUDGET)
     optimize_s = time.time() - t0
     eval_x = rng.standard_normal((64, 3, 224, 224)).astype(np.float32)
     with torch.no_grad():

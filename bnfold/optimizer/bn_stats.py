@@ -14,7 +14,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-__all__ = ["ChannelStats", "read_bn_stats"]
+__all__ = ["ChannelStats", "consistency", "read_bn_stats"]
 
 
 @dataclass
@@ -54,3 +54,37 @@ def read_bn_stats(model: onnx.ModelProto) -> tuple[dict[str, ChannelStats], list
             np.asarray(beta, np.float64).reshape(-1), np.abs(np.asarray(gamma, np.float64))
         )
     return stats, notes
+
+
+def consistency(
+    model: onnx.ModelProto, stats: dict[str, ChannelStats], feed: dict[str, np.ndarray]
+) -> dict | None:
+    """How well the statistics describe `model`'s activations on `feed`: per BN tensor, the
+    median over channels of observed std / |gamma|; the median, min and max over tensors.
+
+    About 1 after training; far from 1 (random weights with made-up statistics), ranges
+    derived from the statistics are not the activations' ranges.
+    """
+    from bnfold.optimizer.timing import make_session
+
+    produced = {o for n in model.graph.node for o in n.output}
+    names = [n for n in stats if n in produced]
+    if not names:
+        return None
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    have = {o.name for o in m.graph.output}
+    for name in names:
+        if name not in have:
+            m.graph.output.append(onnx.helper.make_tensor_value_info(name, 1, None))
+    ratios = []
+    for name, value in zip(names, make_session(m).run(names, feed), strict=True):
+        if value.ndim < 2 or value.size // value.shape[1] < 2:
+            continue
+        std = np.moveaxis(value, 1, 0).reshape(value.shape[1], -1).std(axis=1)
+        live = stats[name].std > 1e-12
+        if live.any():
+            ratios.append(float(np.median(std[live] / stats[name].std[live])))
+    if not ratios:
+        return None
+    return {"median": float(np.median(ratios)), "min": min(ratios), "max": max(ratios)}

@@ -30,7 +30,7 @@ import onnx
 from bnfold.optimizer import progress
 from bnfold.optimizer.accuracy import compare
 from bnfold.optimizer.bias_correct import correct_biases
-from bnfold.optimizer.bn_stats import read_bn_stats
+from bnfold.optimizer.bn_stats import consistency, read_bn_stats
 from bnfold.optimizer.budget import Budget
 from bnfold.optimizer.candidates import Candidate, OptimizeReport, OptimizeResult
 from bnfold.optimizer.equalize import equalize
@@ -192,6 +192,9 @@ def optimize(
             bn = {k: v for k, v in stats.items()}
             eq = equalize(data_free, bn)
             step()
+            steps["bn_statistics"]["observed_std_over_gamma"] = consistency(
+                fp32, stats, (calib_feeds or [spec.example])[0]
+            )
             range_feeds = (
                 calib_feeds[:8]
                 if calib_feeds

@@ -25,6 +25,9 @@ def test_digits_int8_accuracy(digits_setup, fast_pipeline):
     fp32 = _test_accuracy(free.candidates[0].model, split)
     assert fp32 > 0.97
     data_free = next(c for c in free.candidates if c.name == "int8_data_free")
+    # trained: the BN statistics describe the activations (observed std / |gamma| about 1)
+    check = free.report.steps["bn_statistics"]["observed_std_over_gamma"]
+    assert 0.8 < check["median"] < 1.2
     assert 100 * (fp32 - _test_accuracy(data_free.model, split)) <= 1.0
     calibration = [split.train_x[i : i + 64] for i in range(0, 512, 64)]
     calibrated = bnfold.optimize(model, calibration=calibration, labels=split.train_y[:512])
