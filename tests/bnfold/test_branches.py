@@ -2,11 +2,11 @@
 
 import pytest
 import torch
-from conftest import fold_and_check, randomize_bn
 from torch import nn
 
 import bnfold
 from bnfold import Action
+from tests.bnfold.bn_helpers import fold_and_check, randomize_bn
 
 
 def conv_bn(cin, cout, k, stride=1, padding=0, groups=1):

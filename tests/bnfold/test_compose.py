@@ -1,8 +1,9 @@
 """Sequential affine layers composed into one when that is exact and cheaper."""
 
 import torch
-from conftest import fold_and_check, randomize_bn
 from torch import nn
+
+from tests.bnfold.bn_helpers import fold_and_check, randomize_bn
 
 
 def _compositions(result):

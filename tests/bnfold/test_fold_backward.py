@@ -2,10 +2,10 @@
 
 import pytest
 import torch
-from conftest import count_bn_modules, fold_and_check, randomize_bn
 from torch import nn
 
 from bnfold import Action
+from tests.bnfold.bn_helpers import count_bn_modules, fold_and_check, randomize_bn
 
 CONV = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
 CONVT = {1: nn.ConvTranspose1d, 2: nn.ConvTranspose2d, 3: nn.ConvTranspose3d}

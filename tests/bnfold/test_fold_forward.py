@@ -2,10 +2,10 @@
 
 import pytest
 import torch
-from conftest import count_bn_modules, fold_and_check, randomize_bn
 from torch import nn
 
 from bnfold import Action
+from tests.bnfold.bn_helpers import count_bn_modules, fold_and_check, randomize_bn
 
 
 def mlp_bn_after_activation():

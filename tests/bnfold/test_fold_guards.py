@@ -3,11 +3,11 @@
 import copy
 
 import torch
-from conftest import fold_and_check, randomize_bn
 from torch import nn
 
 import bnfold
 from bnfold import Action
+from tests.bnfold.bn_helpers import fold_and_check, randomize_bn
 
 
 class ReusedConv(nn.Module):

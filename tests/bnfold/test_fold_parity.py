@@ -46,12 +46,12 @@ from dataclasses import dataclass, field
 
 import pytest
 import torch
-from conftest import randomize_bn
 from torch import nn
 
 import bnfold
 import models
 from bnfold.report import FoldReport
+from tests.bnfold.bn_helpers import randomize_bn
 
 TORCH_ONLY = ("could not be captured", "in place", "against float64")
 ONNX_ONLY: tuple[str, ...] = ()

@@ -3,10 +3,10 @@
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import fold_and_check, randomize_bn
 from torch import nn
 
 from bnfold import Action
+from tests.bnfold.bn_helpers import fold_and_check, randomize_bn
 
 
 def conv_bn(c, k, groups=1):

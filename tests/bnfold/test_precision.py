@@ -2,10 +2,10 @@
 
 import pytest
 import torch
-from conftest import randomize_bn
 from torch import nn
 
 import bnfold
+from tests.bnfold.bn_helpers import randomize_bn
 
 
 def _net():

@@ -3,11 +3,11 @@
 import copy
 
 import torch
-from conftest import randomize_bn
 from torch import nn
 
 import bnfold
 from bnfold.numerics import bn_scale_shift, fold_bn_into_consumer
+from tests.bnfold.bn_helpers import randomize_bn
 
 
 def test_verify_identical_models_ok_with_generated_cases():

@@ -2,10 +2,10 @@
 
 import pytest
 import torch
-from conftest import count_bn_modules
 
 import bnfold
 import models
+from tests.bnfold.bn_helpers import count_bn_modules
 
 # Zoo models with BNs that eval mode cannot fold exactly (everything else must fold):
 # pre-activation blocks run BN -> ReLU on a sum, with no affine producer and a nonlinearity

@@ -9,14 +9,14 @@ import numpy as np
 import onnx
 import pytest
 import torch
-from conftest import randomize_bn
 from onnx_graphs import GraphBuilder, op_types
-from test_branches import ACBlock, MobileOneBlock, RepVGGBlock
 from torch import nn
 
 import bnfold
 from bnfold.onnx.fold import fold_onnx
 from bnfold.report import Action
+from tests.bnfold.bn_helpers import randomize_bn
+from tests.bnfold.test_branches import ACBlock, MobileOneBlock, RepVGGBlock
 
 
 def _export_and_fold(module: nn.Module, shape: tuple[int, ...], **kwargs):

@@ -8,13 +8,13 @@ import numpy as np
 import onnx
 import pytest
 import torch
-from conftest import randomize_bn
 from onnx import numpy_helper
 from onnx_graphs import GraphBuilder, op_types
 from torch import nn
 
 import bnfold
 from bnfold.onnx.fold import fold_onnx
+from tests.bnfold.bn_helpers import randomize_bn
 
 
 def _fold_and_verify(original: onnx.ModelProto, **kwargs):

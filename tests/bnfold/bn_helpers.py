@@ -1,5 +1,6 @@
 """Shared helpers for the bnfold tests: BN statistics that are not the identity, and one
-assertion that a fold is exact and complete."""
+assertion that a fold is exact and complete. (A module, not conftest.py: test folders below
+this one have conftest files of their own, and a module named conftest is ambiguous.)"""
 
 from __future__ import annotations
 
