@@ -60,11 +60,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         handlers = ModelService(settings, store, registry, metrics)
         app.state.models = handlers
         app.state.inference = InferenceService(settings, registry, metrics)
-        if settings.drift_sample > 0:
-            monitor = DriftMonitor(settings, store.original_path)
-            handlers.drift = app.state.inference.drift = monitor
-            metrics.watch_drift(monitor)
-            monitor.start()
+        # a monitor always, for models whose upload sets drift_sample; its thread starts with
+        # the first sampled request
+        monitor = DriftMonitor(settings, store.original_path)
+        handlers.drift = app.state.inference.drift = monitor
+        metrics.watch_drift(monitor)
         # raises under require_gpu without CUDA; otherwise says where models will run
         provider = await run_in_threadpool(handlers.sessions.probe)
         if provider == CUDA:

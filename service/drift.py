@@ -76,11 +76,20 @@ class DriftMonitor:
         self._random = random.Random()
 
     # -- the request path ----------------------------------------------------------------------
-    def offer(self, name: str, version: str, inputs: dict[str, np.ndarray]) -> None:
+    def rate_of(self, record: dict[str, Any]) -> float:
+        """A model's sampling rate: its upload's ``drift_sample``, else BNFOLD_DRIFT_SAMPLE."""
+        rate = record.get("drift_sample")
+        return self.settings.drift_sample if rate is None else rate
+
+    def offer(
+        self, name: str, version: str, inputs: dict[str, np.ndarray], rate: float | None = None
+    ) -> None:
         """Maybe sample one request; never blocks, never raises."""
-        rate = self.settings.drift_sample
+        rate = self.settings.drift_sample if rate is None else rate
         if rate <= 0 or self._random.random() >= rate:
             return
+        if self._thread is None:
+            self.start()
         try:
             self._queue.put_nowait((name, version, inputs))
         except queue.Full:
@@ -88,9 +97,11 @@ class DriftMonitor:
 
     # -- lifecycle -----------------------------------------------------------------------------
     def start(self) -> None:
-        if self._thread is None and self.settings.drift_sample > 0:
-            self._thread = threading.Thread(target=self._run, name="drift-monitor", daemon=True)
-            self._thread.start()
+        """Start the monitor thread (the first sampled request does, when none is running)."""
+        with self._lock:
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="drift-monitor", daemon=True)
+                self._thread.start()
 
     def stop(self) -> None:
         if self._thread is not None:

@@ -54,6 +54,7 @@ class UploadRequest:
     batching: dict[str, Any] | None = None  # max_batch_size, max_queue_delay_ms for this model
     # bnfold.optimize: {"budget": {...}, "calibration": file name in the scratch dir or None}
     optimize: dict[str, Any] | None = None
+    drift_sample: float | None = None  # this model's drift sampling rate; None: the server's
 
     def job(self) -> dict[str, Any]:
         return {
@@ -169,6 +170,8 @@ class ModelService:
         self._writable()
         validate_name(request.name)
         result = await self.ingestor.run(request.upload.parent, request.job())
+        if request.drift_sample is not None:
+            result.result["drift_sample"] = request.drift_sample
         return await self._commit(request.name, result, request.batching)
 
     async def _commit(
@@ -196,6 +199,8 @@ class ModelService:
         }
         record.update(info.get("lineage") or {})  # a recalibration: recalibrated_from, data used
         record["precision"] = info.get("precision") or _exact_precision(runtime)
+        if info.get("drift_sample") is not None:
+            record["drift_sample"] = info["drift_sample"]
         if info.get("optimization"):
             record["optimization"] = info["optimization"]
         if runtime.provider == CUDA:
@@ -351,7 +356,9 @@ class InferenceService:
         json_values = sum(results[o.name].size for o in request.outputs if not o.binary)
         reply = await run_in_threadpool(encode) if json_values > _LOOP_JSON_VALUES else encode()
         if self.drift is not None:  # a coin flip and a non-blocking put: the reply never waits
-            self.drift.offer(model.name, model.version, request.inputs)
+            self.drift.offer(
+                model.name, model.version, request.inputs, model.record.get("drift_sample")
+            )
         return (*reply, timing)
 
 

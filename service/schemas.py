@@ -39,6 +39,9 @@ class ModelPublic(ModelSummary):
     batching: dict[str, Any] | None = None
     precision: dict[str, Any] | None = None  # precision, candidate, why, how it was verified
     optimization: dict[str, Any] | None = None  # bnfold.optimize's report, when asked for
+    recalibrated_from: str | None = None  # the version whose BN statistics were re-estimated
+    recalibration: dict[str, Any] | None = None  # data used: samples, batches, bytes, per BN
+    drift_sample: float | None = None  # this model's sampling rate, when its upload set one
 
 
 class ModelsPublic(BaseModel):

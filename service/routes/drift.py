@@ -24,14 +24,6 @@ from service.routes.deps import Inference, Models
 from service.schemas import ERROR_RESPONSES, ModelPublic
 from service.store import validate_name
 
-
-class RecalibratedPublic(ModelPublic):
-    """A deployed model with where it came from when a recalibration made it."""
-
-    recalibrated_from: str | None = None  # the version whose statistics were re-estimated
-    recalibration: dict[str, Any] | None = None  # data used: samples, batches, bytes, per BN
-
-
 router = APIRouter(prefix="/v1/models", tags=["drift"], responses=ERROR_RESPONSES)
 
 _FORMATS = {".npy": "npy", ".npz": "npz", ".safetensors": "safetensors"}
@@ -71,8 +63,11 @@ _RECALIBRATE_SCHEMA = {
 @router.get("/{name}/drift", summary="Input drift of the model's last sampled window")
 async def read_drift(name: str, _: Authorized, inference: Inference) -> dict[str, Any]:
     model = inference.model(validate_name(name))
-    if inference.drift is None:
-        raise DriftUnavailable("drift monitoring is off (BNFOLD_DRIFT_SAMPLE=0)")
+    if inference.drift is None or inference.drift.rate_of(model.record) <= 0:
+        raise DriftUnavailable(
+            f"drift monitoring is off for {model.name!r} (BNFOLD_DRIFT_SAMPLE=0, or the upload's "
+            "drift_sample=0)"
+        )
     result = await run_in_threadpool(inference.drift.report, model.name, model.version)
     return result.to_dict()
 
@@ -80,7 +75,7 @@ async def read_drift(name: str, _: Authorized, inference: Inference) -> dict[str
 @router.post(
     "/{name}/recalibrate",
     status_code=201,
-    response_model=RecalibratedPublic,
+    response_model=ModelPublic,
     openapi_extra=_RECALIBRATE_SCHEMA,
     summary="Re-estimate BN statistics on unlabeled inputs; deploy the verified new version",
 )
@@ -93,9 +88,7 @@ async def recalibrate(name: str, request: Request, _: Authorized, models: Models
         return model.public()
 
 
-@router.post(
-    "/{name}/rollback", response_model=RecalibratedPublic, summary="Serve the previous version"
-)
+@router.post("/{name}/rollback", response_model=ModelPublic, summary="Serve the previous version")
 async def rollback(name: str, _: Authorized, models: Models) -> dict[str, Any]:
     model = await models.rollback(name)
     return model.public()

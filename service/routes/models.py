@@ -79,6 +79,13 @@ _UPLOAD_SCHEMA = {
                             "description": "calibration inputs for optimize: .npy (one "
                             "input), .npz or .safetensors (one array per input, by name)",
                         },
+                        "drift_sample": {
+                            "type": "number",
+                            "minimum": 0,
+                            "maximum": 1,
+                            "description": "fraction of this model's requests sampled by the "
+                            "drift monitor (default BNFOLD_DRIFT_SAMPLE; 0 turns it off)",
+                        },
                         "dynamic_batching": {
                             "type": "boolean",
                             "description": "true or false: batch this model's requests or not; "
@@ -155,6 +162,7 @@ _FIELDS = {
     "max_rel_l2",
     "max_accuracy_drop",
     "calibration",
+    "drift_sample",
 }
 _BUDGET_FIELDS = ("min_top1_agreement", "max_rel_l2", "max_accuracy_drop")
 _DATA_FORMATS = {".npy": "npy", ".npz": "npz", ".safetensors": "safetensors"}
@@ -180,6 +188,7 @@ async def _read_upload_form(request: Request, scratch) -> UploadRequest:
             "atol": _tolerance(fields, "atol", DEFAULT_ATOL),
             "batching": _batching(fields),
             "optimize": _optimize(fields, form.get("calibration")),
+            "drift_sample": _fraction(fields, "drift_sample"),
         }
         file = form.get("file")
         if not isinstance(file, UploadFile):
@@ -200,6 +209,15 @@ def _copy(file: UploadFile, target, field: str = "file") -> None:
         shutil.copyfileobj(file.file, out, 1 << 20)
         if out.tell() == 0:
             raise BadRequest(f"the uploaded {field!r} is empty")
+
+
+def _fraction(fields: dict[str, str], key: str) -> float | None:
+    if not fields.get(key):
+        return None
+    value = _tolerance(fields, key, 0.0)
+    if value > 1:
+        raise BadRequest(f"{key} is a fraction between 0 and 1, got {fields[key]!r}")
+    return value
 
 
 def _optimize(fields: dict[str, str], calibration: Any) -> dict[str, Any] | None:

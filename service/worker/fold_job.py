@@ -16,7 +16,7 @@ from service.worker.sandbox import Refused, first_lines
 from service.worker.savings import measure_savings
 from service.worker.sources import Source, load_source
 
-__all__ = ["run_fold_job"]
+__all__ = ["fold_in_onnx", "fold_in_torch", "load_test", "run_fold_job", "verify_folded"]
 
 
 def run_fold_job(job_dir: Path, job: dict[str, Any]) -> dict[str, Any]:
@@ -24,12 +24,12 @@ def run_fold_job(job_dir: Path, job: dict[str, Any]) -> dict[str, Any]:
     source = load_source(job_dir, job)
     extra: dict[str, Any] = {}
     if source.module is not None:
-        folded_model, fold_report, extra["torch_verification"] = _fold_in_torch(source, rtol, atol)
+        folded_model, fold_report, extra["torch_verification"] = fold_in_torch(source, rtol, atol)
     else:
-        folded_model, fold_report = _fold_in_onnx(source)
-    verification = _verify(source, folded_model, fold_report, rtol, atol)
+        folded_model, fold_report = fold_in_onnx(source)
+    verification = verify_folded(source, folded_model, fold_report, rtol, atol)
     folded_bytes = folded_model.SerializeToString()
-    _load_test(folded_bytes)
+    load_test(folded_bytes)
     try:
         savings = measure_savings(source.original, folded_model, source.input_shapes or {})
     except Exception as exc:  # a measurement, not a reason to refuse the model
@@ -50,7 +50,7 @@ def run_fold_job(job_dir: Path, job: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def _fold_in_onnx(source: Source) -> tuple[Any, dict[str, Any]]:
+def fold_in_onnx(source: Source) -> tuple[Any, dict[str, Any]]:
     import bnfold
 
     try:
@@ -60,7 +60,7 @@ def _fold_in_onnx(source: Source) -> tuple[Any, dict[str, Any]]:
     return folded.model, folded.report.to_dict()
 
 
-def _fold_in_torch(source: Source, rtol: float, atol: float) -> tuple[Any, dict, dict]:
+def fold_in_torch(source: Source, rtol: float, atol: float) -> tuple[Any, dict, dict]:
     import torch
 
     import bnfold
@@ -92,7 +92,7 @@ def _fold_in_torch(source: Source, rtol: float, atol: float) -> tuple[Any, dict,
     return exported, fold_report, check.to_dict()
 
 
-def _verify(
+def verify_folded(
     source: Source, folded: Any, fold_report: dict[str, Any], rtol: float, atol: float
 ) -> dict[str, Any]:
     import bnfold
@@ -125,7 +125,7 @@ def _verify(
     return verification.to_dict()
 
 
-def _load_test(folded_bytes: bytes) -> None:
+def load_test(folded_bytes: bytes) -> None:
     """The final check: a session on the exact bytes that will be served."""
     import onnxruntime as ort
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from service.worker.fold_job import _load_test, run_fold_job
+from service.worker.fold_job import load_test, run_fold_job
 from service.worker.input_data import batches_of, match_inputs, parse_arrays
 from service.worker.sandbox import Refused, first_lines, require
 
@@ -83,7 +83,7 @@ def run_optimize_job(job_dir: Path, job: dict[str, Any]) -> dict[str, Any]:
         raise Refused(422, f"optimizing failed: {first_lines(exc)}") from None
     chosen = optimized.chosen
     chosen_bytes = optimized.model.SerializeToString()
-    _load_test(chosen_bytes)
+    load_test(chosen_bytes)
     (job_dir / "folded.onnx").write_bytes(chosen_bytes)
     report = optimized.report.to_dict()
     result["optimization"] = report

@@ -1,13 +1,10 @@
 """The recalibrate job: new BN statistics from unlabeled data, folded, verified, written.
 
 Input: ``base.onnx`` (the current version's original graph, from the store) and ``upload``,
-the data: ``.npy`` (one array, for a one-input model), ``.npz`` or ``.safetensors`` (one array
-per model input, by input name). Parsed without pickles (``np.load(allow_pickle=False)``,
-safetensors' own reader); an ``.npz`` is a zip, whose directory is checked (entries, summed
-uncompressed size) before anything is inflated.
+the data (``service.worker.input_data``: ``.npy``, ``.npz`` or ``.safetensors``, parsed without
+pickles and checked against the graph's inputs).
 
-Then: every array checked against the graph's inputs (dtype, rank, fixed dimensions, equal
-sample counts, finite values, at least 2 samples), split into batches of ``batch_size``,
+Then: the arrays are split into batches of ``batch_size``,
 ``bnfold.drift.recalibrate_onnx`` rewrites the statistics in the original's BatchNormalization
 nodes, and the fold job's own steps fold, verify (against the recalibrated original, in eval
 mode) and load-test. Nothing is written unless every check passed.
@@ -15,31 +12,26 @@ mode) and load-test. Nothing is written unless every check passed.
 
 from __future__ import annotations
 
-import io
-import zipfile
 from pathlib import Path
 from typing import Any
 
-from service.worker.fold_job import _fold_in_onnx, _load_test, _verify
+from service.worker.fold_job import fold_in_onnx, load_test, verify_folded
+from service.worker.input_data import batches_of, match_inputs, parse_arrays
 from service.worker.parsing import parse_onnx
-from service.worker.sandbox import FOLDING, LIMITS, Refused, require
+from service.worker.sandbox import FOLDING, Refused, require
 from service.worker.savings import measure_savings
 from service.worker.sources import Source
 
 __all__ = ["run_recalibrate_job"]
-
-MAX_ARRAYS = 64
-MIN_SAMPLES = 2  # one sample has no variance
-_MAGIC = {b"\x93NUMPY": "npy", b"PK\x03\x04": "npz"}
 
 
 def run_recalibrate_job(job_dir: Path, job: dict[str, Any]) -> dict[str, Any]:
     require("onnx", "numpy")
     original = parse_onnx((job_dir / "base.onnx").read_bytes())
     data = (job_dir / "upload").read_bytes()
-    arrays = _parse_data(data, job.get("format"))
-    feeds = _match_inputs(original, arrays, job.get("input_shapes") or {})
-    batches = _batches(feeds, int(job.get("batch_size") or 32))
+    arrays = parse_arrays(data, job.get("format"))
+    feeds = match_inputs(original, arrays, job.get("input_shapes") or {})
+    batches = batches_of(feeds, int(job.get("batch_size") or 32))
     require(*FOLDING, "bnfold.drift.reestimation")
     from bnfold.drift import recalibrate_onnx
 
@@ -50,10 +42,10 @@ def run_recalibrate_job(job_dir: Path, job: dict[str, Any]) -> dict[str, Any]:
     rtol, atol = job.get("rtol", 1e-4), job.get("atol", 1e-5)
     shapes = job.get("input_shapes") or None
     source = Source(recalibrated.model, shapes, {})
-    folded, fold_report = _fold_in_onnx(source)
-    verification = _verify(source, folded, fold_report, rtol, atol)
+    folded, fold_report = fold_in_onnx(source)
+    verification = verify_folded(source, folded, fold_report, rtol, atol)
     folded_bytes = folded.SerializeToString()
-    _load_test(folded_bytes)
+    load_test(folded_bytes)
     try:
         savings = measure_savings(recalibrated.model, folded, shapes or {})
     except Exception as exc:  # a measurement, not a reason to refuse
@@ -73,112 +65,3 @@ def run_recalibrate_job(job_dir: Path, job: dict[str, Any]) -> dict[str, Any]:
             "bytes": len(data),
         },
     }
-
-
-def _parse_data(data: bytes, declared: str | None) -> dict[str, Any]:
-    import numpy as np
-
-    kind = declared or next((k for m, k in _MAGIC.items() if data.startswith(m)), "safetensors")
-    try:
-        if kind == "npy":
-            return {"": np.load(io.BytesIO(data), allow_pickle=False)}
-        if kind == "npz":
-            _check_zip(data)
-            with np.load(io.BytesIO(data), allow_pickle=False) as npz:
-                return {name: npz[name] for name in npz.files}
-        if kind == "safetensors":
-            from safetensors import SafetensorError
-            from safetensors.numpy import load
-
-            try:
-                return dict(load(data))
-            except SafetensorError as exc:
-                raise ValueError(str(exc)) from None
-    except (ValueError, OSError, EOFError, zipfile.BadZipFile) as exc:
-        raise Refused(400, f"the data is not a valid .{kind} file: {exc}") from None
-    raise Refused(400, f"unknown data format {kind!r}: send .npy, .npz or .safetensors")
-
-
-def _check_zip(data: bytes) -> None:
-    """Before inflating: a bounded number of entries and of uncompressed bytes."""
-    limit = max(LIMITS.get("file_bytes", 1 << 30) // 4, 1 << 20)
-    with zipfile.ZipFile(io.BytesIO(data)) as archive:
-        entries = archive.infolist()
-        if len(entries) > MAX_ARRAYS:
-            raise Refused(400, f"the .npz holds {len(entries)} arrays; at most {MAX_ARRAYS}")
-        total = sum(e.file_size for e in entries)
-        if total > limit:
-            raise Refused(413, f"the .npz inflates to {total} bytes; the limit is {limit}")
-
-
-def _match_inputs(
-    original: Any, arrays: dict[str, Any], verified: dict[str, list[int]]
-) -> dict[str, Any]:
-    """Arrays by input name, checked. A symbolic dimension past the batch must equal the one
-    the model was verified with at deploy time (``verified``, the record's input shapes)."""
-    import numpy as np
-    from onnx import helper
-
-    inits = {t.name for t in original.graph.initializer}
-    inputs = [i for i in original.graph.input if i.name not in inits]
-    names = [i.name for i in inputs]
-    if len(inputs) == 1 and len(arrays) == 1:
-        arrays = {names[0]: next(iter(arrays.values()))}
-    unknown, missing = sorted(set(arrays) - set(names)), sorted(set(names) - set(arrays))
-    if unknown or missing:
-        raise Refused(
-            400,
-            f"the data must hold one array per model input {names}: "
-            + "; ".join(
-                p
-                for p in (
-                    f"missing {missing}" if missing else "",
-                    f"unknown {unknown}" if unknown else "",
-                )
-                if p
-            ),
-        )
-    counts = set()
-    for spec in inputs:
-        array = arrays[spec.name]
-        tensor = spec.type.tensor_type
-        want = np.dtype(helper.tensor_dtype_to_np_dtype(tensor.elem_type))
-        if array.dtype != want:
-            raise Refused(400, f"input {spec.name!r} must be {want}, the data holds {array.dtype}")
-        dims = [d.dim_value if d.HasField("dim_value") else None for d in tensor.shape.dim]
-        seen = verified.get(spec.name) or []
-        if len(seen) == len(dims):
-            dims = [d or s for d, s in zip(dims, seen, strict=True)]
-        shown = ["N", *(d if d else "?" for d in dims[1:])]
-        if array.ndim != len(dims) or any(
-            d and d != n for d, n in zip(dims[1:], array.shape[1:], strict=True)
-        ):
-            raise Refused(
-                400,
-                f"input {spec.name!r} has shape {list(array.shape)}; the model takes "
-                f"[{', '.join(map(str, shown))}]",
-            )
-        if want.kind == "f" and not np.isfinite(array).all():
-            raise Refused(400, f"input {spec.name!r} holds NaN or infinite values")
-        counts.add(int(array.shape[0]))
-    if len(counts) != 1:
-        raise Refused(400, f"the inputs hold different numbers of samples: {sorted(counts)}")
-    n = counts.pop()
-    if n < MIN_SAMPLES:
-        raise Refused(
-            400,
-            f"{n} sample(s): BN statistics need at least {MIN_SAMPLES} (one sample has no "
-            "variance)",
-        )
-    return {spec.name: np.ascontiguousarray(arrays[spec.name]) for spec in inputs}
-
-
-def _batches(feeds: dict[str, Any], batch_size: int) -> list[dict[str, Any]]:
-    """Near-equal batches of at most ``batch_size`` samples (sizes differ by at most one), so
-    that no last batch of one sample has no variance."""
-    import numpy as np
-
-    n = next(iter(feeds.values())).shape[0]
-    count = -(-n // max(MIN_SAMPLES, batch_size))
-    splits = {k: np.array_split(v, count) for k, v in feeds.items()}
-    return [{k: splits[k][i] for k in feeds} for i in range(count)]

@@ -244,6 +244,25 @@ def test_monitoring_off_samples_nothing(start_server, digits_bytes, digits_data)
         _send(api, "digits-off", digits_data[1][:16])
         r = api.get("/v1/models/digits-off/drift")
         assert r.status_code == 409 and "off" in r.json()["error"]
-        assert "bnfold_drift_samples_total" not in api.get("/metrics").text
+        assert 'bnfold_drift_samples_total{model="digits-off"}' not in api.get("/metrics").text
         r = _recalibrate(api, "digits-off", None, source="traffic")
         assert r.status_code == 403 and "BNFOLD_DRIFT_KEEP_SAMPLES" in r.json()["error"]
+
+
+def test_an_upload_sets_its_own_sampling_rate(start_server, digits_bytes, digits_data):
+    # the server samples nothing by default; one model asks for every request, one for none
+    server = start_server(BNFOLD_DRIFT_SAMPLE="0", BNFOLD_DRIFT_WINDOW="16")
+    with server.client() as api:
+        r = upload(api, "digits-on", digits_bytes, input_shape="[2,1,8,8]", drift_sample="1")
+        assert r.status_code == 201, r.text
+        assert r.json()["drift_sample"] == 1.0
+        _deploy(api, "digits-default", digits_bytes)
+        _send(api, "digits-on", digits_data[1][:16])
+        _send(api, "digits-default", digits_data[1][:16])
+        report = _drift_after(api, "digits-on", 16)
+        assert report["samples"] >= 16 and report["window"] == 16
+        r = api.get("/v1/models/digits-default/drift")
+        assert r.status_code == 409 and "off" in r.json()["error"]
+        assert 'bnfold_drift_samples_total{model="digits-default"}' not in api.get("/metrics").text
+        r = upload(api, "digits-bad", digits_bytes, drift_sample="1.5")
+        assert r.status_code == 400 and "drift_sample is a fraction" in r.json()["error"]
