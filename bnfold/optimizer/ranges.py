@@ -87,7 +87,9 @@ def _sampling_model(
         std = numpy_helper.from_array(st.std.astype(np.float32).reshape(shape), f"{name}__s")
         g.initializer.extend([mean, std])
         iid = f"{name}__iid"
-        new_nodes.append(helper.make_node("RandomNormalLike", [pre], [iid]))
+        # seeded: the same ranges on every call (each run of the session draws afresh)
+        seed = float(len(replaced) * 2 + 1)
+        new_nodes.append(helper.make_node("RandomNormalLike", [pre], [iid], seed=seed))
         z = iid
         if rank >= 3 and rho > 0:
             a = numpy_helper.from_array(np.array(math.sqrt(rho), np.float32), f"{name}__a")
@@ -95,7 +97,9 @@ def _sampling_model(
             g.initializer.extend([a, b])
             new_nodes += [
                 helper.make_node("GlobalAveragePool", [pre], [f"{name}__gap"]),
-                helper.make_node("RandomNormalLike", [f"{name}__gap"], [f"{name}__nc"]),
+                helper.make_node(
+                    "RandomNormalLike", [f"{name}__gap"], [f"{name}__nc"], seed=seed + 1
+                ),
                 helper.make_node("Mul", [f"{name}__nc", a.name], [f"{name}__nca"]),
                 helper.make_node("Mul", [iid, b.name], [f"{name}__iidb"]),
                 helper.make_node("Add", [f"{name}__nca", f"{name}__iidb"], [f"{name}__z"]),
