@@ -1,6 +1,7 @@
-"""The container without Docker: the Dockerfile passes hadolint, and the image's own entrypoint
-with the image's own BNFOLD_* environment starts, says which provider it serves on, answers
-ready, and passes the image's HEALTHCHECK command."""
+"""The container without a container engine: the Dockerfile passes hadolint, and the image's
+own entrypoint with the image's own BNFOLD_* environment starts, says which provider it serves
+on, answers ready, passes the image's HEALTHCHECK command, and stops gracefully on SIGTERM.
+tests/container/ runs the built images themselves."""
 
 from __future__ import annotations
 
