@@ -19,6 +19,7 @@ from typing import Any
 
 from starlette.concurrency import run_in_threadpool
 
+import service
 from service.drift import DriftMonitor
 from service.errors import Forbidden, NotFound, ServiceError, Unprocessable, first_line
 from service.ingest import Ingestor, IngestResult
@@ -165,9 +166,21 @@ class ModelService:
                 "deploy and delete through the writer replica"
             )
 
+    def check_can_ingest(self) -> None:
+        """Uploads and recalibrations run the worker, which folds with torch: the slim image
+        (BNFOLD_IMAGE_VARIANT=slim) has none, so it refuses them before reading any byte."""
+        self._writable()
+        if self.settings.image_variant == "slim":
+            full = f"bnfold:{service.__version__}"
+            raise Forbidden(
+                f"this is the serving-only image ({full}-slim, without torch): it cannot fold "
+                f"uploads; upload to a server running the full image {full} and serve its store "
+                "here with BNFOLD_STORE_READONLY=1"
+            )
+
     # -- management --------------------------------------------------------------------------
     async def deploy(self, request: UploadRequest) -> LoadedModel:
-        self._writable()
+        self.check_can_ingest()
         validate_name(request.name)
         result = await self.ingestor.run(request.upload.parent, request.job())
         if request.drift_sample is not None:
@@ -243,7 +256,7 @@ class ModelService:
     async def recalibrate(self, name: str, scratch: Path, job: dict[str, Any]) -> LoadedModel:
         """Re-estimate the BN statistics of the current version on the data in
         ``scratch/upload`` (or the kept traffic samples), fold, verify, deploy a new version."""
-        self._writable()
+        self.check_can_ingest()
         validate_name(name)
         self.registry.get(name)
         stored = await run_in_threadpool(self.store.get, name)

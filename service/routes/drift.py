@@ -82,6 +82,7 @@ async def read_drift(name: str, _: Authorized, inference: Inference) -> dict[str
 async def recalibrate(name: str, request: Request, _: Authorized, models: Models) -> dict[str, Any]:
     validate_name(name)
     models.registry.get(name)  # 404 before reading the data
+    models.check_can_ingest()  # before the body is read
     async with models.scratch("recalibrate-") as scratch:
         job = await _read_form(request, scratch)
         model = await models.recalibrate(name, scratch, job)

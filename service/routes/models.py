@@ -107,6 +107,7 @@ _UPLOAD_SCHEMA = {
     summary="Upload a model: it is folded, verified and deployed",
 )
 async def create_model(request: Request, _: Authorized, models: Models) -> dict[str, Any]:
+    models.check_can_ingest()  # before the body is read
     async with models.scratch("upload-") as scratch:
         upload = await _read_upload_form(request, scratch)
         model = await models.deploy(upload)

@@ -13,7 +13,6 @@ import httpx
 import numpy as np
 import onnx
 import onnxruntime as ort
-import pytest
 import tritonclient.http as triton
 from onnx import TensorProto, helper, numpy_helper
 
@@ -224,11 +223,6 @@ def test_slim_image_serves_the_full_writers_store_read_only(
     assert replica.stop() == 0 and writer.stop() == 0
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="the worker's slim-image check (BNFOLD_IMAGE_VARIANT=slim) is not in yet: "
-    "remove this mark when it is",
-)
 def test_slim_image_refuses_uploads_naming_the_full_image(slim_image, volume, run_container):
     """No torch in the slim image, so no upload can be folded there: ONNX ones neither, since
     bnfold's fold numerics are torch. Each is refused with a 4xx that names the full image."""

@@ -294,3 +294,15 @@ def test_safetensors_with_an_input_shape(api):
         input_shape='{"a": [2, 3, 8, 8], "b": [2, 3, 8, 8]}',
     )
     assert r.status_code == 400 and "takes 1 input(s)" in r.json()["error"]
+
+
+def test_the_slim_image_refuses_uploads_naming_the_full_image(start_server, conv_bn_bytes):
+    # BNFOLD_IMAGE_VARIANT=slim is what the serving-only image sets: it has no torch to fold with
+    server = start_server(BNFOLD_IMAGE_VARIANT="slim")
+    with server.client() as api:
+        r = upload(api, "convbn", conv_bn_bytes)
+        assert r.status_code == 403, r.text
+        error = r.json()["error"]
+        assert "serving-only image" in error and "full image bnfold:" in error
+        assert api.get("/v1/models/convbn").status_code == 404
+        assert api.get("/v2/health/ready").status_code == 200
