@@ -478,7 +478,12 @@ def _add_optimize(sub) -> None:
         metavar="POINTS",
         help="largest accuracy drop against --labels, in points",
     )
-    opt.add_argument("--target", choices=["cpu"], default="cpu")
+    opt.add_argument(
+        "--target",
+        choices=["cpu", "cuda"],
+        default="cpu",
+        help="cuda: also an fp16 candidate, checked here but not timed without a device",
+    )
     opt.add_argument("--report", metavar="R.json", help="write the report as JSON")
     opt.add_argument(
         "--input-shape",

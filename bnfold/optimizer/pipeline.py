@@ -130,8 +130,8 @@ def optimize(
     `model`: nn.Module, onnx.ModelProto or path. `calibration`: a list of input tuples (or
     arrays, for one input), one batch each; `labels`: their class indices, concatenated.
     """
-    if target != "cpu":
-        raise ValueError(f"target {target!r}: only 'cpu' is supported")
+    if target not in ("cpu", "cuda"):
+        raise ValueError(f"target {target!r}: only 'cpu' and 'cuda' are supported")
     budget = budget or Budget()
     calibration = list(calibration) if calibration is not None else None
     notes: list[str] = []
@@ -183,6 +183,8 @@ def optimize(
         },
         "bn_statistics": {"tensors": len(stats), "notes": stat_notes},
     }
+    if target == "cuda":
+        return _optimize_cuda(candidates, steps, evaluate, budget, spec, notes)
     tmp = tempfile.TemporaryDirectory(prefix="bnfold-optimize-")
     caches: dict[str, tuple] = {}  # candidate -> (source graph, ranges cache, method, exclude)
     try:
@@ -357,3 +359,47 @@ def _choose(candidates: list[Candidate]) -> tuple[Candidate, str]:
         return fp32, "no INT8 candidate is within the budget and faster than fp32 at every batch"
     best = max(eligible, key=lambda c: c.speedup or 0.0)
     return best, f"fastest within the budget: {best.speedup:.2f}x the fp32 graph"
+
+
+def _optimize_cuda(candidates, steps, evaluate, budget, spec, notes) -> OptimizeResult:
+    """fp32 and fp16 candidates, checked through onnxruntime here; timed only on a CUDA
+    device, which this function does not have: the fp32 graph is chosen, fp16 is offered."""
+    from bnfold.optimizer.fp16 import to_fp16
+
+    fp32 = candidates[0]
+    with progress.stage("fp16 for CUDA"):
+        half = to_fp16(fp32.model)
+    steps["fp16"] = half.to_dict()
+    candidates.append(
+        Candidate(
+            "fp16",
+            "fp16",
+            "fp16 weights and compute, fp32 graph inputs and outputs (onnxruntime's float16 "
+            f"converter); {len(half.overflow_nodes)} node(s) with weights beyond 65504 in fp32",
+            half.model,
+            excluded_nodes=list(half.overflow_nodes),
+        )
+    )
+    with progress.stage("accuracy", len(candidates)) as step:
+        for c in candidates:
+            c.accuracy = evaluate(c.model)[1]
+            c.budget_met, c.budget_reasons = budget.check(c.accuracy)
+            step()
+    notes.append(
+        "target cuda: candidates are checked for accuracy through onnxruntime on this machine "
+        "but not timed (no CUDA device here); the fp32 graph is chosen, and the fp16 candidate "
+        "is in .candidates with its accuracy"
+    )
+    report = OptimizeReport(
+        target="cuda",
+        cpu=cpu_features(),
+        budget=budget.to_dict(),
+        chosen=fp32.name,
+        why="not timed on a CUDA device: nothing shown faster than fp32",
+        inputs=spec.describe(),
+        timing={"method": "none: needs a CUDA device"},
+        steps=steps,
+        candidates=[c.to_dict() for c in candidates],
+        notes=notes,
+    )
+    return OptimizeResult(fp32.model, candidates, report)

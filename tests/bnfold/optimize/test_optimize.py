@@ -70,7 +70,7 @@ def test_optimize_onnx_with_calibration_and_labels(cnn, fast_pipeline, tmp_path)
 
 def test_optimize_rejects_bad_arguments(cnn):
     x = torch.randn(2, 3, 16, 16)
-    with pytest.raises(ValueError, match="only 'cpu'"):
+    with pytest.raises(ValueError, match="only 'cpu' and 'cuda'"):
         bnfold.optimize(cnn, x, target="tpu")
     with pytest.raises(ValueError, match="labels"):
         bnfold.optimize(cnn, x, labels=np.zeros(2))
@@ -78,3 +78,37 @@ def test_optimize_rejects_bad_arguments(cnn):
         bnfold.optimize(cnn)
     with pytest.raises(TypeError):
         bnfold.optimize(42)
+
+
+def test_optimize_cuda_offers_a_checked_fp16_candidate(cnn, fast_pipeline):
+    result = bnfold.optimize(cnn, torch.randn(2, 3, 16, 16), target="cuda")
+    fp16 = next(c for c in result.candidates if c.name == "fp16")
+    assert fp16.accuracy["rel_l2"] < 5e-3 and fp16.budget_met
+    assert result.report.chosen == "fp32"  # not timed without a CUDA device
+    graph_io = [*fp16.model.graph.input, *fp16.model.graph.output]
+    assert all(v.type.tensor_type.elem_type == onnx.TensorProto.FLOAT for v in graph_io)
+    assert any(t.data_type == onnx.TensorProto.FLOAT16 for t in fp16.model.graph.initializer)
+
+
+def test_fp16_keeps_overflowing_weights_in_fp32():
+    from onnx import TensorProto, helper, numpy_helper
+
+    from bnfold.optimizer.fp16 import to_fp16
+
+    w = np.full((2, 2), 1e5, np.float32)  # beyond fp16; the products are not
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w"], ["y"], name="big")],
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 2])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 2])],
+        [numpy_helper.from_array(w, "w")],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    result = to_fp16(model)
+    assert result.overflow_nodes == ["big"]
+    from bnfold.optimizer.timing import make_session
+
+    session = make_session(result.model)
+    out = session.run(None, {"x": np.full((1, 2), 1e-2, np.float32)})[0]
+    np.testing.assert_allclose(out, [[2e3, 2e3]], rtol=1e-3)
