@@ -15,6 +15,7 @@ import onnx
 
 from bnfold.optimizer.dfq import bias_shift, quantize_weight_per_channel
 from bnfold.optimizer.graph import GraphIndex, attribute
+from bnfold.optimizer.quantize import weight_qmax
 from bnfold.optimizer.ranges import TensorRange
 
 __all__ = ["BiasCorrectionResult", "correct_biases"]
@@ -48,7 +49,9 @@ def correct_biases(
         if info.channel_mean.shape[0] != w.shape[1] * groups:
             result.skipped += 1
             continue
-        shift = bias_shift(w, quantize_weight_per_channel(w), info.channel_mean, groups)
+        # the weights as onnxruntime will quantize them here (7-bit on a CPU without VNNI)
+        quantized = quantize_weight_per_channel(w, qmax=weight_qmax())
+        shift = bias_shift(w, quantized, info.channel_mean, groups)
         has_bias = len(conv.input) > 2 and conv.input[2]
         if has_bias and not index.private_weight(conv.input[2]):
             result.skipped += 1

@@ -25,7 +25,14 @@ import onnx
 from bnfold.optimizer.hardware import cpu_features
 from bnfold.optimizer.ranges import TensorRange
 
-__all__ = ["CALIBRATION_METHODS", "calibrate", "quantize", "ranges_cache"]
+__all__ = [
+    "CALIBRATION_METHODS",
+    "calibrate",
+    "quantize",
+    "ranges_cache",
+    "reduced_range",
+    "weight_qmax",
+]
 
 # onnxruntime's calibration methods, by the name candidates carry, with the options used
 CALIBRATION_METHODS = {
@@ -59,6 +66,22 @@ class _Reader:
         return len(self._feeds)
 
 
+def reduced_range() -> bool:
+    """7-bit weights where the CPU has no VNNI: its u8 x s8 instruction (vpmaddubsw) saturates
+    16-bit sums of full-range products, which onnxruntime avoids with ``reduce_range``."""
+    return cpu_features()["int8"] == "none"
+
+
+def weight_qmax() -> int:
+    """The largest int8 weight onnxruntime's symmetric per-channel quantizer will use here."""
+    from onnxruntime.quantization.quant_utils import QuantType, get_qmin_qmax_for_qType
+
+    _, qmax = get_qmin_qmax_for_qType(
+        QuantType.QInt8.tensor_type, reduce_range=reduced_range(), symmetric=True
+    )
+    return int(qmax)
+
+
 def ranges_cache(ranges: dict[str, TensorRange], path: Path) -> Path:
     """Write computed ranges as onnxruntime's calibration cache (as if MinMax-calibrated)."""
     from onnxruntime.quantization.calibrate import (
@@ -90,7 +113,7 @@ def _quantize_static(model, cache: Path, method: str, feeds, exclude) -> onnx.Mo
             _Reader(feeds) if feeds is not None else None,
             quant_format=QuantFormat.QDQ,
             per_channel=True,
-            reduce_range=cpu_features()["int8"] == "none",
+            reduce_range=reduced_range(),
             activation_type=QuantType.QUInt8,
             weight_type=QuantType.QInt8,
             nodes_to_exclude=list(exclude),

@@ -66,3 +66,14 @@ def test_ranges_follow_the_bn_statistics():
     # the extreme channel: beta 1, gamma 2, a quantile 1e-5 from the end (4.3 sigma)
     assert 1 + 2 * 3.0 < ranges["h"].rmax < 1 + 2 * 5.5
     assert {"x", "y"} <= set(ranges)
+
+
+def test_weight_range_follows_the_cpu_as_onnxruntime_quantizes(monkeypatch):
+    # bias correction predicts the weight error of the quantizer: 7-bit weights (reduce_range)
+    # on a CPU without VNNI, 8-bit elsewhere; a CPU is simulated by its detected features
+    from bnfold.optimizer import quantize
+
+    monkeypatch.setattr(quantize, "cpu_features", lambda: {"int8": "none"})
+    assert quantize.reduced_range() and quantize.weight_qmax() == 64
+    monkeypatch.setattr(quantize, "cpu_features", lambda: {"int8": "vnni"})
+    assert not quantize.reduced_range() and quantize.weight_qmax() == 127
