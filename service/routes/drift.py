@@ -8,8 +8,6 @@ version again. Every route needs the management token.
 
 from __future__ import annotations
 
-import math
-import shutil
 from typing import Any
 
 from fastapi import APIRouter, Request
@@ -21,6 +19,7 @@ from service.drift import DriftUnavailable
 from service.errors import BadRequest
 from service.handlers import DEFAULT_ATOL, DEFAULT_RTOL
 from service.routes.deps import Inference, Models
+from service.routes.forms import copy_file, integer_field, number_field
 from service.schemas import ERROR_RESPONSES, ModelPublic
 from service.store import validate_name
 
@@ -106,9 +105,9 @@ async def _read_form(request: Request, scratch) -> dict[str, Any]:
             raise BadRequest(f"unknown form field(s) {unknown}; expected {sorted(_FIELDS)}")
         fields = {k: v for k, v in form.items() if isinstance(v, str)}
         job: dict[str, Any] = {
-            "batch_size": _integer(fields.get("batch_size"), "batch_size", 32, 2, 1 << 16),
-            "rtol": _tolerance(fields.get("rtol"), "rtol", DEFAULT_RTOL),
-            "atol": _tolerance(fields.get("atol"), "atol", DEFAULT_ATOL),
+            "batch_size": integer_field(fields, "batch_size", 32, 2, 1 << 16),
+            "rtol": number_field(fields, "rtol", DEFAULT_RTOL),
+            "atol": number_field(fields, "atol", DEFAULT_ATOL),
         }
         file, source = form.get("file"), fields.get("source")
         if source is not None and source != "traffic":
@@ -121,39 +120,7 @@ async def _read_form(request: Request, scratch) -> dict[str, Any]:
             raise BadRequest("the 'file' field must be a file")
         suffix = "." + (file.filename or "").rsplit(".", 1)[-1].lower()
         job["format"] = _FORMATS.get(suffix)  # None: recognized by its first bytes
-        await run_in_threadpool(_copy, file, scratch / "upload")
+        await run_in_threadpool(copy_file, file, scratch / "upload")
         return job
     finally:
         await form.close()
-
-
-def _copy(file: UploadFile, target) -> None:
-    file.file.seek(0)
-    with open(target, "wb") as out:
-        shutil.copyfileobj(file.file, out, 1 << 20)
-        if out.tell() == 0:
-            raise BadRequest("the uploaded 'file' is empty")
-
-
-def _integer(raw: str | None, key: str, default: int, low: int, high: int) -> int:
-    if raw is None or raw == "":
-        return default
-    try:
-        value = int(raw)
-    except ValueError:
-        raise BadRequest(f"{key} must be an integer, got {raw!r}") from None
-    if not low <= value <= high:
-        raise BadRequest(f"{key} must be between {low} and {high}, got {raw!r}")
-    return value
-
-
-def _tolerance(raw: str | None, key: str, default: float) -> float:
-    if raw is None or raw == "":
-        return default
-    try:
-        value = float(raw)
-    except ValueError:
-        raise BadRequest(f"{key} must be a number, got {raw!r}") from None
-    if not math.isfinite(value) or value < 0:
-        raise BadRequest(f"{key} must be a finite number >= 0, got {raw!r}")
-    return value

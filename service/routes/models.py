@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-import shutil
 from typing import Any
 
 from fastapi import APIRouter, Request, Response
@@ -16,6 +15,7 @@ from service.auth import Authorized
 from service.errors import BadRequest
 from service.handlers import DEFAULT_ATOL, DEFAULT_RTOL, UploadRequest
 from service.routes.deps import Models
+from service.routes.forms import copy_file, integer_field, number_field
 from service.schemas import ERROR_RESPONSES, ModelPublic, ModelsPublic, ModelSummary
 from service.store import validate_name
 
@@ -185,8 +185,8 @@ async def _read_upload_form(request: Request, scratch) -> UploadRequest:
             "architecture": fields.get("architecture") or None,
             "arch_args": _arch_args(fields),
             "input_shape": _input_shape(fields.get("input_shape")),
-            "rtol": _tolerance(fields, "rtol", DEFAULT_RTOL),
-            "atol": _tolerance(fields, "atol", DEFAULT_ATOL),
+            "rtol": number_field(fields, "rtol", DEFAULT_RTOL),
+            "atol": number_field(fields, "atol", DEFAULT_ATOL),
             "batching": _batching(fields),
             "optimize": _optimize(fields, form.get("calibration")),
             "drift_sample": _fraction(fields, "drift_sample"),
@@ -195,27 +195,19 @@ async def _read_upload_form(request: Request, scratch) -> UploadRequest:
         if not isinstance(file, UploadFile):
             raise BadRequest("missing the 'file' field (the model file)")
         target = scratch / "upload"
-        await run_in_threadpool(_copy, file, target)
+        await run_in_threadpool(copy_file, file, target)
         calibration = form.get("calibration")
         if isinstance(calibration, UploadFile):
-            await run_in_threadpool(_copy, calibration, scratch / "calibration", "calibration")
+            await run_in_threadpool(copy_file, calibration, scratch / "calibration", "calibration")
         return UploadRequest(upload=target, **request_fields)
     finally:
         await form.close()
 
 
-def _copy(file: UploadFile, target, field: str = "file") -> None:
-    file.file.seek(0)
-    with open(target, "wb") as out:
-        shutil.copyfileobj(file.file, out, 1 << 20)
-        if out.tell() == 0:
-            raise BadRequest(f"the uploaded {field!r} is empty")
-
-
 def _fraction(fields: dict[str, str], key: str) -> float | None:
     if not fields.get(key):
         return None
-    value = _tolerance(fields, key, 0.0)
+    value = number_field(fields, key, 0.0)
     if value > 1:
         raise BadRequest(f"{key} is a fraction between 0 and 1, got {fields[key]!r}")
     return value
@@ -237,7 +229,7 @@ def _optimize(fields: dict[str, str], calibration: Any) -> dict[str, Any] | None
         return None
     budget: dict[str, float] = {}
     for key in given:
-        budget[key] = _tolerance(fields, key, 0.0)
+        budget[key] = number_field(fields, key, 0.0)
     if budget.get("min_top1_agreement", 0.0) > 1:
         raise BadRequest("min_top1_agreement is a fraction between 0 and 1")
     if "max_accuracy_drop" in budget and not isinstance(calibration, UploadFile):
@@ -263,33 +255,14 @@ def _required(fields: dict[str, str], key: str) -> str:
     return value
 
 
-def _tolerance(fields: dict[str, str], key: str, default: float) -> float:
-    raw = fields.get(key)
-    if raw is None or raw == "":
-        return default
-    try:
-        value = float(raw)
-    except ValueError:
-        raise BadRequest(f"{key} must be a number, got {raw!r}") from None
-    if not math.isfinite(value) or value < 0:
-        raise BadRequest(f"{key} must be a finite number >= 0, got {raw!r}")
-    return value
-
-
 def _batching(fields: dict[str, str]) -> dict[str, Any]:
     """This model's own batching settings; what is not given follows the server's defaults."""
     out: dict[str, Any] = {}
-    raw = fields.get("max_batch_size")
-    if raw:
-        try:
-            out["max_batch_size"] = int(raw)
-        except ValueError:
-            raise BadRequest(f"max_batch_size must be an integer, got {raw!r}") from None
-        if not 1 <= out["max_batch_size"] <= 1 << 16:
-            raise BadRequest(f"max_batch_size must be between 1 and 65536, got {raw!r}")
+    if fields.get("max_batch_size"):
+        out["max_batch_size"] = integer_field(fields, "max_batch_size", 0, 1, 1 << 16)
     raw = fields.get("max_queue_delay_ms")
     if raw:
-        delay = _tolerance(fields, "max_queue_delay_ms", 0.0)
+        delay = number_field(fields, "max_queue_delay_ms", 0.0)
         if delay > 10_000:
             raise BadRequest(f"max_queue_delay_ms must be at most 10000, got {raw!r}")
         out["max_queue_delay_ms"] = delay

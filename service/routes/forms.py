@@ -1,0 +1,50 @@
+"""Multipart form fields shared by the upload and recalibrate routes: checked, with the field
+named in every error."""
+
+from __future__ import annotations
+
+import math
+import shutil
+
+from starlette.datastructures import UploadFile
+
+from service.errors import BadRequest
+
+__all__ = ["copy_file", "integer_field", "number_field"]
+
+
+def copy_file(file: UploadFile, target, field: str = "file") -> None:
+    """Write an uploaded file part to ``target``; an empty one is a 400."""
+    file.file.seek(0)
+    with open(target, "wb") as out:
+        shutil.copyfileobj(file.file, out, 1 << 20)
+        if out.tell() == 0:
+            raise BadRequest(f"the uploaded {field!r} is empty")
+
+
+def number_field(fields: dict[str, str], key: str, default: float) -> float:
+    """A finite number >= 0, or ``default`` when the field is absent or empty."""
+    raw = fields.get(key)
+    if raw is None or raw == "":
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        raise BadRequest(f"{key} must be a number, got {raw!r}") from None
+    if not math.isfinite(value) or value < 0:
+        raise BadRequest(f"{key} must be a finite number >= 0, got {raw!r}")
+    return value
+
+
+def integer_field(fields: dict[str, str], key: str, default: int, low: int, high: int) -> int:
+    """An integer in [low, high], or ``default`` when the field is absent or empty."""
+    raw = fields.get(key)
+    if raw is None or raw == "":
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise BadRequest(f"{key} must be an integer, got {raw!r}") from None
+    if not low <= value <= high:
+        raise BadRequest(f"{key} must be between {low} and {high}, got {raw!r}")
+    return value
