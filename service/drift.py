@@ -52,6 +52,7 @@ class _Window:
     entries: deque = field(default_factory=deque)  # (rows, {site: ChannelMoments})
     rows: int = 0
     result: DriftResult | None = None
+    unscored_rows: int = 0  # rows observed since `result` was computed
 
 
 @dataclass
@@ -150,10 +151,15 @@ class DriftMonitor:
             window.rows += rows
             while len(window.entries) > 1 and window.rows - window.entries[0][0] >= size:
                 window.rows -= window.entries.popleft()[0]
-            was = window.result.drifting if window.result else False
-            window.result = self._score(window)
             self.sampled[name] = self.sampled.get(name, 0) + rows
             self._keep(name, rows, inputs)
+            # scoring pools the whole window (445 us for 32 one-row samples of the digits CNN,
+            # against 51 us for the observer run): done every quarter window, and on every read
+            window.unscored_rows += rows
+            if window.result is not None and window.unscored_rows < max(1, size // 4):
+                return
+            was = window.result.drifting if window.result else False
+            self._rescore(window)
         now = window.result
         if now.drifting and not was:
             logger.warning(
@@ -166,6 +172,13 @@ class DriftMonitor:
                 "drift: model %s version %s stopped drifting: score %.3f <= threshold %.3f",
                 name, version, now.score, now.threshold,
             )  # fmt: skip
+
+    def _rescore(self, window: _Window) -> DriftResult:
+        """Score the window if samples came since its last score; under lock."""
+        if window.result is None or window.unscored_rows:
+            window.result = self._score(window)
+            window.unscored_rows = 0
+        return window.result
 
     def _score(self, window: _Window) -> DriftResult:
         pooled: dict[str, Any] = {}  # site -> ChannelMoments
@@ -222,11 +235,17 @@ class DriftMonitor:
             window = self._window(name, version)
             if window.unavailable:
                 raise DriftUnavailable(f"model {name!r} cannot be monitored: {window.unavailable}")
-            return window.result or window.detector.score({}, 0)
+            if not window.entries:
+                return window.detector.score({}, 0)
+            return self._rescore(window)
 
     def scores(self) -> dict[str, float]:
         with self._lock:
-            return {n: w.result.score for n, w in self._windows.items() if w.result is not None}
+            return {
+                n: self._rescore(w).score
+                for n, w in self._windows.items()
+                if w.result is not None and not w.unavailable
+            }
 
     def kept_samples(self, name: str) -> tuple[dict[str, np.ndarray], int]:
         """The kept sampled rows of a model, concatenated per input, and how many."""
