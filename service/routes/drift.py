@@ -19,7 +19,7 @@ from service.drift import DriftUnavailable
 from service.errors import BadRequest
 from service.handlers import DEFAULT_ATOL, DEFAULT_RTOL
 from service.routes.deps import Inference, Models
-from service.routes.forms import copy_file, integer_field, number_field
+from service.routes.forms import copy_file, integer_field, number_field, text_fields
 from service.schemas import ERROR_RESPONSES, ModelPublic
 from service.store import validate_name
 
@@ -100,10 +100,7 @@ async def _read_form(request: Request, scratch) -> dict[str, Any]:
         raise BadRequest("send multipart/form-data with a 'file' field, or source=traffic")
     form = await request.form(max_files=1, max_fields=len(_FIELDS), max_part_size=64 << 10)
     try:
-        unknown = sorted(set(form.keys()) - _FIELDS)
-        if unknown:
-            raise BadRequest(f"unknown form field(s) {unknown}; expected {sorted(_FIELDS)}")
-        fields = {k: v for k, v in form.items() if isinstance(v, str)}
+        fields = text_fields(form, _FIELDS)
         job: dict[str, Any] = {
             "batch_size": integer_field(fields, "batch_size", 32, 2, 1 << 16),
             "rtol": number_field(fields, "rtol", DEFAULT_RTOL),

@@ -10,7 +10,15 @@ from starlette.datastructures import UploadFile
 
 from service.errors import BadRequest
 
-__all__ = ["copy_file", "integer_field", "number_field"]
+__all__ = ["copy_file", "integer_field", "number_field", "text_fields"]
+
+
+def text_fields(form, allowed: set[str]) -> dict[str, str]:
+    """The form's text fields, after refusing any field not in ``allowed`` (files included)."""
+    unknown = sorted(set(form.keys()) - allowed)
+    if unknown:
+        raise BadRequest(f"unknown form field(s) {unknown}; expected {sorted(allowed)}")
+    return {k: v for k, v in form.items() if isinstance(v, str)}
 
 
 def copy_file(file: UploadFile, target, field: str = "file") -> None:

@@ -15,7 +15,7 @@ from service.auth import Authorized
 from service.errors import BadRequest
 from service.handlers import DEFAULT_ATOL, DEFAULT_RTOL, UploadRequest
 from service.routes.deps import Models
-from service.routes.forms import copy_file, integer_field, number_field
+from service.routes.forms import copy_file, integer_field, number_field, text_fields
 from service.schemas import ERROR_RESPONSES, ModelPublic, ModelsPublic, ModelSummary
 from service.store import validate_name
 
@@ -176,10 +176,7 @@ async def _read_upload_form(request: Request, scratch) -> UploadRequest:
     # the body limit middleware bounds what this reads; non-file fields are capped at 64 KiB
     form = await request.form(max_files=2, max_fields=len(_FIELDS), max_part_size=64 << 10)
     try:
-        unknown = sorted(set(form.keys()) - _FIELDS)
-        if unknown:
-            raise BadRequest(f"unknown form field(s) {unknown}; expected {sorted(_FIELDS)}")
-        fields = {k: v for k, v in form.items() if isinstance(v, str)}
+        fields = text_fields(form, _FIELDS)
         request_fields = {
             "name": validate_name(_required(fields, "name")),
             "architecture": fields.get("architecture") or None,
