@@ -16,6 +16,7 @@ from service.errors import BadRequest
 from service.handlers import DEFAULT_ATOL, DEFAULT_RTOL, UploadRequest
 from service.routes.deps import Models
 from service.routes.forms import copy_file, integer_field, number_field, text_fields
+from service.runtime.buckets import parse_spec
 from service.schemas import ERROR_RESPONSES, ModelPublic, ModelsPublic, ModelSummary
 from service.store import validate_name
 
@@ -91,6 +92,12 @@ _UPLOAD_SCHEMA = {
                             "description": "true or false: batch this model's requests or not; "
                             "unset: on, except for convolution models on the GPU",
                         },
+                        "batch_buckets": {
+                            "type": "string",
+                            "description": "auto, off, or batch sizes such as 1,2,4,8: pad "
+                            "each batch to one of them, each size in its own warmed session "
+                            "(default BNFOLD_BATCH_BUCKETS: auto, convolution models on CUDA)",
+                        },
                     },
                 }
             }
@@ -158,6 +165,7 @@ _FIELDS = {
     "max_batch_size",
     "max_queue_delay_ms",
     "dynamic_batching",
+    "batch_buckets",
     "optimize",
     "min_top1_agreement",
     "max_rel_l2",
@@ -269,6 +277,13 @@ def _batching(fields: dict[str, str]) -> dict[str, Any]:
         if flag not in ("true", "false", "1", "0"):
             raise BadRequest(f"dynamic_batching must be true or false, got {raw!r}")
         out["dynamic_batching"] = flag in ("true", "1")
+    raw = fields.get("batch_buckets")
+    if raw:
+        try:
+            spec = parse_spec(raw)
+        except ValueError as exc:
+            raise BadRequest(str(exc)) from None
+        out["batch_buckets"] = spec if isinstance(spec, str) else ",".join(map(str, spec))
     return out
 
 

@@ -28,8 +28,14 @@ onnxruntime once in a worker thread and slices the outputs back per request.
    with no estimate, so its first run is in a thread. Such a run does not wait for company
    either (case 5's delay): what it could save is less than the wait; requests already queued
    still share it.
-7. On the GPU, a model with convolutions is not batched unless its upload asks
-   (``GPU_REPLANS``): onnxruntime's CUDA provider re-plans them at every change of batch size.
+7. On the GPU, onnxruntime's CUDA provider re-plans every convolution at each change of batch
+   size, so a model with convolutions runs in batch buckets (``buckets.py``): a batch is padded
+   up to the smallest bucket that holds it, written straight into that bucket's host buffers
+   when it has them (IO binding), run in the bucket's own session, which keeps its plans, and
+   cut back to its rows before any reply. Case 1 holds for the real rows: the padding repeats
+   the last row and is never sliced into a reply. A model for which no buckets could be built
+   is not batched unless its upload asks (``GPU_REPLANS``). ``batch_buckets`` turns buckets on
+   for any model (the CPU tests use it) or off.
 
 The loop runs only while requests wait: a batcher left behind by a redeployment finishes what
 it holds and leaves nothing running.
@@ -41,15 +47,16 @@ import asyncio
 import logging
 import time
 from collections import deque
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Executor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
 from service.errors import BadRequest, ServiceError, ServiceUnavailable, first_line
 from service.protocol.v2 import Signature
+from service.runtime.buckets import bucket_for, pad, unpad
 from service.runtime.sessions import LoadedSession
 from service.settings import Settings
 
@@ -69,6 +76,9 @@ class BatchPolicy:
     max_queue: int  # requests allowed to wait; beyond it, 503
     enabled: bool  # False: every request runs alone (no batch dimension, or turned off)
     reason: str | None = None  # why batching is off, when the model could have had it
+    buckets: tuple[int, ...] = ()  # case 7: every run padded to one of these sizes; () exact
+    # what the warm-up measured and chose (SessionFactory.add_buckets), for the model's record
+    bucket_report: dict[str, Any] | None = field(default=None, compare=False)
 
     def to_dict(self) -> dict[str, Any]:
         out = {
@@ -76,9 +86,12 @@ class BatchPolicy:
             "max_batch_size": self.max_batch_size,
             "max_queue_delay_ms": self.max_queue_delay_ms,
             "max_queue": self.max_queue,
+            "batch_buckets": list(self.buckets),
         }
         if self.reason:
             out["reason"] = self.reason
+        if self.bucket_report:
+            out["bucket_warmup"] = self.bucket_report
         return out
 
 
@@ -98,13 +111,21 @@ def policy_for(
     signature: Signature,
     overrides: Mapping[str, Any] | None = None,
     replans_on_new_batch: bool = False,
+    buckets: Sequence[int] = (),
+    bucket_report: dict[str, Any] | None = None,
 ) -> BatchPolicy:
     """The settings' defaults, then what the model's upload asked for (``record["batching"]``).
     Batching is off for a model whose tensors do not all have a variable first dimension, and,
     unless its upload asked for it, for a model whose session re-plans its kernels at every new
-    batch size (``LoadedSession.replans_on_new_batch``: convolutions on the GPU)."""
+    batch size (``LoadedSession.replans_on_new_batch``: convolutions on the GPU) and that has
+    no ``buckets`` (its warmed bucket sizes, case 7) to keep them; its largest bucket caps the
+    batch."""
     overrides = {k: v for k, v in (overrides or {}).items() if v is not None}
     max_batch = int(overrides.get("max_batch_size", settings.max_batch_size))
+    buckets = tuple(sorted(buckets))
+    if buckets:
+        max_batch = min(max_batch, buckets[-1])
+        replans_on_new_batch = False  # each bucket's session keeps its own plans
     delay = float(overrides.get("max_queue_delay_ms", settings.max_queue_delay_ms))
     enabled = settings.dynamic_batching and signature.batched and max_batch > 1
     asked = overrides.get("dynamic_batching")
@@ -114,7 +135,13 @@ def policy_for(
     elif enabled and replans_on_new_batch and asked is not True:
         enabled, reason = False, GPU_REPLANS
     return BatchPolicy(
-        max(1, max_batch), max(0.0, delay), max(1, settings.max_queue), enabled, reason
+        max(1, max_batch),
+        max(0.0, delay),
+        max(1, settings.max_queue),
+        enabled,
+        reason,
+        buckets,
+        bucket_report,
     )
 
 
@@ -242,14 +269,23 @@ class Batcher:
         self._waiting = kept
         return batch
 
-    async def _execute(self, batch: list[_Pending]) -> None:
+    async def _execute(self, batch: list[_Pending], bucketed: bool = True) -> None:
         loop = asyncio.get_running_loop()
         names = _union(p.outputs for p in batch)
-        if len(batch) == 1:
+        rows = sum(p.rows for p in batch)
+        bucket = bucket_for(rows, self.policy.buckets) if bucketed else None
+        if bucket is not None:  # case 7: padded into the bucket's own buffers where it has them
+            staging = self.runtime.staging(bucket) or {}
+            inputs = {
+                n: pad([p.inputs[n] for p in batch], bucket, staging.get(n))
+                for n in batch[0].inputs
+            }
+        elif len(batch) == 1:
             inputs = batch[0].inputs
         else:
             inputs = {n: np.concatenate([p.inputs[n] for p in batch]) for n in batch[0].inputs}
-        elements = sum(p.elements for p in batch)
+        run_rows = bucket or rows
+        elements = sum(p.elements for p in batch) * run_rows // max(1, rows)
         try:
             if self._runs_inline(elements):
                 results, started, compute = self._run(inputs, names)
@@ -265,12 +301,14 @@ class Batcher:
             _fail(batch, exc)
             return
         self._learn(elements, compute)
-        rows = sum(p.rows for p in batch)
-        if len(batch) > 1 and any(v.ndim == 0 or v.shape[0] != rows for v in results.values()):
+        follows = all(v.ndim and v.shape[0] == run_rows for v in results.values())
+        if (len(batch) > 1 or run_rows != rows) and not follows:
             logger.warning("%s: outputs do not follow the batch rows; running alone", self.name)
-            for p in batch:
-                await self._execute([p])
+            for p in batch:  # alone, and a padded request alone without its padding
+                await self._execute([p], bucketed=len(batch) > 1)
             return
+        if run_rows != rows:
+            results = unpad(results, rows)  # the padding never reaches a reply
         if self.on_batch is not None:
             self.on_batch(rows, compute)
         start = 0

@@ -4,6 +4,15 @@ CUDA is tried only when onnxruntime lists it *and* a session really gets it: onn
 back to the CPU silently (it only logs) when the CUDA libraries or a device are missing, so the
 provider in use is read back from the session, reported per model, and ``require_gpu`` turns a
 fallback into an error instead.
+
+A batched model can also get one ``BucketSession`` per batch bucket (``runtime/buckets.py``),
+built and warmed by ``SessionFactory.add_buckets``. A bucket's shapes never change, so it can run
+through IO binding (``io_binding``): its input and output buffers are bound once, its host
+buffers are page-locked on CUDA (where torch can pin them), and with ``cuda_graph`` the CUDA
+provider captures the run once and replays it. Each step falls back, with its reason in the
+model's ``batching`` record: no IO binding for inputs that are text or whose other dimensions
+vary, no CUDA graph on the CPU provider or where onnxruntime refuses one (a node it cannot put
+on the GPU).
 """
 
 from __future__ import annotations
@@ -14,7 +23,8 @@ import io
 import logging
 import sys
 import threading
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -22,11 +32,13 @@ import numpy as np
 
 from service.errors import BadRequest, ServiceUnavailable, first_line
 from service.protocol.v2 import DATATYPES, Signature, TensorSpec
+from service.runtime import buckets as bucketing
 
 logger = logging.getLogger(__name__)
 
 CUDA = "CUDAExecutionProvider"
 CPU = "CPUExecutionProvider"
+WARM_RUNS = 3  # timed runs of each bucket after its first, at deploy time
 # what the CUDA provider re-plans whenever a run's input shape differs from the previous run's
 # (cuDNN's algorithm choice and descriptors; see batcher.GPU_REPLANS for what it costs)
 REPLANNED_ON_NEW_SHAPE = frozenset({"Conv", "ConvTranspose"})
@@ -60,11 +72,111 @@ class LoadedSession:
     provider: str
     signature: Signature
     replans_on_new_batch: bool = False  # a new batch size costs a re-plan (convolutions on CUDA)
+    buckets: dict[int, BucketSession] = field(default_factory=dict)  # by rows, sorted
+    bucket_report: dict[str, Any] | None = None  # what add_buckets measured and chose
 
     def run(self, inputs: dict[str, np.ndarray], output_names: list[str]) -> dict[str, np.ndarray]:
+        """A run of exactly a bucket's rows goes to that bucket's session, any other to the
+        model's own session."""
         feeds = {k: _text(k, v) if v.dtype == object else v for k, v in inputs.items()}
+        first = next(iter(feeds.values()), None)
+        if self.buckets and first is not None and first.ndim:
+            bucket = self.buckets.get(first.shape[0])
+            if bucket is not None:
+                return bucket.run(feeds, output_names)
         values = self.session.run(output_names, feeds)
         return dict(zip(output_names, values, strict=True))
+
+    def staging(self, rows: int) -> dict[str, np.ndarray] | None:
+        """The host buffers the bucket of ``rows`` rows reads its inputs from (buckets.pad
+        writes a batch straight into them), or None."""
+        bucket = self.buckets.get(rows)
+        return bucket.staging if bucket is not None and bucket.staging else None
+
+
+class BucketSession:
+    """A session that only ever runs ``rows`` rows: plainly, or through IO binding with its
+    buffers bound once (and a CUDA graph captured on the first bound run, when asked)."""
+
+    def __init__(self, rows: int, session: Any, provider: str, cuda_graph: bool = False) -> None:
+        self.rows = rows
+        self.session = session
+        self.provider = provider
+        self.cuda_graph = cuda_graph
+        self.binding: Any = None
+        self.staging: dict[str, np.ndarray] = {}  # host buffers (pinned on CUDA when possible)
+        self.pinned = False
+        self._device_inputs: dict[str, Any] = {}  # OrtValues on the GPU, filled each run
+        self._outputs: dict[str, Any] = {}  # bound output OrtValues
+        self._lock = threading.Lock()  # the bound buffers are shared state
+
+    def bind(self, feeds: dict[str, np.ndarray], outputs: dict[str, np.ndarray]) -> None:
+        """Bind buffers shaped like ``feeds`` and ``outputs`` (a plain run's) for every run."""
+        import onnxruntime as ort
+
+        on_gpu = self.provider == CUDA
+        binding = self.session.io_binding()
+        for name, value in feeds.items():
+            host = _pinned_like(value) if on_gpu else None
+            self.pinned = host is not None
+            self.staging[name] = host if host is not None else np.empty_like(value)
+            if on_gpu:  # a fixed device address, filled from the host buffer each run
+                device = ort.OrtValue.ortvalue_from_shape_and_type(
+                    list(value.shape), value.dtype, "cuda", 0
+                )
+                self._device_inputs[name] = device
+                binding.bind_ortvalue_input(name, device)
+            else:  # the CPU reads the host buffer itself: no copy at all
+                binding.bind_ortvalue_input(
+                    name, ort.OrtValue.ortvalue_from_numpy(self.staging[name])
+                )
+        device_type = "cuda" if on_gpu else "cpu"
+        for name, value in outputs.items():
+            out = ort.OrtValue.ortvalue_from_shape_and_type(
+                list(value.shape), value.dtype, device_type, 0
+            )
+            self._outputs[name] = out
+            binding.bind_ortvalue_output(name, out)
+        self.binding = binding
+
+    def run(self, feeds: dict[str, np.ndarray], output_names: list[str]) -> dict[str, np.ndarray]:
+        if self.binding is None:
+            values = self.session.run(output_names, feeds)
+            return dict(zip(output_names, values, strict=True))
+        with self._lock:
+            for name, value in feeds.items():
+                staging = self.staging[name]
+                if value is not staging:
+                    np.copyto(staging, value)
+                device = self._device_inputs.get(name)
+                if device is not None:
+                    device.update_inplace(staging)  # from page-locked memory when pinned
+            self.session.run_with_iobinding(self.binding)
+            # a bound CPU output is a view of a buffer the next run overwrites: copied out;
+            # a GPU one is copied to the host by numpy() anyway
+            return {n: np.array(self._outputs[n].numpy(), copy=True) for n in output_names}
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "io_binding": self.binding is not None,
+            "pinned_host_buffers": self.pinned,
+            "cuda_graph": self.cuda_graph and self.binding is not None,
+        }
+
+
+def _pinned_like(value: np.ndarray) -> np.ndarray | None:
+    """A page-locked host array like ``value`` (torch's CUDA build allocates it; the copy to
+    the device then needs no staging through pageable memory), or None without one."""
+    try:
+        import torch
+
+        if not torch.cuda.is_available():
+            return None
+        dtype = torch.from_numpy(np.empty(0, value.dtype)).dtype
+        return torch.empty(value.shape, dtype=dtype, pin_memory=True).numpy()
+    except Exception as exc:  # no torch (the slim image), no CUDA build, no such dtype
+        logger.debug("no pinned host buffer: %s", first_line(exc))
+        return None
 
 
 def _text(name: str, array: np.ndarray) -> np.ndarray:
@@ -149,6 +261,143 @@ class SessionFactory:
         finally:
             if set_severity is not None:
                 set_severity(2)  # onnxruntime's default: warnings
+
+    def add_buckets(
+        self,
+        loaded: LoadedSession,
+        model: bytes | str,
+        sizes: list[int],
+        *,
+        choose: bool,
+        io_binding: str = "off",
+        input_shapes: dict[str, list[int]] | None = None,
+    ) -> LoadedSession:
+        """One warmed ``BucketSession`` per size of ``sizes`` on ``loaded``'s provider; with
+        ``choose``, only those ``buckets.choose_buckets`` keeps from the warm-up's timings.
+
+        Each bucket's first run (its plan) and ``WARM_RUNS`` more are timed; the re-plan cost is
+        timed on the model's own session, at the smallest size right after the largest and back.
+        A failure leaves ``loaded`` without buckets, the reason in ``bucket_report``.
+        """
+        report: dict[str, Any] = {"sizes_tried": list(sizes), "io_binding": io_binding}
+        try:
+            built, run_s, notes = self._warm_buckets(loaded, model, sizes, io_binding, input_shapes)
+        except Exception as exc:  # a measurement failed: serve as before, say why
+            logger.warning("batch buckets not built: %s", first_line(exc))
+            loaded.bucket_report = {**report, "buckets": [], "error": first_line(exc)}
+            return loaded
+        report["run_ms"] = {str(b): round(t * 1e3, 4) for b, t in run_s.items()}
+        kept = sorted(built)
+        if choose:
+            replan = self._replan_s(loaded, sizes, run_s, input_shapes)
+            kept = bucketing.choose_buckets(run_s, replan)
+            report["replan_ms"] = round(replan * 1e3, 4)
+            report["rule"] = (
+                f"dropped a size when padding to the next kept one costs <= {bucketing.WASTE:.0%}"
+                " of its run; none at all when the worst padding waste is not below a re-plan"
+            )
+            if not kept:  # measured: a re-plan costs less than padding (the CPU provider)
+                loaded.replans_on_new_batch = False
+        loaded.buckets = {b: built[b] for b in kept}
+        report["buckets"] = kept
+        if kept:  # every bucket runs the same way: one model, one provider, one setting
+            report["run"] = built[kept[-1]].describe()
+        if notes:
+            report["notes"] = notes
+        loaded.bucket_report = report
+        return loaded
+
+    def _warm_buckets(
+        self,
+        loaded: LoadedSession,
+        model: bytes | str,
+        sizes: list[int],
+        io_binding: str,
+        input_shapes: dict[str, list[int]] | None,
+    ) -> tuple[dict[int, BucketSession], dict[int, float], list[str]]:
+        import onnxruntime as ort
+
+        notes: list[str] = []
+        bind = io_binding in ("on", "cuda_graph")
+        graph = io_binding == "cuda_graph"
+        if graph and loaded.provider != CUDA:
+            notes.append("cuda_graph: CUDA graphs need the CUDA provider; IO binding only")
+            graph = False
+        fixed = all(
+            DATATYPES[s.datatype] != np.dtype(object) and all(d >= 0 for d in s.shape[1:])
+            for s in loaded.signature.inputs
+        )
+        if bind and not fixed:
+            notes.append("io_binding: an input is text or has another variable dimension")
+            bind = graph = False
+        built: dict[int, BucketSession] = {}
+        run_s: dict[int, float] = {}
+        names = [o.name for o in loaded.signature.outputs]
+        for rows in sizes:
+            feeds = example_feeds(loaded.signature, input_shapes, rows)
+            # the model's own session gives the reference outputs and their shapes; a CUDA
+            # graph session is run through its binding only
+            reference = loaded.session.run(names, feeds)
+            session, why = self._bucket_session(ort, model, loaded.provider, graph)
+            if why and why not in notes:
+                notes.append(why)
+            bucket = BucketSession(rows, session, loaded.provider, graph and not why)
+            if bind:
+                bucket.bind(feeds, dict(zip(names, reference, strict=True)))
+            times = []
+            for _ in range(1 + WARM_RUNS):
+                started = time.perf_counter()
+                got = bucket.run(feeds, names)
+                times.append(time.perf_counter() - started)
+            for name, want in zip(names, reference, strict=True):
+                if not _close(want, got[name]):
+                    raise ModelLoadError(
+                        f"bucket {rows}: output {name!r} differs from the model's own session"
+                    )
+            built[rows] = bucket
+            run_s[rows] = min(times[1:])
+        return built, run_s, notes
+
+    def _bucket_session(
+        self, ort: Any, model: bytes | str, provider: str, cuda_graph: bool
+    ) -> tuple[Any, str | None]:
+        """A session on ``provider``; (session, why the CUDA graph was not had) or (_, None)."""
+        options = ort.SessionOptions()
+        options.log_severity_level = 3
+        options.intra_op_num_threads = max(0, self.intra_op_threads)
+        if provider != CUDA:
+            return ort.InferenceSession(model, options, providers=[CPU]), None
+        why = None
+        if cuda_graph:
+            try:
+                cuda = {**self.cuda_options, "enable_cuda_graph": "1"}
+                return ort.InferenceSession(model, options, providers=[(CUDA, cuda), CPU]), None
+            except Exception as exc:  # e.g. a node onnxruntime keeps on the CPU
+                why = f"cuda_graph: onnxruntime refused it ({first_line(exc)})"
+        session = ort.InferenceSession(model, options, providers=[(CUDA, self.cuda_options), CPU])
+        return session, why
+
+    @staticmethod
+    def _replan_s(
+        loaded: LoadedSession,
+        sizes: list[int],
+        run_s: dict[int, float],
+        input_shapes: dict[str, list[int]] | None,
+    ) -> float:
+        """What a run of the model's own session costs beyond a bucket's steady run when the
+        batch size differs from the previous run's (both sizes seen before)."""
+        small, large = min(sizes), max(sizes)
+        if small == large:
+            return 0.0
+        names = [o.name for o in loaded.signature.outputs]
+        feeds = {r: example_feeds(loaded.signature, input_shapes, r) for r in (small, large)}
+        extra = []
+        for _ in range(2):
+            for rows in (small, large):
+                started = time.perf_counter()
+                loaded.session.run(names, feeds[rows])
+                extra.append(time.perf_counter() - started - run_s[rows])
+        return max(0.0, float(np.median(extra)))
 
     def probe(self) -> str:
         """The provider a model would get here (used at start for ``require_gpu``)."""
@@ -266,6 +515,41 @@ def _identity_model() -> bytes:
     return model.SerializeToString()
 
 
+def example_feeds(
+    signature: Signature, input_shapes: dict[str, list[int]] | None, rows: int | None = None
+) -> dict[str, np.ndarray]:
+    """Inputs to time or check a session with: each input at its shape in ``input_shapes``
+    (the upload's example), else its own with 2 for a variable dimension; ``rows`` on dim 0
+    when given. Floats are standard normal (seed 0), other types zeros."""
+    rng = np.random.default_rng(0)
+    feeds = {}
+    for spec in signature.inputs:
+        shape = list(
+            (input_shapes or {}).get(spec.name) or [2 if d == -1 else d for d in spec.shape]
+        )
+        if rows is not None and shape:
+            shape[0] = rows
+        dtype = DATATYPES[spec.datatype]
+        if dtype.kind == "f":
+            feeds[spec.name] = rng.standard_normal(shape).astype(dtype)
+        else:
+            feeds[spec.name] = np.zeros(shape, dtype=dtype)
+    return feeds
+
+
+def _close(want: np.ndarray, got: np.ndarray) -> bool:
+    """A bucket's output against the model's own session on the same inputs: the same shape,
+    and values equal up to what another convolution algorithm may round differently (a wrong
+    binding or a stale buffer is far off)."""
+    want, got = np.asarray(want), np.asarray(got)
+    if want.shape != got.shape:
+        return False
+    if want.dtype.kind not in "fc":
+        return bool(np.array_equal(want, got))
+    scale = float(np.max(np.abs(want))) if want.size else 0.0
+    return bool(np.allclose(got, want, rtol=1e-3, atol=1e-3 * scale + 1e-6, equal_nan=True))
+
+
 def gpu_divergence(
     original: bytes | str, loaded: LoadedSession, input_shapes: dict[str, list[int]]
 ) -> dict[str, Any]:
@@ -274,15 +558,7 @@ def gpu_divergence(
     Verification certifies the fold on the CPU; the CUDA provider computes convolutions and
     matmuls in TF32 by default, so this reports what serving on the GPU adds on top.
     """
-    rng = np.random.default_rng(0)
-    feeds = {}
-    for spec in loaded.signature.inputs:
-        shape = input_shapes.get(spec.name) or [2 if d == -1 else d for d in spec.shape]
-        dtype = DATATYPES[spec.datatype]
-        if dtype.kind == "f":
-            feeds[spec.name] = rng.standard_normal(shape).astype(dtype)
-        else:
-            feeds[spec.name] = np.zeros(shape, dtype=dtype)
+    feeds = example_feeds(loaded.signature, input_shapes)
     names = [o.name for o in loaded.signature.outputs]
     want = cpu_session(original).run(names, feeds)
     got = loaded.run(feeds, names)
