@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
 
 __all__ = ["DEFAULT_REL_L2", "Budget"]
@@ -36,6 +37,9 @@ class Budget:
         reasons = []
         top1 = accuracy.get("top1_agreement")
         rel_l2 = accuracy["rel_l2"]
+        if not math.isfinite(accuracy.get("max_abs_err", rel_l2)):
+            # an inf or NaN output (an fp16 overflow) can still agree on top-1 by chance
+            reasons.append("an output is not finite (inf or NaN), e.g. an fp16 overflow")
         if self.min_top1_agreement is not None and top1 is not None:
             if top1 < self.min_top1_agreement:
                 reasons.append(f"top-1 agreement {top1:.4f} < {self.min_top1_agreement}")

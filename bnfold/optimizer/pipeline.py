@@ -375,9 +375,10 @@ def _optimize_cuda(candidates, steps, evaluate, budget, spec, notes) -> Optimize
             "fp16",
             "fp16",
             "fp16 weights and compute, fp32 graph inputs and outputs (onnxruntime's float16 "
-            f"converter); {len(half.overflow_nodes)} node(s) with weights beyond 65504 in fp32",
+            f"converter); {len(half.overflow_nodes)} node(s) with weights beyond 65504 and "
+            f"{len(half.kept_fp32) - len(half.overflow_nodes)} fp16-sensitive node(s) in fp32",
             half.model,
-            excluded_nodes=list(half.overflow_nodes),
+            excluded_nodes=list(half.kept_fp32),
         )
     )
     with progress.stage("accuracy", len(candidates)) as step:
