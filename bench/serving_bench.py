@@ -125,6 +125,7 @@ class Proc:
 def start_service(work: Path, port: int, batching: bool, **extra: str) -> Proc:
     env = {
         **SERVER_ENV,
+        "BNFOLD_GRPC_PORT": "0",
         **extra,
         "BNFOLD_STORE": str(work / "store"),
         "BNFOLD_PORT": str(port),

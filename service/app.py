@@ -19,7 +19,8 @@ from starlette.concurrency import run_in_threadpool
 import service
 from service.auth import TOKEN_FILE, load_or_create_token
 from service.drift import DriftMonitor
-from service.errors import install_error_handlers
+from service.errors import ServiceError, install_error_handlers
+from service.grpc import server as grpc_server_module
 from service.handlers import InferenceService, ModelService
 from service.limits import BodyLimitMiddleware
 from service.metrics import ServiceMetrics
@@ -66,7 +67,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         handlers.drift = app.state.inference.drift = monitor
         metrics.watch_drift(monitor)
         # raises under require_gpu without CUDA; otherwise says where models will run
-        provider = await run_in_threadpool(handlers.sessions.probe)
+        try:
+            provider = await run_in_threadpool(handlers.sessions.probe)
+        except ServiceError as exc:
+            app.state.startup_error = exc.message
+            raise
         if provider == CUDA:
             logger.info("execution provider: %s (GPU)", provider)
         else:
@@ -77,11 +82,21 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 handlers.sessions.cpu_reason or "CUDA not tried",
                 ", ".join(available_providers()),
             )
+        # gRPC beside HTTP, in this event loop: the same models, batchers and metrics
+        grpc_server = None
+        if settings.grpc_port:
+            try:
+                grpc_server = await grpc_server_module.start(settings, app.state)
+            except grpc_server_module.GrpcStartError as exc:
+                app.state.startup_error = str(exc)
+                raise
         task = asyncio.create_task(_warm_up(app, handlers, deployed))
         try:
             yield
         finally:
             task.cancel()
+            if grpc_server is not None:
+                await grpc_server_module.stop(grpc_server)
             handlers.executor.shutdown(wait=False, cancel_futures=True)
             if handlers.drift is not None:
                 handlers.drift.stop()
@@ -98,6 +113,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.ready = False
     app.state.not_ready_reason = "starting"
     install_error_handlers(app)
+    app.state.startup_error = None
     # the last added is the outermost: body limits apply to the infer fast path too
     app.add_middleware(InferFastPath, state=app.state, enabled=settings.infer_fast_path)
     app.add_middleware(
@@ -105,12 +121,35 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         default_limit=settings.max_request_bytes,
         limits={("POST", "/v1/models"): settings.max_upload_bytes},
     )
+    app.add_middleware(StartupErrorMessage, state=app.state)
     app.include_router(health.router)
     app.include_router(inference.router)
     app.include_router(models.router)
     app.include_router(drift.router)
     app.include_router(metrics_route.router)
     return app
+
+
+class StartupErrorMessage:
+    """A start-up refused for a reason the operator can act on (require_gpu without CUDA, the
+    gRPC port taken) is reported as that one line: Starlette hands uvicorn the whole traceback
+    as the failure's message, which uvicorn logs. Other failures keep their traceback."""
+
+    def __init__(self, app, *, state) -> None:
+        self.app = app
+        self.state = state
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "lifespan":
+            return await self.app(scope, receive, send)
+
+        async def send_clean(message):
+            reason = self.state.startup_error
+            if message["type"] == "lifespan.startup.failed" and reason:
+                message = {**message, "message": f"bnfold cannot start: {reason}"}
+            await send(message)
+
+        return await self.app(scope, receive, send_clean)
 
 
 async def _warm_up(app: FastAPI, handlers: ModelService, deployed) -> None:

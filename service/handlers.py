@@ -10,13 +10,14 @@ import logging
 import math
 import shutil
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
+import numpy as np
 from starlette.concurrency import run_in_threadpool
 
 import service
@@ -38,6 +39,8 @@ from service.settings import Settings
 from service.store import ModelStore, StoredModel, validate_name
 
 logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 DEFAULT_RTOL = 1e-4
 DEFAULT_ATOL = 1e-5
@@ -321,18 +324,45 @@ class InferenceService:
             raise NotFound(f"model {name!r} has no version {version!r} (serving {model.version})")
         return model
 
+    def metadata(self, name: str, version: str | None = None) -> dict[str, Any]:
+        """The v2 model metadata document (HTTP answers it as it is, gRPC as its message)."""
+        model = self.model(name, version)
+        return v2.model_metadata(
+            model.name,
+            model.version,
+            model.runtime.signature,
+            model.runtime.provider,
+            model.record.get("precision") or {"precision": model.precision},
+        )
+
+    def config(self, name: str, version: str | None = None) -> dict[str, Any]:
+        """Triton's model configuration, with the model's dynamic batching."""
+        model = self.model(name, version)
+        policy = model.batcher.policy
+        config = v2.model_config(model.name, model.runtime.signature, policy.max_batch_size)
+        if policy.enabled:
+            delay_us = int(policy.max_queue_delay_ms * 1000)
+            config["dynamic_batching"] = {"max_queue_delay_microseconds": delay_us}
+        return config
+
     async def infer(
         self, name: str, version: str | None, body: bytes, header_length: str | None
     ) -> tuple[bytes, int | None]:
+        """One HTTP infer request: the reply's body and, for binary outputs, its JSON length."""
         model = self.model(name, version)  # held for the whole request: a swap cannot touch it
+        return await self.measured(model, self._infer_http(model, body, header_length))
+
+    async def measured(self, model: LoadedModel, work: Awaitable[tuple[T, Timing]]) -> T:
+        """Await one request's ``work`` (decode, run, encode), counted in the model's metrics
+        whatever the transport; failures by the status their error carries."""
         if self.metrics is None:
-            payload, length, _ = await self._infer(model, body, header_length)
-            return payload, length
+            reply, _ = await work
+            return reply
         started = time.perf_counter()
         series = self.metrics.series(model.name)
         series.requests.inc()
         try:
-            payload, length, timing = await self._infer(model, body, header_length)
+            reply, timing = await work
         except ServiceError as exc:
             self.metrics.failures.labels(model.name, str(exc.status_code)).inc()
             raise
@@ -342,11 +372,28 @@ class InferenceService:
         series.queue_seconds.observe(timing.queue_s)
         series.compute_seconds.observe(timing.compute_s)
         series.total_seconds.observe(time.perf_counter() - started)
-        return payload, length
+        return reply
 
-    async def _infer(
+    async def run(
+        self, model: LoadedModel, request: v2.InferRequest
+    ) -> tuple[dict[str, np.ndarray], Timing]:
+        """A decoded request through the model's batcher (shared by every transport), then
+        offered to the drift monitor."""
+        names = [o.name for o in request.outputs]
+        results, timing = await model.batcher.infer(request.inputs, names)
+        if self.drift is not None:  # a coin flip and a non-blocking put: the reply never waits
+            self.drift.offer(
+                model.name, model.version, request.inputs, model.record.get("drift_sample")
+            )
+        return results, timing
+
+    def max_batch_size(self, model: LoadedModel) -> int:
+        """The batch a request may carry, checked while decoding (0: not a batched model)."""
+        return model.batcher.policy.max_batch_size if model.runtime.signature.batched else 0
+
+    async def _infer_http(
         self, model: LoadedModel, body: bytes, header_length: str | None
-    ) -> tuple[bytes, int | None, Timing]:
+    ) -> tuple[tuple[bytes, int | None], Timing]:
         signature = model.runtime.signature
         length = v2.parse_header_length(header_length, len(body))
         decode = functools.partial(
@@ -355,24 +402,19 @@ class InferenceService:
             length,
             signature,
             max_elements=self.settings.max_tensor_elements,
-            max_batch_size=model.batcher.policy.max_batch_size if signature.batched else 0,
+            max_batch_size=self.max_batch_size(model),
         )
         # parsing a large JSON tensor takes milliseconds: off the loop, so health stays quick
         json_part = len(body) if length is None else length
         heavy = json_part > _LOOP_JSON_BYTES
         request = await run_in_threadpool(decode) if heavy else decode()
-        names = [o.name for o in request.outputs]
-        results, timing = await model.batcher.infer(request.inputs, names)
+        results, timing = await self.run(model, request)
         encode = functools.partial(
             v2.encode_response, model.name, model.version, request.id, results, request.outputs
         )
         json_values = sum(results[o.name].size for o in request.outputs if not o.binary)
         reply = await run_in_threadpool(encode) if json_values > _LOOP_JSON_VALUES else encode()
-        if self.drift is not None:  # a coin flip and a non-blocking put: the reply never waits
-            self.drift.offer(
-                model.name, model.version, request.inputs, model.record.get("drift_sample")
-            )
-        return (*reply, timing)
+        return reply, timing
 
 
 def _exact_precision(runtime: LoadedSession) -> dict[str, Any]:

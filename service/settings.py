@@ -24,6 +24,9 @@ CUDNN_CONV_ALGO_SEARCH = ("HEURISTIC", "EXHAUSTIVE", "DEFAULT")
 class Settings:
     host: str = "127.0.0.1"
     port: int = 8000
+    # the v2 GRPCInferenceService (service/grpc/), on the same host, models, batchers and
+    # metrics as HTTP; 0 turns it off
+    grpc_port: int = 8001
     store: Path = field(default_factory=lambda: Path("bnfold-store"))
     api_token: str | None = None  # None: read from the store, or generate one there
     require_gpu: bool = False  # refuse to start / deploy when CUDA is not the provider in use

@@ -161,15 +161,9 @@ def decode_request(
         if not isinstance(raw, dict):
             raise BadRequest("each entry of 'inputs' must be an object")
         name = raw.get("name")
-        if not isinstance(name, str) or name not in specs:
-            raise BadRequest(f"unknown input {name!r}; the model's inputs are {sorted(specs)}")
-        if name in inputs:
-            raise BadRequest(f"input {name!r} is given twice")
-        spec = specs[name]
-        shape = _check_shape(raw.get("shape"), spec, max_elements, max_batch_size)
-        datatype = raw.get("datatype")
-        if datatype != spec.datatype:
-            raise BadRequest(f"input {name!r} expects datatype {spec.datatype}, got {datatype!r}")
+        spec, shape = check_input(
+            specs, inputs, name, raw.get("shape"), raw.get("datatype"), max_elements, max_batch_size
+        )
         params = _parameters(raw, f"input {name!r}")
         size = params.get("binary_data_size")
         if size is not None:
@@ -184,7 +178,7 @@ def decode_request(
                 )
             chunk = binary[offset : offset + size]
             offset += size
-            inputs[name] = _from_binary(name, chunk, spec.datatype, shape)
+            inputs[name] = from_binary(name, chunk, spec.datatype, shape)
         else:
             if "data" not in raw:
                 raise BadRequest(f"input {name!r} has neither 'data' nor binary_data_size")
@@ -195,12 +189,37 @@ def decode_request(
             f"{len(binary) - offset} bytes after the JSON part belong to no input; "
             "check binary_data_size and " + HEADER_LENGTH
         )
+    check_complete(specs, inputs)
+    outputs = _requested_outputs(doc, signature)
+    return InferRequest(request_id, inputs, outputs)
+
+
+def check_input(
+    specs: dict[str, TensorSpec],
+    seen: dict[str, np.ndarray],
+    name: Any,
+    shape: Any,
+    datatype: Any,
+    max_elements: int,
+    max_batch_size: int,
+) -> tuple[TensorSpec, list[int]]:
+    """One input's name, shape and datatype against the model, before its data is read (every
+    transport: JSON, binary, gRPC)."""
+    if not isinstance(name, str) or name not in specs:
+        raise BadRequest(f"unknown input {name!r}; the model's inputs are {sorted(specs)}")
+    if name in seen:
+        raise BadRequest(f"input {name!r} is given twice")
+    spec = specs[name]
+    shape = _check_shape(shape, spec, max_elements, max_batch_size)
+    if datatype != spec.datatype:
+        raise BadRequest(f"input {name!r} expects datatype {spec.datatype}, got {datatype!r}")
+    return spec, shape
+
+
+def check_complete(specs: dict[str, TensorSpec], inputs: dict[str, np.ndarray]) -> None:
     missing = [n for n in specs if n not in inputs]
     if missing:
         raise BadRequest(f"missing input(s) {missing}")
-
-    outputs = _requested_outputs(doc, signature)
-    return InferRequest(request_id, inputs, outputs)
 
 
 def _check_shape(shape: Any, spec: TensorSpec, max_elements: int, max_batch: int) -> list[int]:
@@ -236,7 +255,9 @@ def _check_shape(shape: Any, spec: TensorSpec, max_elements: int, max_batch: int
     return shape
 
 
-def _from_binary(name: str, chunk: memoryview, datatype: str, shape: list[int]) -> np.ndarray:
+def from_binary(name: str, chunk: memoryview, datatype: str, shape: list[int]) -> np.ndarray:
+    """A tensor from its raw little-endian bytes (Triton's binary extension, gRPC's raw
+    contents), a view on ``chunk`` where possible."""
     count = math.prod(shape)
     if datatype == "BYTES":
         return _decode_bytes_elements(name, chunk, count).reshape(shape)
@@ -381,7 +402,7 @@ def encode_response(
         datatype = datatype_of(array)
         out: dict[str, Any] = {"name": req.name, "datatype": datatype, "shape": list(array.shape)}
         if req.binary:
-            raw = _to_binary(array, datatype)
+            raw = to_binary(array, datatype)
             out["parameters"] = {"binary_data_size": len(raw)}
             chunks.append(raw)
         else:
@@ -397,7 +418,7 @@ def encode_response(
     return b"".join([head, *chunks]), len(head)
 
 
-def _to_binary(array: np.ndarray, datatype: str) -> bytes:
+def to_binary(array: np.ndarray, datatype: str) -> bytes:
     if datatype == "BYTES":
         parts = []
         for v in array.reshape(-1):

@@ -55,14 +55,7 @@ _INFER_SCHEMA = {
 @router.get("/{name}")
 @router.get("/{name}/versions/{version}")
 def model_metadata(name: str, inference: Inference, version: str | None = None) -> dict:
-    model = inference.model(name, version)
-    return v2.model_metadata(
-        model.name,
-        model.version,
-        model.runtime.signature,
-        model.runtime.provider,
-        model.record.get("precision") or {"precision": model.precision},
-    )
+    return inference.metadata(name, version)
 
 
 @router.get("/{name}/ready")
@@ -74,13 +67,7 @@ def model_ready(name: str, inference: Inference, version: str | None = None) -> 
 
 @router.get("/{name}/config")
 def model_config(name: str, inference: Inference) -> dict:
-    model = inference.model(name)
-    policy = model.batcher.policy
-    config = v2.model_config(model.name, model.runtime.signature, policy.max_batch_size)
-    if policy.enabled:
-        delay_us = int(policy.max_queue_delay_ms * 1000)
-        config["dynamic_batching"] = {"max_queue_delay_microseconds": delay_us}
-    return config
+    return inference.config(name)
 
 
 @router.post("/{name}/infer", openapi_extra=_INFER_SCHEMA)

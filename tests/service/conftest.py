@@ -43,9 +43,13 @@ def start_server(tmp_path):
 @pytest.fixture(scope="session")
 def server(tmp_path_factory):
     """One server for the whole session, started on a fresh store (defaults deployed), which
-    also holds ``identity_all``, a model with one input of every v2 datatype."""
+    also holds ``identity_all``, a model with one input of every v2 datatype, and
+    ``identity_typed``, the same without FP16."""
     root = tmp_path_factory.mktemp("shared")
     seed_store(root / "store", "identity_all", all_datatypes_model())
+    # gRPC's typed contents have no field for FP16: the same without it
+    typed = [t for t in all_datatypes_model().graph.input if t.name != "in_FP16"]
+    seed_store(root / "store", "identity_typed", all_datatypes_model([t.name[3:] for t in typed]))
     srv = Server(root / "store", {**TEST_ENV, "BNFOLD_API_TOKEN": TOKEN})
     srv.start()
     yield srv

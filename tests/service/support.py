@@ -47,6 +47,7 @@ class Server:
     store: Path
     env: dict[str, str]
     port: int = field(default_factory=free_port)
+    grpc_port: int = field(default_factory=free_port)
     proc: subprocess.Popen | None = None
     ready_after_s: float | None = None
 
@@ -59,6 +60,10 @@ class Server:
         return f"127.0.0.1:{self.port}"
 
     @property
+    def grpc_hostport(self) -> str:
+        return f"127.0.0.1:{self.grpc_port}"
+
+    @property
     def log(self) -> Path:
         return self.store.parent / f"server-{self.port}.log"
 
@@ -66,6 +71,7 @@ class Server:
         env = {k: v for k, v in os.environ.items() if not k.startswith("BNFOLD_")}
         env.update(self.env)
         env.update({"BNFOLD_STORE": str(self.store), "BNFOLD_PORT": str(self.port)})
+        env.setdefault("BNFOLD_GRPC_PORT", str(self.grpc_port))
         env["PYTHONPATH"] = str(ROOT)
         t0 = time.monotonic()
         self.proc = subprocess.Popen(
@@ -161,10 +167,12 @@ ONNX_TYPES = {
 }
 
 
-def all_datatypes_model() -> onnx.ModelProto:
-    """in_<TYPE>[N, 3] -> Identity -> out_<TYPE>, for every v2 datatype."""
+def all_datatypes_model(datatypes: list[str] | None = None) -> onnx.ModelProto:
+    """in_<TYPE>[N, 3] -> Identity -> out_<TYPE>, for every v2 datatype (or those given)."""
     inputs, outputs, nodes = [], [], []
     for dt, elem in ONNX_TYPES.items():
+        if datatypes is not None and dt not in datatypes:
+            continue
         inputs.append(helper.make_tensor_value_info(f"in_{dt}", elem, ["N", 3]))
         outputs.append(helper.make_tensor_value_info(f"out_{dt}", elem, ["N", 3]))
         nodes.append(helper.make_node("Identity", [f"in_{dt}"], [f"out_{dt}"]))

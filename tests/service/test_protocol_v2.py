@@ -47,7 +47,7 @@ def test_decode_roundtrip_every_datatype(datatype, binary):
     x = sample(datatype, (2, 4), rng)
     tensor = {"name": "x", "shape": [2, 4], "datatype": datatype}
     if binary:
-        raw = v2._to_binary(x, datatype)
+        raw = v2.to_binary(x, datatype)
         tensor["parameters"] = {"binary_data_size": len(raw)}
         body, length = binary_request({"inputs": [tensor]}, raw)
     else:
