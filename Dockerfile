@@ -2,8 +2,9 @@
 #
 #   docker build -t bnfold:0.1.0 .                           # full: serves, and folds uploads
 #   docker build --target slim -t bnfold:0.1.0-slim .        # slim: serves, no torch
-#   docker run --gpus all -p 8000:8000 -v bnfold-store:/store bnfold:0.1.0   # CUDA provider
-#   docker run -p 8000:8000 -v bnfold-store:/store bnfold:0.1.0              # CPU, and says so
+#   docker run --gpus all -p 8000:8000 -p 8001:8001 -v bnfold-store:/store bnfold:0.1.0   # CUDA
+#   docker run -p 8000:8000 -p 8001:8001 -v bnfold-store:/store bnfold:0.1.0   # CPU, and says so
+# 8000 is HTTP (KServe v2 REST and the management API), 8001 the v2 gRPC service.
 #
 # Two variants of one build (README "Deploy"):
 # - full (the default target, bnfold:VERSION): torch 2.14.1 folds uploads in the ingest worker.
@@ -89,12 +90,13 @@ WORKDIR /app
 # kept in the store.
 ENV BNFOLD_HOST=0.0.0.0 \
     BNFOLD_PORT=8000 \
+    BNFOLD_GRPC_PORT=8001 \
     BNFOLD_STORE=/store \
     BNFOLD_LOG_FORMAT=json
 # numeric, so that Kubernetes runAsNonRoot can check it
 USER 10001:10001
 VOLUME ["/store"]
-EXPOSE 8000
+EXPOSE 8000 8001
 HEALTHCHECK --interval=15s --timeout=5s --start-period=120s --retries=3 \
     CMD ["python", "-m", "service.healthcheck"]
 # SIGTERM (docker stop, Kubernetes): stop accepting, answer what is in flight, exit 0

@@ -1,10 +1,11 @@
 """The KServe v2 ``GRPCInferenceService`` (tritonclient.grpc's protocol), beside HTTP.
 
-``v2.proto`` is the protocol, ``v2_pb2.py`` its generated messages (checked in; see
-``generate.py``), ``converters.py`` turns messages into the transport-free request and reply
-types of ``service.protocol.v2``, ``servicer.py`` answers each method by calling the same
-handlers as the HTTP routes, and ``server.py`` runs it in the HTTP server's event loop, so both
-share the models, their batchers and the metrics.
+``v2.proto`` is the protocol and ``v2_pb2.py`` its generated messages (checked in; see
+``generate.py``); ``health.proto`` is the standard health check that Kubernetes probes ask.
+``converters.py`` turns messages into the transport-free request and reply types of
+``service.protocol.v2``, ``servicer.py`` answers each method by calling the same handlers as
+the HTTP routes, and ``server.py`` runs it in the HTTP server's event loop, so both share the
+models, their batchers and the metrics.
 """
 
 import os

@@ -13,7 +13,7 @@ from typing import Any
 
 import grpc
 
-from service.grpc.servicer import InferenceServicer, handler
+from service.grpc.servicer import HealthServicer, InferenceServicer, handler, health_handler
 from service.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -34,7 +34,9 @@ async def start(settings: Settings, state: Any) -> grpc.aio.Server:
             ("grpc.so_reuseport", 0),  # a port in use is an error, not a shared port
         ]
     )
-    server.add_generic_rpc_handlers((handler(InferenceServicer(state)),))
+    server.add_generic_rpc_handlers(
+        (handler(InferenceServicer(state)), health_handler(HealthServicer(state)))
+    )
     address = f"{settings.host}:{settings.grpc_port}"
     try:
         server.add_insecure_port(address)

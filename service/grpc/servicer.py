@@ -21,7 +21,7 @@ from starlette.concurrency import run_in_threadpool
 
 import service
 from service.errors import NotFound, ServiceError, ServiceUnavailable, first_line
-from service.grpc import converters
+from service.grpc import converters, health_pb2
 from service.grpc import v2_pb2 as pb
 from service.handlers import InferenceService
 
@@ -189,6 +189,33 @@ _UNARY = {
     "ModelConfig": (pb.ModelConfigRequest, pb.ModelConfigResponse),
     "ModelInfer": (pb.ModelInferRequest, pb.ModelInferResponse),
 }
+
+
+HEALTH = "grpc.health.v1.Health"
+
+
+class HealthServicer:
+    """The standard health check (Kubernetes grpc probes): SERVING once the models are loaded,
+    as ``/v2/health/ready`` answers 200; for the server ("") and for the inference service."""
+
+    def __init__(self, state: Any) -> None:
+        self.state = state
+
+    async def Check(self, request: health_pb2.HealthCheckRequest, context):
+        if request.service not in ("", SERVICE):
+            await context.abort(grpc.StatusCode.NOT_FOUND, f"unknown service {request.service!r}")
+        status = health_pb2.HealthCheckResponse
+        ready = bool(getattr(self.state, "ready", False))
+        return status(status=status.SERVING if ready else status.NOT_SERVING)
+
+
+def health_handler(servicer: HealthServicer) -> grpc.GenericRpcHandler:
+    check = grpc.unary_unary_rpc_method_handler(
+        servicer.Check,
+        request_deserializer=health_pb2.HealthCheckRequest.FromString,
+        response_serializer=health_pb2.HealthCheckResponse.SerializeToString,
+    )
+    return grpc.method_handlers_generic_handler(HEALTH, {"Check": check})
 
 
 def handler(servicer: InferenceServicer) -> grpc.GenericRpcHandler:

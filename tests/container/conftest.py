@@ -82,6 +82,7 @@ class Container:
     env: dict[str, str] = field(default_factory=dict)
     args: list[str] = field(default_factory=list)
     port: int = field(default_factory=free_port)
+    grpc_port: int = field(default_factory=free_port)
     name: str = field(default_factory=lambda: f"bnfold-test-{uuid.uuid4().hex[:8]}")
 
     @property
@@ -89,7 +90,12 @@ class Container:
         return f"http://127.0.0.1:{self.port}"
 
     def start(self) -> Container:
-        env = {"BNFOLD_HOST": "127.0.0.1", "BNFOLD_PORT": str(self.port), **self.env}
+        env = {
+            "BNFOLD_HOST": "127.0.0.1",
+            "BNFOLD_PORT": str(self.port),
+            "BNFOLD_GRPC_PORT": str(self.grpc_port),
+            **self.env,
+        }
         podman(
             "run",
             "-d",

@@ -13,6 +13,7 @@ import httpx
 import numpy as np
 import onnx
 import onnxruntime as ort
+import tritonclient.grpc as triton_grpc
 import tritonclient.http as triton
 from onnx import TensorProto, helper, numpy_helper
 
@@ -46,11 +47,20 @@ def infer_triton(url: str, model: str, x: np.ndarray) -> tuple[np.ndarray, str]:
         client.close()
 
 
+def infer_grpc(port: int, model: str, x: np.ndarray) -> tuple[np.ndarray, str]:
+    with triton_grpc.InferenceServerClient(f"127.0.0.1:{port}") as client:
+        inp = triton_grpc.InferInput("x", list(x.shape), "FP32")
+        inp.set_data_from_numpy(x)
+        result = client.infer(model, [inp])
+        return result.as_numpy("y"), result.get_response().model_version
+
+
 def test_images_carry_no_build_tools_and_say_how_to_run(full_image, slim_image):
     for image in (full_image, slim_image):
         config = image["Config"]
         assert config["User"] == "10001:10001"
-        assert "8000/tcp" in config["ExposedPorts"] and "/store" in config["Volumes"]
+        assert set(config["ExposedPorts"]) == {"8000/tcp", "8001/tcp"}
+        assert "/store" in config["Volumes"]
         assert image["Healthcheck"]["Test"] == ["CMD", "python", "-m", "service.healthcheck"]
         assert config["StopSignal"] == "SIGTERM"
     probe = (
@@ -220,6 +230,10 @@ def test_slim_image_serves_the_full_writers_store_read_only(
     got, served = infer_triton(replica.url, "convbn", x)
     assert served == version
     np.testing.assert_allclose(got, run_original(conv_bn_model(), x), rtol=1e-4, atol=1e-5)
+    # and over gRPC, as the bnfold-grpc InferenceService serves it: the same answer
+    got_grpc, served = infer_grpc(replica.grpc_port, "convbn", x)
+    assert served == version
+    np.testing.assert_array_equal(got_grpc, got)
     assert replica.stop() == 0 and writer.stop() == 0
 
 

@@ -10,7 +10,7 @@ import pytest
 from google.protobuf.descriptor import Descriptor, EnumDescriptor
 from tritonclient.grpc import model_config_pb2, service_pb2
 
-from service.grpc import v2_pb2
+from service.grpc import health_pb2, v2_pb2
 
 
 def _compare(ours: Descriptor, theirs: Descriptor, path: str) -> list[str]:
@@ -82,13 +82,15 @@ def test_a_message_of_ours_parses_as_tritonclients_and_back():
 
 
 @pytest.mark.skipif(importlib.util.find_spec("grpc_tools") is None, reason="no grpcio-tools")
-def test_the_checked_in_code_holds_the_proto_as_it_is():
+@pytest.mark.parametrize("module", [v2_pb2, health_pb2], ids=["v2", "health"])
+def test_the_checked_in_code_holds_the_proto_as_it_is(module):
     from google.protobuf import descriptor_pb2
 
     from service.grpc import generate
 
     checked_in = descriptor_pb2.FileDescriptorProto()
-    v2_pb2.DESCRIPTOR.CopyToProto(checked_in)
-    assert checked_in.SerializeToString(deterministic=True) == generate.proto_descriptor(), (
-        "v2_pb2.py is out of date with v2.proto: run `python -m service.grpc.generate`"
+    module.DESCRIPTOR.CopyToProto(checked_in)
+    proto = module.DESCRIPTOR.name
+    assert checked_in.SerializeToString(deterministic=True) == generate.proto_descriptor(proto), (
+        f"{module.__name__} is out of date with {proto}: run `python -m service.grpc.generate`"
     )
