@@ -99,10 +99,12 @@ def bucket_for(rows: int, buckets: Sequence[int]) -> int | None:
 
 def pad(parts: Sequence[np.ndarray], bucket: int, out: np.ndarray | None = None) -> np.ndarray:
     """The requests' arrays of one input, concatenated on dim 0 and padded to ``bucket`` rows
-    with copies of the last row (case 1), written into ``out`` when given (a staging buffer of
-    exactly ``bucket`` rows)."""
+    with copies of the last row (case 1), written into ``out`` when given and of the batch's
+    shape and dtype (a bucket's staging buffer, bound at the example shapes)."""
     rows = sum(len(p) for p in parts)
     first = parts[0]
+    if out is not None and (out.shape[1:] != first.shape[1:] or out.dtype != first.dtype):
+        out = None
     if out is None:
         if len(parts) == 1 and rows == bucket:
             return first

@@ -143,6 +143,9 @@ class BucketSession:
         if self.binding is None:
             values = self.session.run(output_names, feeds)
             return dict(zip(output_names, values, strict=True))
+        if any(v.shape != self.staging[n].shape for n, v in feeds.items()):
+            values = self.session.run(output_names, feeds)  # another shape than the bound one
+            return dict(zip(output_names, values, strict=True))
         with self._lock:
             for name, value in feeds.items():
                 staging = self.staging[name]
@@ -323,13 +326,16 @@ class SessionFactory:
         if graph and loaded.provider != CUDA:
             notes.append("cuda_graph: CUDA graphs need the CUDA provider; IO binding only")
             graph = False
-        fixed = all(
-            DATATYPES[s.datatype] != np.dtype(object) and all(d >= 0 for d in s.shape[1:])
-            for s in loaded.signature.inputs
-        )
-        if bind and not fixed:
-            notes.append("io_binding: an input is text or has another variable dimension")
+        if bind and any(DATATYPES[s.datatype] == np.dtype(object) for s in loaded.signature.inputs):
+            notes.append("io_binding: an input is text, which onnxruntime cannot bind")
             bind = graph = False
+        elif bind and any(d < 0 for s in loaded.signature.inputs for d in s.shape[1:]):
+            # bound at the upload's example shape; a request of another shape runs unbound,
+            # which a captured CUDA graph would not survive
+            notes.append("io_binding: bound at the example input shapes only")
+            if graph:
+                notes.append("cuda_graph: off, an input has another variable dimension")
+                graph = False
         built: dict[int, BucketSession] = {}
         run_s: dict[int, float] = {}
         names = [o.name for o in loaded.signature.outputs]

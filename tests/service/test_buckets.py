@@ -139,6 +139,25 @@ def test_bucket_sessions_answer_each_row_as_running_it_alone(io_binding):
         assert np.array_equal(first[i : i + 1], alone(x[i : i + 1]))
 
 
+def test_a_bucket_bound_at_the_example_shape_runs_other_shapes_unbound():
+    from tests.service.test_inference_batching import variable_width_identity
+
+    model = variable_width_identity().SerializeToString()
+    factory = SessionFactory(intra_op_threads=1)
+    loaded = factory.add_buckets(
+        factory.create(model), model, [2], choose=False, io_binding="cuda_graph",
+        input_shapes={"x": [2, 3]},
+    )  # fmt: skip
+    notes = loaded.bucket_report["notes"]
+    assert any("example input shapes" in n for n in notes)
+    assert loaded.bucket_report["run"]["io_binding"] is True
+    for width in (3, 5):
+        x = np.arange(2 * width, dtype=np.float32).reshape(2, width)
+        staged = pad([x], 2, loaded.staging(2)["x"])
+        assert (staged is loaded.staging(2)["x"]) is (width == 3)
+        assert np.array_equal(loaded.run({"x": staged}, ["y"])["y"], x)
+
+
 def test_auto_buckets_are_chosen_from_the_warmup_timings():
     factory = SessionFactory(intra_op_threads=1)
     loaded = factory.add_buckets(factory.create(MODEL), MODEL, candidates(16), choose=True)
