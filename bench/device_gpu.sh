@@ -15,6 +15,9 @@
 #   bench/device_gpu.sh bench     # serving_bench.py --gpu, serving_overhead.py --gpu
 #   bench/device_gpu.sh exhaustive  # bench's targets again with exhaustive cuDNN search
 #   bench/device_gpu.sh diag      # service_split.py --gpu, gpu_batch_shapes.py
+#   bench/device_gpu.sh issue16   # gpu_serving.py: ResNet-50 unbatched vs batch buckets at c64
+#                                 # and c1, fp16 vs fp32 at batch 32, IO binding / CUDA graph;
+#                                 # builds ResNet-50 with torchvision, or MODEL=path.onnx
 set -uo pipefail
 OUT=${OUT:-/tmp/bnfold-gpu-out}
 mkdir -p "$OUT"
@@ -79,6 +82,13 @@ diag() {
     $PY bench/service_split.py --gpu --work .whl/work | tee "$OUT/service_split.jsonl"
     $PY bench/gpu_batch_shapes.py .whl/work/resnet18.folded.onnx --sizes 1-8 --runs 200 \
         | tee "$OUT/batch_shapes.jsonl"
+}
+
+# issue 16 end to end (under 10 minutes): $OUT/issue16.json, its targets judged on CUDA
+issue16() {
+    timeout 590 $PY bench/gpu_serving.py --out "$OUT/issue16.json" ${MODEL:+--model "$MODEL"} \
+        2>&1 | tee "$OUT/issue16.log" | tail -30
+    test -s "$OUT/issue16.json"
 }
 
 for step in "$@"; do
