@@ -27,6 +27,7 @@ from service.ingest import Ingestor, IngestResult
 from service.metrics import ServiceMetrics
 from service.protocol import v2
 from service.runtime.batcher import Batcher, Timing, policy_for
+from service.runtime.buckets import AUTO, parse_spec, sizes_for
 from service.runtime.registry import LoadedModel, ModelRegistry
 from service.runtime.sessions import (
     CUDA,
@@ -89,7 +90,10 @@ class ModelService:
         self.metrics = metrics
         self.drift: DriftMonitor | None = None  # set by create_app
         self.sessions = SessionFactory(
-            settings.require_gpu, settings.intra_op_threads, settings.cudnn_conv_algo_search
+            settings.require_gpu,
+            settings.intra_op_threads,
+            settings.cudnn_conv_algo_search,
+            settings.intra_op_spinning,
         )
         self.ingestor = Ingestor(settings)
         # onnxruntime runs off the event loop; each model's batcher has one run at a time
@@ -106,14 +110,46 @@ class ModelService:
                 logger.error("store: cannot load %s %s: %s", stored.name, stored.version, exc)
 
     def _load(self, stored: StoredModel) -> LoadedModel:
-        runtime = self.sessions.create(str(stored.model_path))
-        return self._loaded(stored.name, stored.version, stored.record, runtime)
+        record = stored.record
+        runtime = self._session(
+            str(stored.model_path), record.get("batching"), record.get("input_shapes")
+        )
+        return self._loaded(stored.name, stored.version, record, runtime)
+
+    def _session(
+        self,
+        model: bytes | str,
+        batching: dict[str, Any] | None,
+        input_shapes: dict[str, list[int]] | None,
+    ) -> LoadedSession:
+        """A session for ``model`` and, when the settings or its upload ask for them, its batch
+        buckets, each warmed (batcher.py case 7, buckets.py rule 3)."""
+        runtime = self.sessions.create(model)
+        batching = batching or {}
+        spec = parse_spec(batching.get("batch_buckets") or self.settings.batch_buckets)
+        max_batch = int(batching.get("max_batch_size") or self.settings.max_batch_size)
+        sizes = sizes_for(spec, max_batch, runtime.replans_on_new_batch)
+        if not sizes or not runtime.signature.batched:
+            return runtime
+        return self.sessions.add_buckets(
+            runtime,
+            model,
+            sizes,
+            choose=spec == AUTO,
+            io_binding=self.settings.io_binding,
+            input_shapes=input_shapes,
+        )
 
     def _loaded(
         self, name: str, version: str, record: dict[str, Any], runtime: LoadedSession
     ) -> LoadedModel:
         policy = policy_for(
-            self.settings, runtime.signature, record.get("batching"), runtime.replans_on_new_batch
+            self.settings,
+            runtime.signature,
+            record.get("batching"),
+            runtime.replans_on_new_batch,
+            tuple(runtime.buckets),
+            runtime.bucket_report,
         )
         on_batch = self.metrics.batch_observer(name) if self.metrics else None
         batcher = Batcher(
@@ -196,7 +232,9 @@ class ModelService:
         folded = await run_in_threadpool(result.folded_path.read_bytes)
         version = hashlib.sha256(folded).hexdigest()[:16]
         try:
-            runtime = await run_in_threadpool(self.sessions.create, folded)
+            runtime = await run_in_threadpool(
+                self._session, folded, batching, result.result["input_shapes"]
+            )
         except ModelLoadError as exc:
             raise Unprocessable(f"the folded graph cannot be served: {exc}") from None
         info = result.result

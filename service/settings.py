@@ -54,10 +54,20 @@ class Settings:
     max_queue_delay_ms: float = 1.0  # how long a request may wait for others to join it
     max_queue: int = 128  # infer requests waiting per model; beyond it, 503 with Retry-After
     intra_op_threads: int = 0  # onnxruntime threads per run; 0: its default (physical cores)
+    # whether onnxruntime's intra-op threads spin, waiting for work, after a run (its default)
+    # instead of sleeping: docs/BENCHMARKS.md "Request overhead" for what each costs here
+    intra_op_spinning: bool = True
     # how the CUDA provider picks convolution algorithms: EXHAUSTIVE (onnxruntime's default)
     # benchmarks every algorithm for each new input shape, hundreds of ms per shape that
     # dynamic batching meets at every new batch size; HEURISTIC asks cuDNN's heuristics
     cudnn_conv_algo_search: str = "HEURISTIC"  # or EXHAUSTIVE, DEFAULT
+    # batch buckets (service/runtime/buckets.py): "auto" pads batches to a few sizes, each with
+    # its own warmed session, for models that re-plan at a new batch size (convolutions on
+    # CUDA); "off"; or sizes such as "1,2,4,8" for every batched model, on any provider
+    batch_buckets: str = "auto"
+    # how a bucket's session runs: "off" (session.run), "on" (IO binding, pinned host buffers
+    # on CUDA), "cuda_graph" (IO binding and a CUDA graph; CUDA only, else IO binding)
+    io_binding: str = "off"
     infer_fast_path: bool = True  # infer requests skip FastAPI's routing (routes/infer_asgi.py)
     coalesce_writes: bool = True  # a response's header and body in one write (http_protocol.py)
 
@@ -98,6 +108,13 @@ class Settings:
                 + ", ".join(CUDNN_CONV_ALGO_SEARCH)
             )
         values["cudnn_conv_algo_search"] = search
+        from service.runtime.buckets import IO_BINDING, parse_spec  # numpy only: cheap
+
+        parse_spec(values.get("batch_buckets", cls.batch_buckets))  # ValueError if malformed
+        binding = str(values.get("io_binding", cls.io_binding)).lower()
+        if binding not in IO_BINDING:
+            raise ValueError(f"{ENV_PREFIX}IO_BINDING={binding!r} is not one of {IO_BINDING}")
+        values["io_binding"] = binding
         sample = float(values.get("drift_sample", cls.drift_sample))
         if not 0.0 <= sample <= 1.0:
             raise ValueError(f"{ENV_PREFIX}DRIFT_SAMPLE={sample!r} must be between 0 and 1")

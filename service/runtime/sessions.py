@@ -207,20 +207,31 @@ class SessionFactory:
         require_gpu: bool = False,
         intra_op_threads: int = 0,
         cudnn_conv_algo_search: str = "HEURISTIC",
+        intra_op_spinning: bool = True,
     ) -> None:
         self.require_gpu = require_gpu
         self.intra_op_threads = intra_op_threads
+        self.intra_op_spinning = intra_op_spinning
         self.cuda_options = {"cudnn_conv_algo_search": cudnn_conv_algo_search}
         self._cuda_usable: bool | None = None  # unknown until a session tells
         self.cpu_reason: str | None = None  # why CUDA is not used, once that is known
         self._lock = threading.Lock()
 
+    def _options(self, ort: Any) -> Any:
+        """The session options every session of the service starts from."""
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = max(0, self.intra_op_threads)
+        # spinning intra-op threads keep their cores busy after a run, against the event loop,
+        # the other models' sessions and, on a small machine, the clients (Settings)
+        spin = "1" if self.intra_op_spinning else "0"
+        options.add_session_config_entry("session.intra_op.allow_spinning", spin)
+        return options
+
     def create(self, model: bytes | str) -> LoadedSession:
         import onnxruntime as ort
 
-        options = ort.SessionOptions()
+        options = self._options(ort)
         options.log_severity_level = 3  # a fallback is detected below, not read from logs
-        options.intra_op_num_threads = max(0, self.intra_op_threads)
         session = None
         with self._lock:
             if self._cuda_usable is None and CUDA not in ort.get_available_providers():
@@ -368,9 +379,8 @@ class SessionFactory:
         self, ort: Any, model: bytes | str, provider: str, cuda_graph: bool
     ) -> tuple[Any, str | None]:
         """A session on ``provider``; (session, why the CUDA graph was not had) or (_, None)."""
-        options = ort.SessionOptions()
+        options = self._options(ort)
         options.log_severity_level = 3
-        options.intra_op_num_threads = max(0, self.intra_op_threads)
         if provider != CUDA:
             return ort.InferenceSession(model, options, providers=[CPU]), None
         why = None

@@ -137,3 +137,12 @@ def test_no_cuda_libraries_are_loaded_without_a_driver():
         [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True
     )
     assert out.stdout.strip() == "False"
+
+
+@pytest.mark.parametrize("spinning", [True, False])
+def test_sessions_spin_or_sleep_as_the_settings_say(spinning):
+    factory = SessionFactory(intra_op_threads=2, intra_op_spinning=spinning)
+    loaded = factory.create(conv_bn_model().SerializeToString())
+    options = loaded.session.get_session_options()
+    assert options.get_session_config_entry("session.intra_op.allow_spinning") == str(int(spinning))
+    assert options.intra_op_num_threads == 2
