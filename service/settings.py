@@ -54,9 +54,13 @@ class Settings:
     max_queue_delay_ms: float = 1.0  # how long a request may wait for others to join it
     max_queue: int = 128  # infer requests waiting per model; beyond it, 503 with Retry-After
     intra_op_threads: int = 0  # onnxruntime threads per run; 0: its default (physical cores)
-    # whether onnxruntime's intra-op threads spin, waiting for work, after a run (its default)
-    # instead of sleeping: docs/BENCHMARKS.md "Request overhead" for what each costs here
-    intra_op_spinning: bool = True
+    # whether onnxruntime's intra-op threads spin, waiting for work, after a run (onnxruntime's
+    # default) instead of sleeping. Off: spinning threads hold their cores against the event
+    # loop, the other models' sessions, the drift monitor and anything else on the machine
+    # (ResNet-18 served beside another onnxruntime process on 2 cores: p50 28-29 ms spinning,
+    # 11 ms not); alone, spinning was 1-2% faster at concurrency 1 and equal at 32
+    # (docs/BENCHMARKS.md "Request overhead")
+    intra_op_spinning: bool = False
     # how the CUDA provider picks convolution algorithms: EXHAUSTIVE (onnxruntime's default)
     # benchmarks every algorithm for each new input shape, hundreds of ms per shape that
     # dynamic batching meets at every new batch size; HEURISTIC asks cuDNN's heuristics

@@ -207,7 +207,7 @@ class SessionFactory:
         require_gpu: bool = False,
         intra_op_threads: int = 0,
         cudnn_conv_algo_search: str = "HEURISTIC",
-        intra_op_spinning: bool = True,
+        intra_op_spinning: bool = False,
     ) -> None:
         self.require_gpu = require_gpu
         self.intra_op_threads = intra_op_threads
