@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 
 import onnx
+
+from bnfold.optimizer.choice import geometric_speedup
 
 __all__ = ["Candidate", "OptimizeReport", "OptimizeResult"]
 
@@ -28,13 +29,9 @@ class Candidate:
     @property
     def speedup(self) -> float | None:
         """fp32 time over this one's: the geometric mean over the batch sizes timed."""
-        ratios = [v["ratio"] for v in self.latency.values()]
-        if not ratios:
+        if not self.latency:
             return None
-        return 1.0 / math.exp(sum(math.log(r) for r in ratios) / len(ratios))
-
-    def slower_than_fp32(self) -> bool:
-        return any(v["ratio"] >= 1.0 for v in self.latency.values())
+        return geometric_speedup({b: v["ratio"] for b, v in self.latency.items()})
 
     def to_dict(self) -> dict:
         return {

@@ -11,9 +11,10 @@
 4. INT8 mixed: the best INT8 candidate with operators kept in fp32 where measurement says
    they lose time or accuracy (`mixed`).
 5. Every candidate is measured against the eval-mode original (`accuracy`) and timed with the
-   serving options against the fp32 graph (`timing`, batch 1 and `LARGE_BATCH`). The chosen
-   one is the fastest within the budget and faster than the fp32 graph at every batch
-   timed, else the fp32 graph.
+   serving options against the fp32 graph (`timing`, batch 1 and `LARGE_BATCH`), with a
+   second fp32 session in the same rounds as the A/A control. `choice.choose` picks: within
+   the budget, not slower than fp32 beyond the A/A noise at any batch, and the largest
+   geometric-mean speedup if it beats fp32 by more than the noise; else the fp32 graph.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from bnfold.optimizer.bias_correct import correct_biases
 from bnfold.optimizer.bn_stats import consistency, read_bn_stats
 from bnfold.optimizer.budget import Budget
 from bnfold.optimizer.candidates import Candidate, OptimizeReport, OptimizeResult
+from bnfold.optimizer.choice import choose
 from bnfold.optimizer.equalize import equalize
 from bnfold.optimizer.graph import copy_model, name_nodes
 from bnfold.optimizer.hardware import cpu_features
@@ -264,7 +266,7 @@ def optimize(
                 step()
         timing_feeds = _timing_feeds(spec, fp32)
         with progress.stage("timing", len(timing_feeds)) as step:
-            _time_all(candidates, timing_feeds)
+            aa = _time_all(candidates, timing_feeds)
             step()
         # step 4: mixed, from the best INT8 candidate
         base = _best_int8(candidates)
@@ -295,12 +297,19 @@ def optimize(
             mixed.budget_met, mixed.budget_reasons = budget.check(mixed.accuracy)
             candidates.append(mixed)
             with progress.stage("timing all candidates again", len(timing_feeds)):
-                _time_all(candidates, timing_feeds)
+                aa = _time_all(candidates, timing_feeds)
         else:
             notes.append("mixed precision: no operator was worth keeping in fp32")
     finally:
         tmp.cleanup()
-    chosen, why = _choose(candidates)
+    choice = choose(
+        {c.name: {b: v["ratio"] for b, v in c.latency.items()} for c in candidates},
+        {c.name: c.budget_met for c in candidates},
+        aa,
+        reference=candidates[0].name,
+    )
+    chosen = next(c for c in candidates if c.name == choice.chosen)
+    why = choice.why
     report = OptimizeReport(
         target=target,
         cpu=cpu_features(),
@@ -321,6 +330,8 @@ def optimize(
             "method": "interleaved, order alternating each round, sessions created in both "
             "orders, intra-op spinning off, median of paired ratios to fp32",
             "rounds": TIMING_ROUNDS,
+            "aa_control": aa,  # a second fp32 session over the first, same rounds
+            "choice": choice.to_dict(),
             "threads": THREADS or "onnxruntime default",
             "batches": list(timing_feeds),
         },
@@ -331,17 +342,25 @@ def optimize(
     return OptimizeResult(chosen.model, candidates, report)
 
 
-def _time_all(candidates: list[Candidate], timing_feeds: dict[str, dict]) -> None:
+def _time_all(candidates: list[Candidate], timing_feeds: dict[str, dict]) -> dict[str, float]:
+    """Time every candidate against fp32 in one run per batch; returns the A/A control by
+    batch (a second fp32 session's ratio to the first, in the same rounds)."""
+    fp32 = candidates[0].name
+    control = f"{fp32}'"
     models = {c.name: c.model for c in candidates}
+    models[control] = candidates[0].model
+    aa = {}
     for label, feeds in timing_feeds.items():
         result = time_interleaved(
-            models, feeds, reference="fp32", threads=THREADS, rounds=TIMING_ROUNDS
+            models, feeds, reference=fp32, threads=THREADS, rounds=TIMING_ROUNDS
         )
+        aa[label] = result[control]["ratio"]
         for c in candidates:
             c.latency[label] = {
                 "median_ms": result[c.name]["median_ms"],
                 "ratio": result[c.name]["ratio"],
             }
+    return aa
 
 
 def _best_int8(candidates: list[Candidate]) -> Candidate:
@@ -350,15 +369,6 @@ def _best_int8(candidates: list[Candidate]) -> Candidate:
     if met:
         return max(met, key=lambda c: c.speedup or 0.0)
     return min(int8, key=lambda c: c.accuracy["rel_l2"])
-
-
-def _choose(candidates: list[Candidate]) -> tuple[Candidate, str]:
-    fp32 = candidates[0]
-    eligible = [c for c in candidates[1:] if c.budget_met and not c.slower_than_fp32()]
-    if not eligible:
-        return fp32, "no INT8 candidate is within the budget and faster than fp32 at every batch"
-    best = max(eligible, key=lambda c: c.speedup or 0.0)
-    return best, f"fastest within the budget: {best.speedup:.2f}x the fp32 graph"
 
 
 def _optimize_cuda(candidates, steps, evaluate, budget, spec, notes) -> OptimizeResult:
