@@ -4,8 +4,8 @@ onnxruntime's CUDA provider re-plans every convolution when a run's batch size d
 previous run's, even a size it has seen (41 ms a ResNet-18 run with cuDNN's heuristic search,
 211 ms exhaustive, against 0.6-0.7 ms at a steady size on an H100). With buckets, a batch of
 ``n`` rows is padded up to the smallest bucket ``b >= n`` and run in that bucket's own session
-(``sessions.BucketSession``), which only ever sees ``b`` rows; rows ``n..b`` are dropped from the
-outputs before any reply is cut from them.
+(``bucket_sessions.BucketSession``), which only ever sees ``b`` rows; rows ``n..b`` are dropped
+from the outputs before any reply is cut from them.
 
 1. Exactness: the padding rows repeat the batch's last row (a value the model has just seen,
    never a NaN or an out-of-range index that zeros could be) and onnxruntime computes each row

@@ -23,22 +23,22 @@ import io
 import logging
 import sys
 import threading
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from service.errors import BadRequest, ServiceUnavailable, first_line
 from service.protocol.v2 import DATATYPES, Signature, TensorSpec
-from service.runtime import buckets as bucketing
 
 logger = logging.getLogger(__name__)
 
+if TYPE_CHECKING:
+    from service.runtime.bucket_sessions import BucketSession
+
 CUDA = "CUDAExecutionProvider"
 CPU = "CPUExecutionProvider"
-WARM_RUNS = 3  # timed runs of each bucket after its first, at deploy time
 # what the CUDA provider re-plans whenever a run's input shape differs from the previous run's
 # (cuDNN's algorithm choice and descriptors; see batcher.GPU_REPLANS for what it costs)
 REPLANNED_ON_NEW_SHAPE = frozenset({"Conv", "ConvTranspose"})
@@ -94,94 +94,6 @@ class LoadedSession:
         return bucket.staging if bucket is not None and bucket.staging else None
 
 
-class BucketSession:
-    """A session that only ever runs ``rows`` rows: plainly, or through IO binding with its
-    buffers bound once (and a CUDA graph captured on the first bound run, when asked)."""
-
-    def __init__(self, rows: int, session: Any, provider: str, cuda_graph: bool = False) -> None:
-        self.rows = rows
-        self.session = session
-        self.provider = provider
-        self.cuda_graph = cuda_graph
-        self.binding: Any = None
-        self.staging: dict[str, np.ndarray] = {}  # host buffers (pinned on CUDA when possible)
-        self.pinned = False
-        self._device_inputs: dict[str, Any] = {}  # OrtValues on the GPU, filled each run
-        self._outputs: dict[str, Any] = {}  # bound output OrtValues
-        self._lock = threading.Lock()  # the bound buffers are shared state
-
-    def bind(self, feeds: dict[str, np.ndarray], outputs: dict[str, np.ndarray]) -> None:
-        """Bind buffers shaped like ``feeds`` and ``outputs`` (a plain run's) for every run."""
-        import onnxruntime as ort
-
-        on_gpu = self.provider == CUDA
-        binding = self.session.io_binding()
-        for name, value in feeds.items():
-            host = _pinned_like(value) if on_gpu else None
-            self.pinned = host is not None
-            self.staging[name] = host if host is not None else np.empty_like(value)
-            if on_gpu:  # a fixed device address, filled from the host buffer each run
-                device = ort.OrtValue.ortvalue_from_shape_and_type(
-                    list(value.shape), value.dtype, "cuda", 0
-                )
-                self._device_inputs[name] = device
-                binding.bind_ortvalue_input(name, device)
-            else:  # the CPU reads the host buffer itself: no copy at all
-                binding.bind_ortvalue_input(
-                    name, ort.OrtValue.ortvalue_from_numpy(self.staging[name])
-                )
-        device_type = "cuda" if on_gpu else "cpu"
-        for name, value in outputs.items():
-            out = ort.OrtValue.ortvalue_from_shape_and_type(
-                list(value.shape), value.dtype, device_type, 0
-            )
-            self._outputs[name] = out
-            binding.bind_ortvalue_output(name, out)
-        self.binding = binding
-
-    def run(self, feeds: dict[str, np.ndarray], output_names: list[str]) -> dict[str, np.ndarray]:
-        if self.binding is None:
-            values = self.session.run(output_names, feeds)
-            return dict(zip(output_names, values, strict=True))
-        if any(v.shape != self.staging[n].shape for n, v in feeds.items()):
-            values = self.session.run(output_names, feeds)  # another shape than the bound one
-            return dict(zip(output_names, values, strict=True))
-        with self._lock:
-            for name, value in feeds.items():
-                staging = self.staging[name]
-                if value is not staging:
-                    np.copyto(staging, value)
-                device = self._device_inputs.get(name)
-                if device is not None:
-                    device.update_inplace(staging)  # from page-locked memory when pinned
-            self.session.run_with_iobinding(self.binding)
-            # a bound CPU output is a view of a buffer the next run overwrites: copied out;
-            # a GPU one is copied to the host by numpy() anyway
-            return {n: np.array(self._outputs[n].numpy(), copy=True) for n in output_names}
-
-    def describe(self) -> dict[str, Any]:
-        return {
-            "io_binding": self.binding is not None,
-            "pinned_host_buffers": self.pinned,
-            "cuda_graph": self.cuda_graph and self.binding is not None,
-        }
-
-
-def _pinned_like(value: np.ndarray) -> np.ndarray | None:
-    """A page-locked host array like ``value`` (torch's CUDA build allocates it; the copy to
-    the device then needs no staging through pageable memory), or None without one."""
-    try:
-        import torch
-
-        if not torch.cuda.is_available():
-            return None
-        dtype = torch.from_numpy(np.empty(0, value.dtype)).dtype
-        return torch.empty(value.shape, dtype=dtype, pin_memory=True).numpy()
-    except Exception as exc:  # no torch (the slim image), no CUDA build, no such dtype
-        logger.debug("no pinned host buffer: %s", first_line(exc))
-        return None
-
-
 def _text(name: str, array: np.ndarray) -> np.ndarray:
     """onnxruntime string tensors take ``str``; it would ``str()`` a bytes object instead."""
     out = np.empty(array.shape, dtype=object)
@@ -217,7 +129,7 @@ class SessionFactory:
         self.cpu_reason: str | None = None  # why CUDA is not used, once that is known
         self._lock = threading.Lock()
 
-    def _options(self, ort: Any) -> Any:
+    def options(self, ort: Any) -> Any:
         """The session options every session of the service starts from."""
         options = ort.SessionOptions()
         options.intra_op_num_threads = max(0, self.intra_op_threads)
@@ -230,7 +142,7 @@ class SessionFactory:
     def create(self, model: bytes | str) -> LoadedSession:
         import onnxruntime as ort
 
-        options = self._options(ort)
+        options = self.options(ort)
         options.log_severity_level = 3  # a fallback is detected below, not read from logs
         session = None
         with self._lock:
@@ -286,134 +198,13 @@ class SessionFactory:
         io_binding: str = "off",
         input_shapes: dict[str, list[int]] | None = None,
     ) -> LoadedSession:
-        """One warmed ``BucketSession`` per size of ``sizes`` on ``loaded``'s provider; with
-        ``choose``, only those ``buckets.choose_buckets`` keeps from the warm-up's timings.
+        """Warmed batch buckets on ``loaded`` (``bucket_sessions.add_buckets``)."""
+        from service.runtime import bucket_sessions
 
-        Each bucket's first run (its plan) and ``WARM_RUNS`` more are timed; the re-plan cost is
-        timed on the model's own session, at the smallest size right after the largest and back.
-        A failure leaves ``loaded`` without buckets, the reason in ``bucket_report``.
-        """
-        report: dict[str, Any] = {"sizes_tried": list(sizes), "io_binding": io_binding}
-        try:
-            built, run_s, notes = self._warm_buckets(loaded, model, sizes, io_binding, input_shapes)
-        except Exception as exc:  # a measurement failed: serve as before, say why
-            logger.warning("batch buckets not built: %s", first_line(exc))
-            loaded.bucket_report = {**report, "buckets": [], "error": first_line(exc)}
-            return loaded
-        report["run_ms"] = {str(b): round(t * 1e3, 4) for b, t in run_s.items()}
-        kept = sorted(built)
-        if choose:
-            replan = self._replan_s(loaded, sizes, run_s, input_shapes)
-            kept = bucketing.choose_buckets(run_s, replan)
-            report["replan_ms"] = round(replan * 1e3, 4)
-            report["rule"] = (
-                f"dropped a size when padding to the next kept one costs <= {bucketing.WASTE:.0%}"
-                " of its run; none at all when the worst padding waste is not below a re-plan"
-            )
-            if not kept:  # measured: a re-plan costs less than padding (the CPU provider)
-                loaded.replans_on_new_batch = False
-        loaded.buckets = {b: built[b] for b in kept}
-        report["buckets"] = kept
-        if kept:  # every bucket runs the same way: one model, one provider, one setting
-            report["run"] = built[kept[-1]].describe()
-        if notes:
-            report["notes"] = notes
-        loaded.bucket_report = report
-        return loaded
-
-    def _warm_buckets(
-        self,
-        loaded: LoadedSession,
-        model: bytes | str,
-        sizes: list[int],
-        io_binding: str,
-        input_shapes: dict[str, list[int]] | None,
-    ) -> tuple[dict[int, BucketSession], dict[int, float], list[str]]:
-        import onnxruntime as ort
-
-        notes: list[str] = []
-        bind = io_binding in ("on", "cuda_graph")
-        graph = io_binding == "cuda_graph"
-        if graph and loaded.provider != CUDA:
-            notes.append("cuda_graph: CUDA graphs need the CUDA provider; IO binding only")
-            graph = False
-        if bind and any(DATATYPES[s.datatype] == np.dtype(object) for s in loaded.signature.inputs):
-            notes.append("io_binding: an input is text, which onnxruntime cannot bind")
-            bind = graph = False
-        elif bind and any(d < 0 for s in loaded.signature.inputs for d in s.shape[1:]):
-            # bound at the upload's example shape; a request of another shape runs unbound,
-            # which a captured CUDA graph would not survive
-            notes.append("io_binding: bound at the example input shapes only")
-            if graph:
-                notes.append("cuda_graph: off, an input has another variable dimension")
-                graph = False
-        built: dict[int, BucketSession] = {}
-        run_s: dict[int, float] = {}
-        names = [o.name for o in loaded.signature.outputs]
-        for rows in sizes:
-            feeds = example_feeds(loaded.signature, input_shapes, rows)
-            # the model's own session gives the reference outputs and their shapes; a CUDA
-            # graph session is run through its binding only
-            reference = loaded.session.run(names, feeds)
-            session, why = self._bucket_session(ort, model, loaded.provider, graph)
-            if why and why not in notes:
-                notes.append(why)
-            bucket = BucketSession(rows, session, loaded.provider, graph and not why)
-            if bind:
-                bucket.bind(feeds, dict(zip(names, reference, strict=True)))
-            times = []
-            for _ in range(1 + WARM_RUNS):
-                started = time.perf_counter()
-                got = bucket.run(feeds, names)
-                times.append(time.perf_counter() - started)
-            for name, want in zip(names, reference, strict=True):
-                if not _close(want, got[name]):
-                    raise ModelLoadError(
-                        f"bucket {rows}: output {name!r} differs from the model's own session"
-                    )
-            built[rows] = bucket
-            run_s[rows] = min(times[1:])
-        return built, run_s, notes
-
-    def _bucket_session(
-        self, ort: Any, model: bytes | str, provider: str, cuda_graph: bool
-    ) -> tuple[Any, str | None]:
-        """A session on ``provider``; (session, why the CUDA graph was not had) or (_, None)."""
-        options = self._options(ort)
-        options.log_severity_level = 3
-        if provider != CUDA:
-            return ort.InferenceSession(model, options, providers=[CPU]), None
-        why = None
-        if cuda_graph:
-            try:
-                cuda = {**self.cuda_options, "enable_cuda_graph": "1"}
-                return ort.InferenceSession(model, options, providers=[(CUDA, cuda), CPU]), None
-            except Exception as exc:  # e.g. a node onnxruntime keeps on the CPU
-                why = f"cuda_graph: onnxruntime refused it ({first_line(exc)})"
-        session = ort.InferenceSession(model, options, providers=[(CUDA, self.cuda_options), CPU])
-        return session, why
-
-    @staticmethod
-    def _replan_s(
-        loaded: LoadedSession,
-        sizes: list[int],
-        run_s: dict[int, float],
-        input_shapes: dict[str, list[int]] | None,
-    ) -> float:
-        """What a run of the model's own session costs beyond a bucket's steady run when the
-        batch size differs from the previous run's (both sizes seen before)."""
-        small, large = min(sizes), max(sizes)
-        if small == large:
-            return 0.0
-        names = [o.name for o in loaded.signature.outputs]
-        feeds = {r: example_feeds(loaded.signature, input_shapes, r) for r in (small, large)}
-        extra = []
-        for _ in range(2):
-            for rows in (small, large):
-                started = time.perf_counter()
-                loaded.session.run(names, feeds[rows])
-                extra.append(time.perf_counter() - started - run_s[rows])
-        return max(0.0, float(np.median(extra)))
+        return bucket_sessions.add_buckets(
+            self, loaded, model, sizes, choose=choose, io_binding=io_binding,
+            input_shapes=input_shapes,
+        )  # fmt: skip
 
     def probe(self) -> str:
         """The provider a model would get here (used at start for ``require_gpu``)."""
@@ -553,7 +344,7 @@ def example_feeds(
     return feeds
 
 
-def _close(want: np.ndarray, got: np.ndarray) -> bool:
+def outputs_close(want: np.ndarray, got: np.ndarray) -> bool:
     """A bucket's output against the model's own session on the same inputs: the same shape,
     and values equal up to what another convolution algorithm may round differently (a wrong
     binding or a stale buffer is far off)."""
