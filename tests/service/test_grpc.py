@@ -6,6 +6,7 @@ HTTP request together."""
 from __future__ import annotations
 
 import asyncio
+import gzip
 import queue
 import re
 import time
@@ -239,6 +240,11 @@ def test_a_message_over_the_request_limit_is_refused_before_parsing(stub, server
     limit = int(server.env["BNFOLD_MAX_REQUEST_BYTES"])
     big = np.zeros((1, limit // 4 + 16), np.float32)
     code, details = code_of(stub.ModelInfer, _request(x=big), timeout=30)
+    assert code == grpc.StatusCode.RESOURCE_EXHAUSTED, details
+    # zeros compress to a few kB: the limit holds for the decompressed message
+    packed = _request(x=big)
+    assert len(gzip.compress(packed.SerializeToString())) < limit // 100
+    code, details = code_of(stub.ModelInfer, packed, timeout=30, compression=grpc.Compression.Gzip)
     assert code == grpc.StatusCode.RESOURCE_EXHAUSTED, details
     assert stub.ServerLive(service_pb2.ServerLiveRequest()).live  # and the server goes on
 
