@@ -1,8 +1,9 @@
 """optimize: the fastest graph on this machine that stays within an accuracy budget.
 
 1. The model as an ONNX graph with its BatchNorm intact (an nn.Module is exported with
-   ``export_onnx``), BN statistics read from it (`bn_stats`), then folded with ``fold_onnx``:
-   the folded fp32 graph is the first candidate and the reference for speed.
+   ``export_onnx``, batch dynamic, other dims those of the example inputs), BN statistics read
+   from it (`bn_stats`), then folded with ``fold_onnx``: the folded fp32 graph is the first
+   candidate and the reference for speed.
 2. INT8 data-free: cross-layer equalization where exact (`equalize`), ranges from the BN
    statistics propagated through the graph (`ranges`), analytic bias correction (`bias_correct`),
    then onnxruntime's quantizer with those ranges (`quantize`).
@@ -65,19 +66,42 @@ def _original_graph(model, inputs: tuple | None) -> tuple[onnx.ModelProto, objec
 
         if inputs is None:
             raise ValueError("an nn.Module needs example_inputs (or calibration) to be exported")
+        # static spatial dims, as torch.onnx.export gives by default: with H and W symbolic
+        # the intermediate shapes are expressions onnxruntime cannot resolve, and its NCHWc
+        # convolutions ran 5-7% slower on MobileNetV3-Large (docs/BENCHMARKS.md, issue 13)
         return (
-            export_onnx(model.eval(), inputs),
+            export_onnx(model.eval(), inputs, dynamic_spatial=False),
             model,
             [
                 "the module is exported with its BatchNorm and folded by fold_onnx, so the BN "
-                "statistics and the folded tensors carry the same names"
+                "statistics and the folded tensors carry the same names",
+                "exported with a dynamic batch and the example's other dims static: the graph "
+                "takes only inputs of the example's spatial size",
             ],
         )
     if isinstance(model, onnx.ModelProto):
-        return model, None, []
+        return model, None, _symbolic_dims_note(model)
     if isinstance(model, str | os.PathLike):
-        return onnx.load(os.fspath(model)), None, []
+        proto = onnx.load(os.fspath(model))
+        return proto, None, _symbolic_dims_note(proto)
     raise TypeError(f"model must be an nn.Module, an onnx.ModelProto or a path, not {type(model)}")
+
+
+def _symbolic_dims_note(model: onnx.ModelProto) -> list[str]:
+    """A note when a graph input has a symbolic dim besides the batch: the graph is kept as
+    given, but onnxruntime may run it slower than with those dims static."""
+    names = [
+        v.name
+        for v in model.graph.input
+        if any(not d.HasField("dim_value") for d in v.type.tensor_type.shape.dim[1:])
+    ]
+    if not names:
+        return []
+    return [
+        f"input(s) {', '.join(names)} have symbolic dims besides the batch: kept, but "
+        "onnxruntime cannot resolve the intermediate shapes then, which cost 5-7% on "
+        "MobileNetV3-Large; a graph with those dims static may be faster"
+    ]
 
 
 def _run(model: onnx.ModelProto, feeds: Sequence[dict]) -> list[np.ndarray]:

@@ -119,3 +119,45 @@ def test_fp16_keeps_overflowing_weights_in_fp32():
     session = make_session(result.model)
     out = session.run(None, {"x": np.full((1, 2), 1e-2, np.float32)})[0]
     np.testing.assert_allclose(out, [[2e3, 2e3]], rtol=1e-3)
+
+
+def _non_batch_dims_static(value: onnx.ValueInfoProto) -> bool:
+    return all(d.HasField("dim_value") for d in value.type.tensor_type.shape.dim[1:])
+
+
+def test_optimize_module_graph_has_static_shapes_onnxruntime_resolves(cnn, fast_pipeline, tmp_path):
+    # with H and W symbolic, onnxruntime sees shape expressions it cannot resolve and ran
+    # MobileNetV3-Large's convolutions 5-7% slower (docs/BENCHMARKS.md, issue 13)
+    from bnfold.optimizer.timing import make_session, session_options
+
+    result = bnfold.optimize(cnn, torch.randn(2, 3, 16, 16))
+    fp32 = result.candidates[0].model
+    (x,) = fp32.graph.input
+    dims = x.type.tensor_type.shape.dim
+    assert not dims[0].HasField("dim_value")  # the batch stays dynamic
+    assert [d.dim_value for d in dims[1:]] == [3, 16, 16]
+    assert all(_non_batch_dims_static(v) for v in fp32.graph.value_info)
+    # as onnxruntime runs it, at the optimizer's own session options
+    options = session_options()
+    options.optimized_model_filepath = str(tmp_path / "ort.onnx")
+    import onnxruntime as ort
+
+    ort.InferenceSession(fp32.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    optimized = onnx.load(options.optimized_model_filepath)
+    assert optimized.graph.value_info
+    assert all(_non_batch_dims_static(v) for v in optimized.graph.value_info)
+    session = make_session(result.model)
+    for batch in (1, 5):
+        (y,) = session.run(None, {x.name: np.zeros((batch, 3, 16, 16), np.float32)})
+        assert y.shape == (batch, 10)
+    assert any("spatial size" in n for n in result.report.notes)
+
+
+def test_optimize_onnx_with_symbolic_spatial_dims_is_kept_and_noted(cnn, fast_pipeline):
+    from bnfold.onnx.export import export_onnx
+
+    dynamic = export_onnx(cnn, (torch.randn(2, 3, 16, 16),))  # H and W symbolic
+    result = bnfold.optimize(dynamic, np.zeros((2, 3, 16, 16), np.float32))
+    dims = result.model.graph.input[0].type.tensor_type.shape.dim
+    assert not any(d.HasField("dim_value") for d in dims[2:])
+    assert any("symbolic dims besides the batch" in n for n in result.report.notes)
