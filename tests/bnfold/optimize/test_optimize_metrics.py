@@ -7,7 +7,7 @@ from optimize_graphs import conv_act_conv
 from bnfold.optimizer.accuracy import compare
 from bnfold.optimizer.budget import Budget
 from bnfold.optimizer.hardware import cpu_features
-from bnfold.optimizer.timing import aa_ratio, session_options, time_interleaved
+from bnfold.optimizer.timing import aa_ratio, run_orders, session_options, time_interleaved
 
 
 def test_compare_identical_outputs():
@@ -67,3 +67,20 @@ def test_time_interleaved_pairs_every_round():
     assert result["b"]["median_ms"] > 0
     assert aa_ratio(model, feeds, rounds=4) > 0
     assert aa_ratio(model, feeds, rounds=4, creation_orders=False, spinning=True) > 0
+
+
+@pytest.mark.parametrize("count", [3, 4, 5])
+def test_run_orders_every_place_equally_and_no_repeat_across_rounds(count):
+    orders = run_orders(count, 4 * count)
+    assert all(sorted(o) == list(range(count)) for o in orders)
+    for session in range(count):
+        places = [o.index(session) for o in orders]
+        assert all(places.count(p) == 4 for p in range(count))
+    assert all(a[-1] != b[0] for a, b in zip(orders[:-1], orders[1:], strict=True))
+    # both neighbours: session 0 runs right after 1 in some rounds and after count-1 in others
+    before = {o[o.index(0) - 1] for o in orders if o.index(0) > 0}
+    assert {1, count - 1} <= before
+
+
+def test_run_orders_two_sessions_alternate():
+    assert run_orders(2, 4) == [[0, 1], [1, 0], [0, 1], [1, 0]]
