@@ -12,10 +12,11 @@ Per torchvision model (random weights, randomized BN statistics, 100 classes, 22
 - B:  bnfold.optimize(model, calibration=the same batches): the chosen artifact.
 
 Timing (`bnfold.optimizer.timing`): sessions with intra-op spinning off, onnxruntime's
-default threads, interleaved with the order alternating, created in both orders, median of
-paired ratios, at batch 1 and batch 8. A second session of A (A') runs in the same rounds: the
-A/A control, whose ratio says how far the method can be trusted. Once per run, the naive method
-(spinning on, one creation order) is shown on the first model for comparison.
+default threads, interleaved with the order rotating (`timing.run_orders`), created in both
+orders, median of paired ratios, at batch 1 and batch 8. A second session of A (A') runs in
+the same rounds: the A/A control, whose ratio says how far the method can be trusted. Once per
+run, the naive method (spinning on, one creation order) is shown on the first model for
+comparison.
 
 Accuracy on 64 generated N(0, 1) inputs against the torch eval-mode original: top-1
 agreement and relative L2 for B, Q and every candidate of B (data-free included). The digits
@@ -169,7 +170,7 @@ def bench_digits() -> dict:
 
 def recheck(rounds: int) -> list[dict]:
     """The latency ratios of docs/BENCHMARKS.md "Reparameterization" and "ONNX", timed again
-    with this module's method (spinning off, both creation orders, alternating order), each
+    with this module's method (spinning off, both creation orders, rotating order), each
     table with its A/A control; 2 threads as the reparameterization run had (the ONNX run had
     1 thread, so both thread counts for it)."""
     from onnx_latency import build as build_latency

@@ -351,8 +351,8 @@ def optimize(
             "labels": label_array is not None,
         },
         timing={
-            "method": "interleaved, order alternating each round, sessions created in both "
-            "orders, intra-op spinning off, median of paired ratios to fp32",
+            "method": "interleaved, order rotating each round (timing.run_orders), sessions "
+            "created in both orders, intra-op spinning off, median of paired ratios to fp32",
             "rounds": TIMING_ROUNDS,
             "aa_control": aa,  # a second fp32 session over the first, same rounds
             "choice": choice.to_dict(),
