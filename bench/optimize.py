@@ -3,6 +3,10 @@ quantize_static, with an A/A control for the timing method.
 
     .venv/bin/python bench/optimize.py [--models resnet18,resnet50,mobilenet_v2,efficientnet_b0,
         mobilenet_v3_large,digits] [--rounds 20] [--out bench/results/optimize.jsonl]
+    .venv/bin/python bench/optimize.py --shapes --models mobilenet_v3_large [--rounds 60]
+
+(`--shapes`: the folded graph with H, W static and symbolic against the anchor, as onnxruntime
+runs them and timed; the cause of issue 13's MobileNetV3-Large gap.)
 
 Per torchvision model (random weights, randomized BN statistics, 100 classes, 224x224):
 
@@ -208,6 +212,63 @@ def recheck(rounds: int) -> list[dict]:
     return rows
 
 
+def _as_ort_runs_it(model) -> dict:
+    """Op histogram and value shapes of `model` after onnxruntime's optimizations, at the
+    optimizer's session options (SessionOptions.optimized_model_filepath)."""
+    import tempfile
+    from collections import Counter
+
+    import onnx
+    import onnxruntime as ort
+
+    from bnfold.optimizer.timing import session_options
+
+    with tempfile.TemporaryDirectory() as tmp:
+        options = session_options()
+        options.optimized_model_filepath = str(Path(tmp, "ort.onnx"))
+        ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+        seen = onnx.load(options.optimized_model_filepath)
+    symbolic = [
+        v.name
+        for v in seen.graph.value_info
+        if any(not d.HasField("dim_value") for d in v.type.tensor_type.shape.dim[1:])
+    ]
+    return {
+        "ops": dict(sorted(Counter(f"{n.domain}:{n.op_type}" for n in seen.graph.node).items())),
+        "nodes": len(seen.graph.node),
+        "initializers": len(seen.graph.initializer),
+        "values_with_symbolic_non_batch_dims": f"{len(symbolic)} of {len(seen.graph.value_info)}",
+    }
+
+
+def shapes(names: list[str], rounds: int) -> list[dict]:
+    """Issue 13's MobileNetV3-Large gap: the folded graph exported with H and W symbolic
+    (export_onnx's default, what optimize used before) and static (what it uses now), against
+    the anchor and an A/A control, as onnxruntime runs them and timed."""
+    from bnfold.onnx.export import export_onnx
+    from bnfold.onnx.fold import fold_onnx
+
+    rows = []
+    for name in names:
+        model = _build(name)
+        x = torch.randn(1, 3, 224, 224)
+        anchor = anchor_export(model, torch.cat([x, x]))
+        graphs = {
+            "A": anchor,
+            "F_static": fold_onnx(export_onnx(model, (x,), dynamic_spatial=False)).model,
+            "F_dynamic": fold_onnx(export_onnx(model, (x,))).model,
+        }
+        row = {"model": name, "as_ort_runs_it": {k: _as_ort_runs_it(g) for k, g in graphs.items()}}
+        models = {"A": anchor, "A'": anchor, **{k: graphs[k] for k in ("F_static", "F_dynamic")}}
+        rng = np.random.default_rng(1)
+        for batch in (1, 8):
+            feeds = {"x": rng.standard_normal((batch, 3, 224, 224)).astype(np.float32)}
+            row[f"batch={batch}"] = time_interleaved(models, feeds, reference="A", rounds=rounds)
+        rows.append(row)
+        print(json.dumps(row), file=sys.stderr, flush=True)
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", default=DEFAULT)
@@ -223,8 +284,18 @@ def main() -> None:
         action="store_true",
         help="only re-time the ONNX and reparameterization sections' ratios",
     )
+    parser.add_argument(
+        "--shapes",
+        action="store_true",
+        help="only compare the folded graph with static and symbolic H, W against the anchor",
+    )
     args = parser.parse_args()
     warnings.filterwarnings("ignore")
+    if args.shapes:
+        with open(args.out, "a") as out:
+            for row in shapes(args.models.split(","), args.rounds):
+                out.write(json.dumps(row) + "\n")
+        return
     if args.recheck:
         with open(args.out, "a") as out:
             for row in recheck(args.rounds):
