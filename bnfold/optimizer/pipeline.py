@@ -68,7 +68,8 @@ def _original_graph(model, inputs: tuple | None) -> tuple[onnx.ModelProto, objec
             raise ValueError("an nn.Module needs example_inputs (or calibration) to be exported")
         # static spatial dims, as torch.onnx.export gives by default: with H and W symbolic
         # the intermediate shapes are expressions onnxruntime cannot resolve, and its NCHWc
-        # convolutions ran 5-7% slower on MobileNetV3-Large (docs/BENCHMARKS.md, issue 13)
+        # convolutions ran MobileNetV3-Large 2-3% (batch 1) and 5-7% (batch 8) slower
+        # (docs/BENCHMARKS.md, issue 13)
         return (
             export_onnx(model.eval(), inputs, dynamic_spatial=False),
             model,
@@ -99,7 +100,7 @@ def _symbolic_dims_note(model: onnx.ModelProto) -> list[str]:
         return []
     return [
         f"input(s) {', '.join(names)} have symbolic dims besides the batch: kept, but "
-        "onnxruntime cannot resolve the intermediate shapes then, which cost 5-7% on "
+        "onnxruntime cannot resolve the intermediate shapes then, which cost up to 7% on "
         "MobileNetV3-Large; a graph with those dims static may be faster"
     ]
 

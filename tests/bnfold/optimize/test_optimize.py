@@ -127,7 +127,7 @@ def _non_batch_dims_static(value: onnx.ValueInfoProto) -> bool:
 
 def test_optimize_module_graph_has_static_shapes_onnxruntime_resolves(cnn, fast_pipeline, tmp_path):
     # with H and W symbolic, onnxruntime sees shape expressions it cannot resolve and ran
-    # MobileNetV3-Large's convolutions 5-7% slower (docs/BENCHMARKS.md, issue 13)
+    # MobileNetV3-Large's convolutions up to 7% slower (docs/BENCHMARKS.md, issue 13)
     from bnfold.optimizer.timing import make_session, session_options
 
     result = bnfold.optimize(cnn, torch.randn(2, 3, 16, 16))
