@@ -26,10 +26,9 @@ from tests.service.support import ONNX_TYPES, seed_store
 from tests.service.test_inference_batching import matmul_chain
 from tests.service.test_inference_triton import sample
 
-# a matmul chain this wide and deep runs ~1 s for 64 rows on the 2-core machine: long enough
-# for requests sent 0.15 s after it to be queued behind it
+# a matmul chain this wide and deep runs ~1 s for 64 rows on the 2-core machine: requests sent
+# once it runs (``_wait_until``) queue behind it
 WIDTH, BLOCKER_DEPTH = 1024, 1024
-QUEUED_AFTER_S = 0.15
 # the typed-contents field of each datatype (FP16 has none)
 TYPED = {
     "BOOL": "bool_contents",
@@ -296,6 +295,23 @@ def _metric(text: str, name: str, model: str) -> float:
     return sum(float(v) for v in re.findall(pattern, text, re.M))
 
 
+def _wait_until(server, model: str, requests: int, queued: int, timeout: float = 30) -> None:
+    """Until the server has received ``requests`` infer requests for ``model`` and ``queued``
+    of them wait for a run (the others running or answered), by its /metrics."""
+    deadline = time.monotonic() + timeout
+    with httpx.Client(base_url=server.url, timeout=10) as client:
+        while True:
+            text = client.get("/metrics").text
+            got = (
+                _metric(text, "bnfold_infer_requests_total", model),
+                _metric(text, "bnfold_queue_depth", model),
+            )
+            if got == (requests, queued):
+                return
+            assert time.monotonic() < deadline, f"requests, queued = {got}"
+            time.sleep(0.01)
+
+
 def test_one_batch_holds_grpc_and_http_requests_and_counts_them_alike(start_server, tmp_path):
     model = matmul_chain(WIDTH, BLOCKER_DEPTH)
     seed_store(tmp_path / "store", "chain", model)
@@ -327,7 +343,7 @@ def test_one_batch_holds_grpc_and_http_requests_and_counts_them_alike(start_serv
             running = asyncio.create_task(
                 h.post("/v2/models/chain/infer", content=body, headers=headers)
             )
-            await asyncio.sleep(QUEUED_AFTER_S)
+            await asyncio.to_thread(_wait_until, server, "chain", 1, 0)  # it runs
             body, headers = http_body(xh)
             got_g, got_h = await asyncio.gather(
                 g.infer("chain", [fp32_input("x", xg)]),
@@ -363,7 +379,7 @@ def test_a_full_queue_answers_unavailable_with_retry_after(start_server, tmp_pat
             assert await client.is_server_live()
             blocker = np.zeros((64, WIDTH), np.float32)
             running = asyncio.create_task(client.infer("chain", [fp32_input("x", blocker)]))
-            await asyncio.sleep(QUEUED_AFTER_S)
+            await asyncio.to_thread(_wait_until, server, "chain", 1, 0)  # it runs
             # while it runs two requests may wait (BNFOLD_MAX_QUEUE); the other four may not
             calls = [client.infer("chain", [fp32_input("x", x)]) for x in xs]
             outcomes = await asyncio.gather(*calls, return_exceptions=True)
@@ -398,9 +414,9 @@ def test_unavailable_carries_retry_after_in_the_trailing_metadata(start_server, 
             return r
 
         blocker = stub.ModelInfer.future(request(64))
-        time.sleep(QUEUED_AFTER_S)
+        _wait_until(server, "chain", 1, 0)  # it runs
         waiting = stub.ModelInfer.future(request(1))
-        time.sleep(QUEUED_AFTER_S)
+        _wait_until(server, "chain", 2, 1)  # it waits: the queue (1) is full
         refused = stub.ModelInfer.future(request(1))
         error = refused.exception(timeout=30)
         assert error is not None and error.code() == grpc.StatusCode.UNAVAILABLE
