@@ -199,10 +199,11 @@ def repair() -> dict:
     return out
 
 
-def serving_ab(rounds: int, seconds: float, concurrency: int = 8) -> dict:
+def serving_ab(rounds: int, seconds: float, concurrency: int = 8, aa: bool = False) -> dict:
     """Monitoring off (BNFOLD_DRIFT_SAMPLE=0) against the default rate, on the digits CNN: two
     servers up at once, loaded in turn (ABBA order, so a slow drift of the machine cancels),
-    closed-loop clients with one-row binary requests."""
+    closed-loop clients with one-row binary requests. ``aa``: both arms off (the A/A
+    control: what the method calls a difference when there is none)."""
     import asyncio
     import tempfile
 
@@ -221,7 +222,9 @@ def serving_ab(rounds: int, seconds: float, concurrency: int = 8) -> dict:
     env = {"BNFOLD_API_TOKEN": "bench-token-0123456789", "BNFOLD_DEPLOY_DEFAULTS": "0"}
     arms = {
         "off": Server(work / "off", {**env, "BNFOLD_DRIFT_SAMPLE": "0"}),
-        "default": Server(work / "default", {**env, "BNFOLD_DRIFT_SAMPLE": str(default_rate)}),
+        "default": Server(
+            work / "default", {**env, "BNFOLD_DRIFT_SAMPLE": "0" if aa else str(default_rate)}
+        ),
     }
     x = split.test_x[:1].numpy()
     results: dict[str, list] = {k: [] for k in arms}
@@ -259,7 +262,8 @@ def serving_ab(rounds: int, seconds: float, concurrency: int = 8) -> dict:
         "concurrency": concurrency,
         "seconds_per_run": seconds,
         "rounds": rounds,
-        "default_rate": default_rate,
+        "default_rate": 0.0 if aa else default_rate,
+        "aa_control": aa,
         "p50_ms": {a: median(a, "p50_ms") for a in arms},
         "throughput_rps": {a: median(a, "throughput_rps") for a in arms},
         "runs": results,
@@ -280,13 +284,14 @@ def main() -> None:
     parser.add_argument("--serving", action="store_true", help="the serving-cost A/B only")
     parser.add_argument("--rounds", type=int, default=6)
     parser.add_argument("--seconds", type=float, default=10.0)
+    parser.add_argument("--aa", action="store_true", help="with --serving: both arms off")
     args = parser.parse_args()
     import torch
 
     torch.set_num_threads(1)
     t0 = time.perf_counter()
     if args.serving:
-        result = {"serving": serving_ab(args.rounds, args.seconds)}
+        result = {"serving": serving_ab(args.rounds, args.seconds, aa=args.aa)}
     else:
         result = {"detection": detection(), "repair": repair()}
     result["seconds"] = time.perf_counter() - t0
