@@ -199,7 +199,13 @@ def repair() -> dict:
     return out
 
 
-def serving_ab(rounds: int, seconds: float, concurrency: int = 8, aa: bool = False) -> dict:
+def serving_ab(
+    rounds: int,
+    seconds: float,
+    concurrency: int = 8,
+    aa: bool = False,
+    extra_env: dict[str, str] | None = None,
+) -> dict:
     """Monitoring off (BNFOLD_DRIFT_SAMPLE=0) against the default rate, on the digits CNN: two
     servers up at once, loaded in turn (ABBA order, so a slow drift of the machine cancels),
     closed-loop clients with one-row binary requests. ``aa``: both arms off (the A/A
@@ -220,6 +226,7 @@ def serving_ab(rounds: int, seconds: float, concurrency: int = 8, aa: bool = Fal
     default_rate = Settings().drift_sample
     work = Path(tempfile.mkdtemp(prefix="bnfold-drift-ab-"))
     env = {"BNFOLD_API_TOKEN": "bench-token-0123456789", "BNFOLD_DEPLOY_DEFAULTS": "0"}
+    env.update(extra_env or {})
     arms = {
         "off": Server(work / "off", {**env, "BNFOLD_DRIFT_SAMPLE": "0"}),
         "default": Server(
@@ -264,6 +271,7 @@ def serving_ab(rounds: int, seconds: float, concurrency: int = 8, aa: bool = Fal
         "rounds": rounds,
         "default_rate": 0.0 if aa else default_rate,
         "aa_control": aa,
+        "server_env": extra_env or {},
         "p50_ms": {a: median(a, "p50_ms") for a in arms},
         "throughput_rps": {a: median(a, "throughput_rps") for a in arms},
         "runs": results,
@@ -285,13 +293,15 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=6)
     parser.add_argument("--seconds", type=float, default=10.0)
     parser.add_argument("--aa", action="store_true", help="with --serving: both arms off")
+    parser.add_argument("--env", action="append", default=[], help="BNFOLD_X=V for both servers")
     args = parser.parse_args()
     import torch
 
     torch.set_num_threads(1)
     t0 = time.perf_counter()
     if args.serving:
-        result = {"serving": serving_ab(args.rounds, args.seconds, aa=args.aa)}
+        extra = dict(e.split("=", 1) for e in args.env)
+        result = {"serving": serving_ab(args.rounds, args.seconds, aa=args.aa, extra_env=extra)}
     else:
         result = {"detection": detection(), "repair": repair()}
     result["seconds"] = time.perf_counter() - t0

@@ -21,6 +21,7 @@ import logging
 import queue
 import random
 import threading
+import time
 from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,6 +36,8 @@ if TYPE_CHECKING:  # bnfold is imported when the first model is observed, not wi
     from bnfold.drift import DriftDetector, DriftResult
 
 logger = logging.getLogger(__name__)
+
+GATHER_S = 0.05  # how long the monitor thread lets samples gather before it observes them
 
 
 class DriftUnavailable(ServiceError):
@@ -122,13 +125,25 @@ class DriftMonitor:
     # -- the monitor thread ----------------------------------------------------------------------
     def _run(self) -> None:
         while True:
-            item = self._queue.get()
-            if item is None:
+            first = self._queue.get()
+            # let the samples of the next GATHER_S queue up without waking this thread for each:
+            # every wake-up takes the GIL from the event loop (docs/BENCHMARKS.md "Drift")
+            if first is not None:
+                time.sleep(GATHER_S)
+            items = [first]
+            while True:
+                try:
+                    items.append(self._queue.get_nowait())
+                except queue.Empty:
+                    break
+            stop = any(item is None for item in items)
+            for name, version, inputs in (i for i in items if i is not None):
+                try:
+                    self._observe(name, version, inputs)
+                except Exception:  # a monitor must never take the service down
+                    logger.exception("drift: observing a sample of %s failed", name)
+            if stop:
                 return
-            try:
-                self._observe(*item)
-            except Exception:  # a monitor must never take the service down
-                logger.exception("drift: observing a sample of %s failed", item[0])
 
     def _observe(self, name: str, version: str, inputs: dict[str, np.ndarray]) -> None:
         from bnfold.drift import ChannelMoments
