@@ -13,7 +13,7 @@ and a bucket's run with IO binding and a CUDA graph on and off. One JSON report.
 2. fp16: ``bnfold.optimizer.fp16.to_fp16`` of the folded graph against it at batch 32: median
    run time with the input already on the device (compute) and from host numpy (end to end),
    and top-1 agreement over 512 generated images.
-3. io_binding: one bucket of 32 rows built by the service's own ``SessionFactory.add_buckets``
+3. io_binding: one bucket of 32 rows built by the service's own ``bucket_sessions.add_buckets``
    with io_binding off, on and cuda_graph, timed through ``LoadedSession.run``.
 
 Targets (judged only on CUDA): buckets at c64 >= 3x unbatched throughput with p99 at c1 no
@@ -230,6 +230,7 @@ def fp16(model: onnx.ModelProto, shape: list[int], args) -> dict:
 
 def io_binding(model: bytes, shape: list[int], args) -> dict:
     """Step 3: one bucket of ``--batch`` rows, run by the service the three ways."""
+    from service.runtime import bucket_sessions
     from service.runtime.buckets import pad
     from service.runtime.sessions import SessionFactory
 
@@ -238,7 +239,9 @@ def io_binding(model: bytes, shape: list[int], args) -> dict:
     out = {}
     for mode in ("off", "on", "cuda_graph"):
         loaded = factory.create(model)
-        loaded = factory.add_buckets(loaded, model, [args.batch], choose=False, io_binding=mode)
+        loaded = bucket_sessions.add_buckets(
+            factory, loaded, model, [args.batch], choose=False, io_binding=mode
+        )
         names = [o.name for o in loaded.signature.outputs]
         input_name = loaded.signature.inputs[0].name
 

@@ -26,6 +26,7 @@ from service.errors import Forbidden, NotFound, ServiceError, Unprocessable, fir
 from service.ingest import Ingestor, IngestResult
 from service.metrics import ServiceMetrics
 from service.protocol import v2
+from service.runtime import bucket_sessions
 from service.runtime.batcher import Batcher, Timing, policy_for
 from service.runtime.buckets import AUTO, parse_spec, sizes_for
 from service.runtime.registry import LoadedModel, ModelRegistry
@@ -131,7 +132,8 @@ class ModelService:
         sizes = sizes_for(spec, max_batch, runtime.replans_on_new_batch)
         if not sizes or not runtime.signature.batched:
             return runtime
-        return self.sessions.add_buckets(
+        return bucket_sessions.add_buckets(
+            self.sessions,
             runtime,
             model,
             sizes,

@@ -77,7 +77,7 @@ class BatchPolicy:
     enabled: bool  # False: every request runs alone (no batch dimension, or turned off)
     reason: str | None = None  # why batching is off, when the model could have had it
     buckets: tuple[int, ...] = ()  # case 7: every run padded to one of these sizes; () exact
-    # what the warm-up measured and chose (SessionFactory.add_buckets), for the model's record
+    # what the warm-up measured and chose (bucket_sessions.add_buckets), for the model's record
     bucket_report: dict[str, Any] | None = field(default=None, compare=False)
 
     def to_dict(self) -> dict[str, Any]:

@@ -6,7 +6,7 @@ provider in use is read back from the session, reported per model, and ``require
 fallback into an error instead.
 
 A batched model can also get one ``BucketSession`` per batch bucket (``runtime/buckets.py``),
-built and warmed by ``SessionFactory.add_buckets``. A bucket's shapes never change, so it can run
+built and warmed by ``bucket_sessions.add_buckets``. A bucket's shapes never change, so it can run
 through IO binding (``io_binding``): its input and output buffers are bound once, its host
 buffers are page-locked on CUDA (where torch can pin them), and with ``cuda_graph`` the CUDA
 provider captures the run once and replays it. Each step falls back, with its reason in the
@@ -187,24 +187,6 @@ class SessionFactory:
         finally:
             if set_severity is not None:
                 set_severity(2)  # onnxruntime's default: warnings
-
-    def add_buckets(
-        self,
-        loaded: LoadedSession,
-        model: bytes | str,
-        sizes: list[int],
-        *,
-        choose: bool,
-        io_binding: str = "off",
-        input_shapes: dict[str, list[int]] | None = None,
-    ) -> LoadedSession:
-        """Warmed batch buckets on ``loaded`` (``bucket_sessions.add_buckets``)."""
-        from service.runtime import bucket_sessions
-
-        return bucket_sessions.add_buckets(
-            self, loaded, model, sizes, choose=choose, io_binding=io_binding,
-            input_shapes=input_shapes,
-        )  # fmt: skip
 
     def probe(self) -> str:
         """The provider a model would get here (used at start for ``require_gpu``)."""

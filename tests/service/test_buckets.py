@@ -15,6 +15,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from service.protocol.v2 import Signature, TensorSpec
+from service.runtime import bucket_sessions
 from service.runtime.batcher import Batcher, BatchPolicy, policy_for
 from service.runtime.buckets import (
     bucket_for,
@@ -120,8 +121,8 @@ def test_policy_with_buckets_batches_a_replanning_model_up_to_its_largest_bucket
 @pytest.mark.parametrize("io_binding", ["off", "on", "cuda_graph"])
 def test_bucket_sessions_answer_each_row_as_running_it_alone(io_binding):
     factory = SessionFactory(intra_op_threads=1)
-    loaded = factory.add_buckets(
-        factory.create(MODEL), MODEL, [1, 2, 4, 8], choose=False, io_binding=io_binding
+    loaded = bucket_sessions.add_buckets(
+        factory, factory.create(MODEL), MODEL, [1, 2, 4, 8], choose=False, io_binding=io_binding
     )
     report = loaded.bucket_report
     assert report["buckets"] == [1, 2, 4, 8] and set(report["run_ms"]) == {"1", "2", "4", "8"}
@@ -144,7 +145,8 @@ def test_a_bucket_bound_at_the_example_shape_runs_other_shapes_unbound():
 
     model = variable_width_identity().SerializeToString()
     factory = SessionFactory(intra_op_threads=1)
-    loaded = factory.add_buckets(
+    loaded = bucket_sessions.add_buckets(
+        factory,
         factory.create(model), model, [2], choose=False, io_binding="cuda_graph",
         input_shapes={"x": [2, 3]},
     )  # fmt: skip
@@ -160,7 +162,9 @@ def test_a_bucket_bound_at_the_example_shape_runs_other_shapes_unbound():
 
 def test_auto_buckets_are_chosen_from_the_warmup_timings():
     factory = SessionFactory(intra_op_threads=1)
-    loaded = factory.add_buckets(factory.create(MODEL), MODEL, candidates(16), choose=True)
+    loaded = bucket_sessions.add_buckets(
+        factory, factory.create(MODEL), MODEL, candidates(16), choose=True
+    )
     report = loaded.bucket_report
     assert report["replan_ms"] >= 0 and "rule" in report
     run_s = {int(b): t / 1e3 for b, t in report["run_ms"].items()}
@@ -171,15 +175,22 @@ def test_auto_buckets_are_chosen_from_the_warmup_timings():
 def test_a_failed_warmup_leaves_the_model_without_buckets():
     factory = SessionFactory(intra_op_threads=1)
     # a wrong example shape: the warm-up run fails, the model is served as before
-    loaded = factory.add_buckets(
-        factory.create(MODEL), MODEL, [1, 2], choose=False, input_shapes={"x": [1, 5, 8, 8]}
+    loaded = bucket_sessions.add_buckets(
+        factory,
+        factory.create(MODEL),
+        MODEL,
+        [1, 2],
+        choose=False,
+        input_shapes={"x": [1, 5, 8, 8]},
     )
     assert loaded.buckets == {} and loaded.bucket_report["error"]
 
 
 def test_batcher_pads_batches_into_the_bucket_and_replies_without_the_padding():
     factory = SessionFactory(intra_op_threads=1)
-    loaded = factory.add_buckets(factory.create(MODEL), MODEL, [1, 2, 4], choose=False)
+    loaded = bucket_sessions.add_buckets(
+        factory, factory.create(MODEL), MODEL, [1, 2, 4], choose=False
+    )
     loaded.buckets = {b: loaded.buckets[b] for b in (1, 4)}  # 2 and 3 rows pad to 4
     seen: list[int] = []
     run = loaded.run
