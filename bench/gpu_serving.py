@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import hashlib
 import json
 import os
 import statistics
@@ -44,6 +43,8 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
 from load import run_load, v2_request  # noqa: E402
+
+from tests.service.support import seed_store  # noqa: E402
 
 TOKEN = "issue16-bench-token-0123456789"
 VARIANTS = {  # server environment per variant, beyond the common one
@@ -86,28 +87,6 @@ def folded_model(smoke: bool) -> tuple[onnx.ModelProto, list[int]]:
     return bnfold.fold_onnx(graph).model, shape
 
 
-def seed_store(store: Path, name: str, data: bytes, shape: list[int]) -> None:
-    from service.store import ModelStore
-
-    repo = ModelStore(store)
-    repo.open()
-    version = hashlib.sha256(data).hexdigest()[:16]
-    scratch = repo.scratch_dir("bench-")
-    (scratch / "model.onnx").write_bytes(data)
-    record = {
-        "name": name,
-        "version": version,
-        "platform": "onnxruntime_onnx",
-        "source": {"format": "onnx", "note": "bench/gpu_serving.py"},
-        "input_shapes": {onnx.load_from_string(data).graph.input[0].name: [2, *shape[1:]]},
-        "fold_report": {},
-        "verification": {},
-        "gpu_divergence": None,
-        "deployed_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-    }
-    repo.deploy(name, version, scratch / "model.onnx", record)
-
-
 def serve(store: Path, env: dict[str, str], port: int, log: Path) -> subprocess.Popen:
     full = {k: v for k, v in os.environ.items() if not k.startswith("BNFOLD_")}
     full.update(env, PYTHONPATH=str(ROOT), BNFOLD_STORE=str(store), BNFOLD_PORT=str(port))
@@ -142,7 +121,8 @@ def serving(model: bytes, shape: list[int], args, work: Path) -> dict:
     buckets = "1,2,4,8" if args.cpu_smoke else "auto"
     for variant, extra in VARIANTS.items():
         store = work / f"store-{variant}"
-        seed_store(store, "net", model, shape)
+        shapes = {input_name: [2, *shape[1:]]}
+        seed_store(store, "net", model, shapes, note="bench/gpu_serving.py")
         env = {"BNFOLD_BATCH_BUCKETS": buckets, "BNFOLD_MAX_BATCH_SIZE": str(args.max_batch)}
         env.update(extra, BNFOLD_REQUIRE_GPU="0" if args.cpu_smoke else "1")
         port = 18000 + len(out)

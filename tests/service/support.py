@@ -182,16 +182,23 @@ def all_datatypes_model(datatypes: list[str] | None = None) -> onnx.ModelProto:
     return model
 
 
-def seed_store(root: Path, name: str, model: onnx.ModelProto) -> None:
+def seed_store(
+    root: Path,
+    name: str,
+    model: onnx.ModelProto | bytes,
+    input_shapes: dict[str, list[int]] | None = None,
+    note: str = "seeded by the tests",
+) -> None:
     """Deploy a graph straight into a store, as a previous run would have left it.
 
     For graphs that ingest cannot verify (bnfold generates float inputs only), so that the
-    protocol tests can cover every datatype."""
+    protocol tests can cover every datatype; ``input_shapes`` is what an upload would have
+    recorded (the example shapes batch buckets warm up with)."""
     from service.store import ModelStore
 
     store = ModelStore(root)
     store.open()
-    data = model.SerializeToString()
+    data = model if isinstance(model, bytes) else model.SerializeToString()
     version = hashlib.sha256(data).hexdigest()[:16]
     scratch = store.scratch_dir("seed-")
     (scratch / "model.onnx").write_bytes(data)
@@ -199,8 +206,8 @@ def seed_store(root: Path, name: str, model: onnx.ModelProto) -> None:
         "name": name,
         "version": version,
         "platform": "onnxruntime_onnx",
-        "source": {"format": "onnx", "note": "seeded by the tests"},
-        "input_shapes": {},
+        "source": {"format": "onnx", "note": note},
+        "input_shapes": input_shapes or {},
         "fold_report": {},
         "verification": {},
         "gpu_divergence": None,
