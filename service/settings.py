@@ -75,7 +75,7 @@ class Settings:
     infer_fast_path: bool = True  # infer requests skip FastAPI's routing (routes/infer_asgi.py)
     coalesce_writes: bool = True  # a response's header and body in one write (http_protocol.py)
 
-    # drift monitoring (service/drift.py): a fraction of infer requests runs, off the request
+    # drift monitoring (service/drift/): a fraction of infer requests runs, off the request
     # path, through each model's observer graph; windows are compared with the BN statistics
     drift_sample: float = 0.01  # fraction of infer requests sampled; 0 turns monitoring off
     drift_window: int = 32  # samples (rows) per window; defaults: docs/BENCHMARKS.md "Drift"

@@ -6,7 +6,7 @@
 - ``reestimation``: ``recalibrate_onnx``, new statistics written into the BN nodes
 - ``torch_score``: ``drift_score(model, batches)`` for torch models (imports torch)
 
-Nothing here knows of HTTP; the service's monitor (``service/drift.py``) uses these.
+Nothing here knows of HTTP; the service's monitor (``service/drift/``) uses these.
 """
 
 from importlib import import_module

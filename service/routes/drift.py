@@ -1,6 +1,6 @@
 """Drift: read a model's input drift; recalibrate its BN statistics; roll back a version.
 
-``GET /v1/models/{name}/drift`` is the monitor's latest window (service/drift.py);
+``GET /v1/models/{name}/drift`` is the monitor's latest window (service/drift/);
 ``POST /v1/models/{name}/recalibrate`` takes unlabeled inputs (a file, or ``source=traffic``)
 and deploys a new, verified version; ``POST /v1/models/{name}/rollback`` serves the previous
 version again. Every route needs the management token.

@@ -268,3 +268,49 @@ def test_an_upload_sets_its_own_sampling_rate(start_server, digits_bytes, digits
         assert 'bnfold_drift_samples_total{model="digits-default"}' not in api.get("/metrics").text
         r = upload(api, "digits-bad", digits_bytes, drift_sample="1.5")
         assert r.status_code == 400 and "drift_sample is a fraction" in r.json()["error"]
+
+
+def test_the_monitor_observes_in_its_own_process_and_a_killed_one_is_replaced(
+    start_server, digits_bytes, digits_data
+):
+    import os
+    import signal
+
+    server = start_server(**DRIFT_ENV)
+    with server.client() as api:
+        _deploy(api, "digits-proc", digits_bytes)
+        _send(api, "digits-proc", digits_data[1][:16])
+        assert _drift_after(api, "digits-proc", 16)["samples"] == 16
+        pids = _monitor_pids(server.proc.pid)
+        assert len(pids) == 1
+        os.kill(pids[0], signal.SIGKILL)
+        deadline = time.monotonic() + 30
+        while "ended with exit code -9" not in server.log.read_text():
+            assert time.monotonic() < deadline, server.log.read_text()[-2000:]
+            time.sleep(0.1)
+        # a report now starts a new process: its window is empty, the counter goes on
+        assert api.get("/v1/models/digits-proc/drift").json()["samples"] == 0
+        _send(api, "digits-proc", digits_data[1][16:24])
+        assert _drift_after(api, "digits-proc", 24)["samples"] == 8
+        assert api.get("/v2/health/ready").status_code == 200
+        assert len(_monitor_pids(server.proc.pid)) == 1
+    assert "Traceback" not in server.log.read_text()
+
+
+def _monitor_pids(server_pid: int) -> list[int]:
+    """The server's child processes started by multiprocessing's spawn (the drift monitor;
+    its resource tracker is started by spawn too, and named so)."""
+    from pathlib import Path
+
+    pids = set()
+    for children in Path(f"/proc/{server_pid}/task").glob("*/children"):
+        pids.update(int(p) for p in children.read_text().split())
+    found = []
+    for pid in sorted(pids):
+        try:
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ")
+        except FileNotFoundError:
+            continue
+        if b"spawn_main" in cmdline:
+            found.append(pid)
+    return found
