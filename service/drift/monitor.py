@@ -36,6 +36,7 @@ __all__ = ["GATHER_S", "DriftMonitor", "DriftUnavailable", "MonitorUnavailable"]
 
 GATHER_S = 0.05  # how long samples gather before the sender thread ships them
 CALL_TIMEOUT_S = 60.0  # a report's first call builds the observer (an onnxruntime session)
+RESTART_DELAY_S = 5.0  # after the process dies or fails to start: no restart storm
 
 
 class DriftUnavailable(ServiceError):
@@ -76,6 +77,7 @@ class DriftMonitor:
         self.sampled: dict[str, int] = {}  # rows observed, per model
         self.dropped: dict[str, int] = {}  # samples dropped on a full list, per model
         self.pid: int | None = None  # the monitor process's, while one runs
+        self._not_before = 0.0  # monotonic time before which no new process starts
 
     # -- the request path ----------------------------------------------------------------------
     def rate_of(self, record: dict[str, Any]) -> float:
@@ -155,29 +157,39 @@ class DriftMonitor:
             time.sleep(GATHER_S)
             with self._wake:
                 batch, self._pending = self._pending, []
-            paths: dict[tuple[str, str], str] = {}
-            samples = []
-            for name, version, inputs in batch:
-                key = (name, version)
-                if key not in paths:
-                    paths[key] = str(self._original_path(name, version))
-                samples.append(Sample(name, version, paths[key], inputs))
             try:
-                with self._lock:
-                    self._ensure_process()
-                    sent = self._send_locked(("observe", samples))
-            except Exception:  # the process could not start: logged; the samples are dropped
-                logger.exception("drift: the monitor process could not start")
+                sent = self._ship(batch)
+            except MonitorUnavailable:  # waiting out the restart delay: dropped, counted
+                sent = False
+            except Exception:  # the sender must outlive anything: logged, the batch dropped
+                logger.exception("drift: shipping %d samples to the monitor failed", len(batch))
                 sent = False
             if not sent:
-                for sample in samples:
-                    self.dropped[sample.name] = self.dropped.get(sample.name, 0) + 1
+                for name, _, _ in batch:
+                    self.dropped[name] = self.dropped.get(name, 0) + 1
+
+    def _ship(self, batch: list[tuple[str, str, dict[str, np.ndarray]]]) -> bool:
+        paths: dict[tuple[str, str], str] = {}
+        samples = []
+        for name, version, inputs in batch:
+            if (name, version) not in paths:
+                paths[name, version] = str(self._original_path(name, version))
+            samples.append(Sample(name, version, paths[name, version], inputs))
+        with self._lock:
+            self._ensure_process()
+            return self._send_locked(("observe", samples))
 
     # -- the process ---------------------------------------------------------------------------
     def _ensure_process(self) -> None:
         """Start the monitor process if none runs; under ``_lock``."""
         if self._process is not None and self._process.is_alive():
             return
+        wait = self._not_before - time.monotonic()
+        if wait > 0:
+            raise MonitorUnavailable(
+                f"the drift monitor process ended; a new one starts in {wait:.0f} s"
+            )
+        self._not_before = time.monotonic() + RESTART_DELAY_S  # until this start succeeds
         from service.drift.process import serve
 
         context = multiprocessing.get_context("spawn")
@@ -199,6 +211,7 @@ class DriftMonitor:
             target=self._receive_loop, args=(process, ours), name="drift-receiver", daemon=True
         )
         receiver.start()
+        self._not_before = 0.0
 
     def _send_locked(self, message: tuple) -> bool:
         try:
@@ -232,15 +245,17 @@ class DriftMonitor:
         with self._lock:
             if self._process is process:
                 self._process = self._conn = self.pid = None
+                if not self._stopping:
+                    self._not_before = time.monotonic() + RESTART_DELAY_S
             calls, self._calls = self._calls, {}
         for call in calls.values():
             call.ok, call.value = False, ("down", "the drift monitor process ended")
             call.done.set()
         if not self._stopping:
             logger.warning(
-                "drift: the monitor process (pid %s) ended with exit code %s; the next sample "
-                "starts a new one, with empty windows",
-                process.pid, process.exitcode,
+                "drift: the monitor process (pid %s) ended with exit code %s; a new one, with "
+                "empty windows, starts with the first sample after %.0f s",
+                process.pid, process.exitcode, RESTART_DELAY_S,
             )  # fmt: skip
 
     def _call(self, method: str, *args) -> Any:
