@@ -3,7 +3,8 @@
 1. The model as an ONNX graph with its BatchNorm intact (an nn.Module is exported with
    ``export_onnx``, batch dynamic, other dims those of the example inputs), BN statistics read
    from it (`bn_stats`), then folded with ``fold_onnx``: the folded fp32 graph is the first
-   candidate and the reference for speed.
+   candidate and the reference for speed. Every INT8 candidate is quantized from a copy of it
+   whose spatial ReduceMeans are GlobalAveragePools (`pooling`), which onnxruntime runs in int8.
 2. INT8 data-free: cross-layer equalization where exact (`equalize`), ranges from the BN
    statistics propagated through the graph (`ranges`), analytic bias correction (`bias_correct`),
    then onnxruntime's quantizer with those ranges (`quantize`).
@@ -41,6 +42,7 @@ from bnfold.optimizer.graph import copy_model, name_nodes
 from bnfold.optimizer.hardware import cpu_features
 from bnfold.optimizer.inputs import InputSpec, as_feeds, input_spec
 from bnfold.optimizer.mixed import search_mixed
+from bnfold.optimizer.pooling import reduce_mean_as_global_pool
 from bnfold.optimizer.quantize import CALIBRATION_METHODS, calibrate, quantize, ranges_cache
 from bnfold.optimizer.ranges import propagate_ranges
 from bnfold.optimizer.timing import make_session, time_interleaved
@@ -213,11 +215,15 @@ def optimize(
     if target == "cuda":
         return _optimize_cuda(candidates, steps, evaluate, budget, spec, notes)
     tmp = tempfile.TemporaryDirectory(prefix="bnfold-optimize-")
+    # the graph every INT8 candidate is quantized from: the same function as fp32, in the
+    # form onnxruntime's int8 kernels cover (the fp32 candidate stays as folded)
+    quantizable = copy_model(fp32)
+    steps["pooling"] = reduce_mean_as_global_pool(quantizable).to_dict()
     caches: dict[str, tuple] = {}  # candidate -> (source graph, ranges cache, method, exclude)
     try:
         # step 2: data-free
         with progress.stage("INT8 data-free: equalization, ranges, bias correction", 3) as step:
-            data_free = copy_model(fp32)
+            data_free = copy_model(quantizable)
             bn = {k: v for k, v in stats.items()}
             eq = equalize(data_free, bn)
             step()
@@ -272,8 +278,8 @@ def optimize(
             with progress.stage("INT8 calibrated", len(CALIBRATION_METHODS)) as step:
                 for method in CALIBRATION_METHODS:
                     cache = Path(tmp.name, f"{method}.json")
-                    q = calibrate(fp32, calib_feeds, method, cache)
-                    caches[f"int8_{method}"] = (fp32, cache, method, [])
+                    q = calibrate(quantizable, calib_feeds, method, cache)
+                    caches[f"int8_{method}"] = (quantizable, cache, method, [])
                     candidates.append(
                         Candidate(
                             f"int8_{method}",

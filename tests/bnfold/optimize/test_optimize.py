@@ -161,3 +161,44 @@ def test_optimize_onnx_with_symbolic_spatial_dims_is_kept_and_noted(cnn, fast_pi
     dims = result.model.graph.input[0].type.tensor_type.shape.dim
     assert not any(d.HasField("dim_value") for d in dims[2:])
     assert any("symbolic dims besides the batch" in n for n in result.report.notes)
+
+
+def test_optimize_quantizes_spatial_means_as_global_pools(fast_pipeline):
+    """A squeeze-excitation mean (keepdim) is a GlobalAveragePool in every INT8 candidate, so
+    onnxruntime runs it in int8; the fp32 candidate keeps the graph as folded."""
+    torch.manual_seed(0)
+
+    class SE(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = torch.nn.Sequential(
+                torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.BatchNorm2d(8), torch.nn.SiLU()
+            )
+            self.fc = torch.nn.Conv2d(8, 8, 1)
+            self.head = torch.nn.Linear(8, 10)
+
+        def forward(self, x):
+            y = self.conv(x)
+            y = y * torch.sigmoid(self.fc(y.mean((2, 3), keepdim=True)))
+            return self.head(y.mean((2, 3)))
+
+    model = SE().eval()
+    x = torch.randn(2, 3, 16, 16)
+    result = bnfold.optimize(model, x, calibration=[x.numpy()])
+    # the SE mean is rewritten; the head's mean drops its dims (keepdims=0) and stays
+    assert result.report.steps["pooling"] == {"rewritten": 1, "skipped": {"keepdims=0": 1}}
+    ops = {c.name: [n.op_type for n in c.model.graph.node] for c in result.candidates}
+    assert ops["fp32"].count("ReduceMean") == 2
+    for name in ("int8_data_free", "int8_minmax"):
+        assert ops[name].count("ReduceMean") == 1 and "GlobalAveragePool" in ops[name]
+    with torch.no_grad():
+        expected = model(x).numpy()
+    got = _run_onnx(result.candidates[-1].model, x.numpy())
+    assert np.corrcoef(expected.ravel(), got.ravel())[0, 1] > 0.99
+
+
+def _run_onnx(model, x):
+    from bnfold.optimizer.timing import make_session
+
+    session = make_session(model)
+    return session.run(None, {session.get_inputs()[0].name: x})[0]

@@ -1,0 +1,105 @@
+"""ReduceMean over the spatial dims of a 4-D tensor, rewritten as GlobalAveragePool.
+
+The two compute the same value: the mean over H and W of each (n, c), kept as [N, C, 1, 1].
+They are not the same to onnxruntime's INT8 path. A QDQ ``DequantizeLinear ->
+GlobalAveragePool -> QuantizeLinear`` becomes one ``QLinearGlobalAveragePool``, which runs on
+the channels-last tensor the int8 convolutions produce; a ``ReduceMean`` stays in fp32 behind a
+``DequantizeLinear`` of the whole feature map, and its reduction runs over the strided H and W
+of that layout. On EfficientNet-B0 (16 squeeze-excitation blocks and the head, each a
+``mean((2, 3), keepdim=True)`` in PyTorch, exported as ReduceMean) the rewrite took the INT8
+graph from 1.01x / 0.90x of the fp32 graph's time to 0.83x / 0.81x at batch 1 / 8, and left the
+fp32 graph as it was (0.99x / 1.01x) (docs/BENCHMARKS.md, issue 13). So every graph `optimize`
+quantizes is rewritten first; output names are kept, so calibrated ranges still apply.
+
+A node is rewritten when (the numbers match comments in the code):
+
+1. it is a ReduceMean whose axes are a constant (the ``axes`` input from opset 18, the
+   attribute before), not absent: with no axes ReduceMean reduces every dim;
+2. its input has rank 4, from shape inference, and the axes are {2, 3} (negative axes
+   counted from that rank);
+3. ``keepdims`` is 1 (the default): GlobalAveragePool keeps the reduced dims as 1.
+
+Any other ReduceMean stays, with its reason counted in the result.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import onnx
+from onnx import numpy_helper
+
+from bnfold.optimizer.graph import attribute
+
+__all__ = ["PoolingResult", "reduce_mean_as_global_pool"]
+
+
+@dataclass
+class PoolingResult:
+    rewritten: list[str] = field(default_factory=list)
+    skipped: dict[str, int] = field(default_factory=dict)  # reason -> count
+
+    @property
+    def modified(self) -> bool:
+        return bool(self.rewritten)
+
+    def to_dict(self) -> dict:
+        return {"rewritten": len(self.rewritten), "skipped": self.skipped}
+
+
+def _constants(graph: onnx.GraphProto) -> dict[str, list[int]]:
+    values = {t.name: numpy_helper.to_array(t) for t in graph.initializer}
+    for node in graph.node:
+        if node.op_type == "Constant" and node.attribute and node.attribute[0].name == "value":
+            values[node.output[0]] = numpy_helper.to_array(node.attribute[0].t)
+    return {name: [int(a) for a in v.reshape(-1)] for name, v in values.items()}
+
+
+def _ranks(model: onnx.ModelProto) -> dict[str, int]:
+    inferred = onnx.shape_inference.infer_shapes(model)
+    graph = inferred.graph
+    return {
+        v.name: len(v.type.tensor_type.shape.dim)
+        for v in (*graph.input, *graph.value_info, *graph.output)
+        if v.type.tensor_type.HasField("shape")
+    }
+
+
+def _reason(node: onnx.NodeProto, constants: dict, ranks: dict) -> str | None:
+    """Why `node` (a ReduceMean) cannot be a GlobalAveragePool, or None when it can."""
+    if len(node.input) > 1 and node.input[1]:  # case 1
+        axes = constants.get(node.input[1])
+        if axes is None:
+            return "axes not a constant"
+    else:
+        axes = attribute(node, "axes")
+        if axes is None:
+            return "no axes: reduces every dim"
+    rank = ranks.get(node.input[0])
+    if rank is None:
+        return "input rank unknown"
+    if rank != 4 or sorted(a % rank for a in axes) != [2, 3]:  # case 2
+        return "not the spatial dims of a 4-D input"
+    if attribute(node, "keepdims", 1) != 1:  # case 3
+        return "keepdims=0"
+    return None
+
+
+def reduce_mean_as_global_pool(model: onnx.ModelProto) -> PoolingResult:
+    """Rewrite, in place, every ReduceMean that is a global average pool (module docstring)."""
+    result = PoolingResult()
+    reduce_means = [n for n in model.graph.node if n.op_type == "ReduceMean"]
+    if not reduce_means:
+        return result
+    constants, ranks = _constants(model.graph), _ranks(model)
+    for node in reduce_means:
+        reason = _reason(node, constants, ranks)
+        if reason is not None:
+            result.skipped[reason] = result.skipped.get(reason, 0) + 1
+            continue
+        # the axes input (if any) may feed other nodes: it is only dropped from this one
+        node.op_type = "GlobalAveragePool"
+        del node.input[1:]
+        del node.attribute[:]
+        result.rewritten.append(node.name)
+    return result
