@@ -92,14 +92,20 @@ def reduce_mean_as_global_pool(model: onnx.ModelProto) -> PoolingResult:
     if not reduce_means:
         return result
     constants, ranks = _constants(model.graph), _ranks(model)
+    dropped: set[str] = set()
     for node in reduce_means:
         reason = _reason(node, constants, ranks)
         if reason is not None:
             result.skipped[reason] = result.skipped.get(reason, 0) + 1
             continue
-        # the axes input (if any) may feed other nodes: it is only dropped from this one
+        dropped.update(node.input[1:])
         node.op_type = "GlobalAveragePool"
         del node.input[1:]
         del node.attribute[:]
         result.rewritten.append(node.name)
+    # an axes initializer no other node reads goes too (onnxruntime warns about it otherwise)
+    used = {name for node in model.graph.node for name in node.input}
+    unused = [t for t in model.graph.initializer if t.name in dropped - used]
+    for tensor in unused:
+        model.graph.initializer.remove(tensor)
     return result

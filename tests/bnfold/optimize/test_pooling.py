@@ -52,6 +52,7 @@ def test_spatial_reduce_mean_becomes_global_average_pool(axes, opset):
     node = model.graph.node[1]
     assert node.op_type == "GlobalAveragePool" and list(node.input) == ["r"]
     assert not node.attribute
+    assert not model.graph.initializer  # the axes, read by no node now
     np.testing.assert_allclose(_run(model), before, rtol=1e-6, atol=1e-6)
 
 
