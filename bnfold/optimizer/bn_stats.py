@@ -12,7 +12,8 @@ from dataclasses import dataclass
 
 import numpy as np
 import onnx
-from onnx import numpy_helper
+
+from bnfold.optimizer.graph import constants as graph_constants
 
 __all__ = ["ChannelStats", "consistency", "read_bn_stats"]
 
@@ -27,19 +28,9 @@ class ChannelStats:
         return ChannelStats(self.mean / s, self.std / s)
 
 
-def _constants(graph: onnx.GraphProto) -> dict[str, np.ndarray]:
-    values = {t.name: numpy_helper.to_array(t) for t in graph.initializer}
-    for node in graph.node:
-        if node.op_type == "Constant" and node.output:
-            for attr in node.attribute:
-                if attr.name == "value":
-                    values[node.output[0]] = numpy_helper.to_array(attr.t)
-    return values
-
-
 def read_bn_stats(model: onnx.ModelProto) -> tuple[dict[str, ChannelStats], list[str]]:
     """(stats by BN output name, notes on BNs whose statistics could not be read)."""
-    constants = _constants(model.graph)
+    constants = graph_constants(model.graph)
     stats: dict[str, ChannelStats] = {}
     notes: list[str] = []
     for node in model.graph.node:

@@ -32,7 +32,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import onnx
-from onnx import numpy_helper
+
+from bnfold.optimizer.graph import constants
 
 __all__ = ["FP16_MAX", "FP32_OPS", "Fp16Result", "to_fp16"]
 
@@ -63,27 +64,12 @@ class Fp16Result:
         return {"overflow_nodes_kept_fp32": self.overflow_nodes, "kept_fp32": self.kept_fp32}
 
 
-def _constants(model: onnx.ModelProto) -> dict[str, np.ndarray]:
-    """Every float constant of the main graph by name: initializers and Constant outputs."""
-    found = {
-        t.name: numpy_helper.to_array(t)
-        for t in model.graph.initializer
-        if t.data_type == onnx.TensorProto.FLOAT
-    }
-    for node in model.graph.node:
-        if node.op_type == "Constant":
-            for attr in node.attribute:
-                if attr.name == "value" and attr.t.data_type == onnx.TensorProto.FLOAT:
-                    found[node.output[0]] = numpy_helper.to_array(attr.t)
-    return found
-
-
 def _kept_nodes(model: onnx.ModelProto) -> tuple[list[str], dict[str, str]]:
     """(overflowing nodes, every node kept in fp32 with its reason): steps 2 and 3."""
     peaks = {
         name: float(np.abs(a).max(initial=0.0))
-        for name, a in _constants(model).items()
-        if np.abs(a).max(initial=0.0) > FP16_MAX
+        for name, a in constants(model.graph).items()
+        if a.dtype == np.float32 and np.abs(a).max(initial=0.0) > FP16_MAX
     }
     overflow, why = [], {}
     for node in model.graph.node:

@@ -1,4 +1,5 @@
-"""Small helpers on ONNX protos shared by the optimize steps: consumers, initializers."""
+"""Small helpers on ONNX protos shared by the optimize steps: consumers, initializers,
+constants, inferred ranks."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-__all__ = ["GraphIndex", "attribute", "copy_model", "name_nodes"]
+__all__ = ["GraphIndex", "attribute", "constants", "copy_model", "name_nodes", "value_types"]
 
 
 def copy_model(model: onnx.ModelProto) -> onnx.ModelProto:
@@ -25,6 +26,31 @@ def name_nodes(model: onnx.ModelProto) -> onnx.ModelProto:
             node.name = f"{node.op_type}_{i}"
         seen.add(node.name)
     return model
+
+
+def constants(graph: onnx.GraphProto) -> dict[str, np.ndarray]:
+    """Every constant of the graph by name: initializers and Constant nodes' ``value``."""
+    values = {t.name: numpy_helper.to_array(t) for t in graph.initializer}
+    for node in graph.node:
+        if node.op_type == "Constant" and node.output:
+            for attr in node.attribute:
+                if attr.name == "value":
+                    values[node.output[0]] = numpy_helper.to_array(attr.t)
+    return values
+
+
+def value_types(model: onnx.ModelProto) -> dict[str, tuple[int, int]]:
+    """(rank, elem_type) by value name, from onnx shape inference (none where it fails)."""
+    try:
+        inferred = onnx.shape_inference.infer_shapes(model)
+    except Exception:  # noqa: BLE001 - shape inference is a help here
+        inferred = model
+    out = {}
+    for info in (*inferred.graph.input, *inferred.graph.value_info, *inferred.graph.output):
+        t = info.type.tensor_type
+        if info.type.HasField("tensor_type") and t.HasField("shape"):
+            out[info.name] = (len(t.shape.dim), t.elem_type)
+    return out
 
 
 def attribute(node: onnx.NodeProto, name: str, default=None):

@@ -27,9 +27,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import onnx
-from onnx import numpy_helper
 
-from bnfold.optimizer.graph import attribute
+from bnfold.optimizer.graph import attribute, value_types
+from bnfold.optimizer.graph import constants as graph_constants
 
 __all__ = ["PoolingResult", "reduce_mean_as_global_pool"]
 
@@ -47,35 +47,17 @@ class PoolingResult:
         return {"rewritten": len(self.rewritten), "skipped": self.skipped}
 
 
-def _constants(graph: onnx.GraphProto) -> dict[str, list[int]]:
-    values = {t.name: numpy_helper.to_array(t) for t in graph.initializer}
-    for node in graph.node:
-        if node.op_type == "Constant" and node.attribute and node.attribute[0].name == "value":
-            values[node.output[0]] = numpy_helper.to_array(node.attribute[0].t)
-    return {name: [int(a) for a in v.reshape(-1)] for name, v in values.items()}
-
-
-def _ranks(model: onnx.ModelProto) -> dict[str, int]:
-    inferred = onnx.shape_inference.infer_shapes(model)
-    graph = inferred.graph
-    return {
-        v.name: len(v.type.tensor_type.shape.dim)
-        for v in (*graph.input, *graph.value_info, *graph.output)
-        if v.type.tensor_type.HasField("shape")
-    }
-
-
 def _reason(node: onnx.NodeProto, constants: dict, ranks: dict) -> str | None:
     """Why `node` (a ReduceMean) cannot be a GlobalAveragePool, or None when it can."""
     if len(node.input) > 1 and node.input[1]:  # case 1
-        axes = constants.get(node.input[1])
-        if axes is None:
+        if node.input[1] not in constants:
             return "axes not a constant"
+        axes = [int(a) for a in constants[node.input[1]].reshape(-1)]
     else:
         axes = attribute(node, "axes")
         if axes is None:
             return "no axes: reduces every dim"
-    rank = ranks.get(node.input[0])
+    rank = ranks.get(node.input[0], (None,))[0]
     if rank is None:
         return "input rank unknown"
     if rank != 4 or sorted(a % rank for a in axes) != [2, 3]:  # case 2
@@ -91,7 +73,7 @@ def reduce_mean_as_global_pool(model: onnx.ModelProto) -> PoolingResult:
     reduce_means = [n for n in model.graph.node if n.op_type == "ReduceMean"]
     if not reduce_means:
         return result
-    constants, ranks = _constants(model.graph), _ranks(model)
+    constants, ranks = graph_constants(model.graph), value_types(model)
     dropped: set[str] = set()
     for node in reduce_means:
         reason = _reason(node, constants, ranks)

@@ -27,6 +27,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from bnfold.optimizer.bn_stats import ChannelStats
+from bnfold.optimizer.graph import value_types
 from bnfold.optimizer.timing import make_session
 
 __all__ = ["TensorRange", "propagate_ranges"]
@@ -48,20 +49,6 @@ class _Accumulator:
     kept: int = 0
     channel_sum: np.ndarray | None = None
     count: int = 0
-
-
-def _ranks(model: onnx.ModelProto) -> dict[str, tuple[int, int]]:
-    """(rank, elem_type) by value name, from onnx shape inference."""
-    try:
-        inferred = onnx.shape_inference.infer_shapes(model)
-    except Exception:  # noqa: BLE001 - shape inference is a help here
-        inferred = model
-    out = {}
-    for info in (*inferred.graph.input, *inferred.graph.value_info, *inferred.graph.output):
-        t = info.type.tensor_type
-        if info.type.HasField("tensor_type") and t.HasField("shape"):
-            out[info.name] = (len(t.shape.dim), t.elem_type)
-    return out
 
 
 def _sampling_model(
@@ -152,7 +139,7 @@ def propagate_ranges(
 
     Each feed runs `repeats` times with fresh samples. `quantile` is cut from each end.
     """
-    ranks = _ranks(model)
+    ranks = value_types(model)
     sampler, replaced = _sampling_model(model, stats, ranks, rho)
     session = make_session(sampler, threads)
     names = [o.name for o in session.get_outputs()]
