@@ -73,10 +73,9 @@ class DriftMonitor:
         self._conn: Any = None
         self._calls: dict[int, _Call] = {}
         self._ids = itertools.count()
-        self._results: dict[str, tuple[str, Any]] = {}  # name -> (version, DriftResult)
+        self._scores: dict[str, float] = {}  # each model's latest window score
         self.sampled: dict[str, int] = {}  # rows observed, per model
         self.dropped: dict[str, int] = {}  # samples dropped on a full list, per model
-        self.pid: int | None = None  # the monitor process's, while one runs
         self._not_before = 0.0  # monotonic time before which no new process starts
 
     # -- the request path ----------------------------------------------------------------------
@@ -140,7 +139,7 @@ class DriftMonitor:
         """A deleted model: drop its pending samples, window and kept samples."""
         with self._wake:
             self._pending = [p for p in self._pending if p[0] != name]
-        self._results.pop(name, None)
+        self._scores.pop(name, None)
         with self._lock:
             if self._conn is not None:
                 self._send_locked(("forget", name))
@@ -205,7 +204,7 @@ class DriftMonitor:
         )
         process.start()
         theirs.close()
-        self._process, self._conn, self.pid = process, ours, process.pid
+        self._process, self._conn = process, ours
         logger.info("drift: monitor process started (pid %d)", process.pid)
         receiver = threading.Thread(
             target=self._receive_loop, args=(process, ours), name="drift-receiver", daemon=True
@@ -228,10 +227,9 @@ class DriftMonitor:
                 break
             kind = message[0]
             if kind == "observed":
-                for name, (version, rows, result) in message[1].items():
+                for name, (rows, result) in message[1].items():
                     self.sampled[name] = self.sampled.get(name, 0) + rows
-                    if result is not None:
-                        self._results[name] = (version, result)
+                    self._scores[name] = result.score
             elif kind == "reply":
                 _, call_id, ok, value = message
                 call = self._calls.get(call_id)
@@ -244,7 +242,7 @@ class DriftMonitor:
         process.join(timeout=5)
         with self._lock:
             if self._process is process:
-                self._process = self._conn = self.pid = None
+                self._process = self._conn = None
                 if not self._stopping:
                     self._not_before = time.monotonic() + RESTART_DELAY_S
             calls, self._calls = self._calls, {}
@@ -265,12 +263,12 @@ class DriftMonitor:
             call_id = next(self._ids)
             self._calls[call_id] = call
             sent = self._send_locked(("call", call_id, method, args))
-        if not sent or not call.done.wait(CALL_TIMEOUT_S):
-            self._calls.pop(call_id, None)
+        answered = sent and call.done.wait(CALL_TIMEOUT_S)
+        self._calls.pop(call_id, None)
+        if not answered:
             raise MonitorUnavailable(
                 "the drift monitor process did not answer; try again (a new one is starting)"
             )
-        self._calls.pop(call_id, None)
         if call.ok:
             return call.value
         kind, message = call.value
@@ -287,7 +285,7 @@ class DriftMonitor:
 
     def scores(self) -> dict[str, float]:
         """Each model's latest window score, as the monitor process last sent it."""
-        return {name: result.score for name, (_, result) in dict(self._results).items()}
+        return dict(self._scores)
 
     def kept_samples(self, name: str) -> tuple[dict[str, np.ndarray], int]:
         """The kept sampled rows of a model, concatenated per input, and how many."""

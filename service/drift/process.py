@@ -7,7 +7,7 @@ The server's side (``service.drift.monitor``) starts this with multiprocessing's
     server -> monitor   ("observe", [Sample, ...])
                         ("forget", name)
                         ("call", id, method, args)        method: "report" or "kept_samples"
-    monitor -> server   ("observed", {name: (version, rows, DriftResult)})
+    monitor -> server   ("observed", {name: (rows, DriftResult)})
                         ("reply", id, ok, value)          not ok: value = (kind, message)
                         ("log", level, logger name, text)
 

@@ -69,9 +69,9 @@ class DriftWindows:
         self._windows: dict[str, _Window] = {}
         self._kept: dict[str, _Kept] = {}
 
-    def observe(self, samples: list[Sample]) -> dict[str, tuple[str, int, DriftResult | None]]:
+    def observe(self, samples: list[Sample]) -> dict[str, tuple[int, DriftResult]]:
         """Observe a batch of samples, each its own entry of its model's window, then score each
-        window that changed; by model: (version, rows observed, its window's score). A sample
+        window that changed; by model: (rows observed, its window's score). A sample
         that cannot be observed is logged and skipped, never raised."""
         observed: dict[str, tuple[str, int]] = {}
         for sample in samples:
@@ -90,7 +90,7 @@ class DriftWindows:
                 # pooling and scoring a window costs ~0.5 ms of Python, more than observing a
                 # sample: once a batch, in this process, never in the server's
                 self._rescore(name, window)
-                changed[name] = (version, rows, window.result)
+                changed[name] = (rows, window.result)
         return changed
 
     def _observe(self, sample: Sample) -> int:
