@@ -2,6 +2,7 @@
 
 Pretrained weights are not downloaded: every BN gets random non-trivial statistics instead,
 which is what matters for folding (counts) and for latency (the same ops either way).
+For accuracy they are too random: `measured_bn` gives statistics that describe the activations.
 """
 
 from __future__ import annotations
@@ -38,6 +39,43 @@ def randomize_bn(model: nn.Module, seed: int = 0) -> nn.Module:
                 if m.affine:
                     m.weight.copy_(torch.rand(n, generator=gen) + 0.5)
                     m.bias.copy_(torch.rand(n, generator=gen) * 0.2 - 0.1)
+    return model.eval()
+
+
+def measured_bn(
+    model: nn.Module, seed: int = 0, size: int = 224, batches: int = 4, batch: int = 16
+) -> nn.Module:
+    """Random gamma and beta as `randomize_bn` draws them, and running statistics *measured*:
+    the population estimate (cumulative mean of batch statistics, torch's ``momentum=None``)
+    over `batches` batches of N(0, 1) inputs, as training would leave them on that input.
+
+    `randomize_bn`'s statistics do not describe the activations they normalize, so a deep
+    network's signal can vanish: with them torchvision's MobileNetV2 gives the same logits
+    for every input (docs/BENCHMARKS.md, issue 13), and accuracy on generated inputs then
+    measures rounding of a constant. Here each BN normalizes what it sees, as in a trained
+    network, and the output depends on the input.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    bns = [
+        m
+        for m in model.modules()
+        if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.running_mean is not None
+    ]
+    momenta = [m.momentum for m in bns]
+    for m in bns:
+        n = m.num_features
+        with torch.no_grad():
+            if m.affine:
+                m.weight.copy_(torch.rand(n, generator=gen) + 0.5)
+                m.bias.copy_(torch.rand(n, generator=gen) * 0.2 - 0.1)
+        m.reset_running_stats()
+        m.momentum = None
+    model.train()
+    with torch.no_grad():
+        for _ in range(batches):
+            model(torch.randn(batch, 3, size, size, generator=gen))
+    for m, momentum in zip(bns, momenta, strict=True):
+        m.momentum = momentum
     return model.eval()
 
 

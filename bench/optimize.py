@@ -4,11 +4,15 @@ quantize_static, with an A/A control for the timing method.
     .venv/bin/python bench/optimize.py [--models resnet18,resnet50,mobilenet_v2,efficientnet_b0,
         mobilenet_v3_large,digits] [--rounds 20] [--out bench/results/optimize.jsonl]
     .venv/bin/python bench/optimize.py --shapes --models mobilenet_v3_large [--rounds 60]
+    .venv/bin/python bench/optimize.py --references | --error-sources [--bn measured]
 
 (`--shapes`: the folded graph with H, W static and symbolic against the anchor, as onnxruntime
-runs them and timed; the cause of issue 13's MobileNetV3-Large gap.)
+runs them and timed; the cause of issue 13's MobileNetV3-Large gap. `--references`: how much
+each model's logits depend on its input, BN statistics randomized and measured.
+`--error-sources`: weights alone quantized, the whole INT8 graph and fp16, against fp32.)
 
-Per torchvision model (random weights, randomized BN statistics, 100 classes, 224x224):
+Per torchvision model (random weights, 100 classes, 224x224; BN statistics randomized, or with
+`--bn measured` measured on N(0, 1) inputs, see `onnx_models.measured_bn`):
 
 - A:  the anchor, torch.onnx.export(dynamo=True, optimize=True) of the model, fp32;
 - Q:  onnxruntime's quantize_static of A (QDQ, per-channel int8 weights, uint8 activations,
@@ -44,7 +48,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from onnx_latency import anchor_export  # noqa: E402
-from onnx_models import randomize_bn  # noqa: E402
+from onnx_models import measured_bn, randomize_bn  # noqa: E402
 
 import bnfold  # noqa: E402
 from bnfold.optimizer import pipeline  # noqa: E402
@@ -59,12 +63,15 @@ BENCH_BUDGET = bnfold.Budget(min_top1_agreement=None, max_rel_l2=0.05)
 DEFAULT = "resnet18,resnet50,mobilenet_v2,efficientnet_b0,mobilenet_v3_large,digits"
 
 
+BN_STATISTICS = "randomized"  # or "measured" (--bn): onnx_models.randomize_bn / measured_bn
+
+
 def _build(name: str):
     import torchvision
 
     torch.manual_seed(0)
     model = getattr(torchvision.models, name)(weights=None, num_classes=100)
-    return randomize_bn(model)
+    return measured_bn(model) if BN_STATISTICS == "measured" else randomize_bn(model)
 
 
 def _ort_quantize_static(anchor, calibration: list[np.ndarray]):
@@ -107,6 +114,95 @@ def _outputs(model, x: np.ndarray, batch: int = 8) -> np.ndarray:
     )
 
 
+def _logit_stats(ref: np.ndarray) -> dict:
+    """How much the reference logits depend on the input at all: with a constant output, top-1
+    agreement tests the rounding of a constant (randomized BN statistics on MobileNetV2)."""
+    top2 = np.sort(ref, axis=1)[:, -2:]
+    return {
+        "logit_rms": float(np.sqrt(np.mean(ref**2))),
+        "across_input_std_rms": float(np.sqrt(np.mean(ref.var(axis=0)))),
+        "top2_gap_median": float(np.median(top2[:, 1] - top2[:, 0])),
+        "top1_classes": int(len(np.unique(ref.argmax(1)))),
+    }
+
+
+def references(names: list[str]) -> list[dict]:
+    """`_logit_stats` of each torchvision model on the bench's 64 accuracy inputs, with BN
+    statistics randomized and measured (no quantization, no timing)."""
+    global BN_STATISTICS
+    rows = []
+    for name in names:
+        for bn in ("randomized", "measured"):
+            BN_STATISTICS = bn
+            model = _build(name)
+            rng = np.random.default_rng(0)
+            [rng.standard_normal((2, 3, 224, 224)) for _ in range(8)]  # the calibration draws
+            eval_x = rng.standard_normal((64, 3, 224, 224)).astype(np.float32)
+            with torch.no_grad():
+                ref = np.concatenate(
+                    [model(torch.from_numpy(eval_x[i : i + 8])).numpy() for i in range(0, 64, 8)]
+                )
+            rows.append({"model": name, "bn": bn, "reference": _logit_stats(ref)})
+            print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
+    return rows
+
+
+def error_sources(names: list[str]) -> list[dict]:
+    """Where INT8's error comes from on each model (BN statistics as `BN_STATISTICS`), on the
+    bench's 64 accuracy inputs against torch fp32: weights alone quantized per channel (8-bit
+    and 7-bit, activations fp32), the whole MinMax QDQ graph, and torch fp16 for scale."""
+    import tempfile
+
+    from bnfold.onnx.export import export_onnx
+    from bnfold.onnx.fold import fold_onnx
+    from bnfold.optimizer.dfq import quantize_weight_per_channel
+    from bnfold.optimizer.graph import GraphIndex, copy_model
+    from bnfold.optimizer.pooling import reduce_mean_as_global_pool
+    from bnfold.optimizer.quantize import calibrate
+
+    rows = []
+    for name in names:
+        model = _build(name)
+        rng = np.random.default_rng(0)
+        calibration = [rng.standard_normal((2, 3, 224, 224)).astype(np.float32) for _ in range(8)]
+        eval_x = rng.standard_normal((64, 3, 224, 224)).astype(np.float32)
+        x = torch.from_numpy(calibration[0][:1])
+        fp32 = fold_onnx(export_onnx(model, (x,), dynamic_spatial=False)).model
+        with torch.no_grad():
+            ref = np.concatenate(
+                [model(torch.from_numpy(eval_x[i : i + 8])).numpy() for i in range(0, 64, 8)]
+            )
+        row = {"model": name, "bn": BN_STATISTICS}
+        for qmax in (127, 63):
+            weights = copy_model(fp32)
+            index = GraphIndex(weights.graph)
+            for node in weights.graph.node:
+                w = index.weight(node.input[1]) if node.op_type in ("Conv", "Gemm") else None
+                if w is not None:
+                    q = quantize_weight_per_channel(w, qmax=qmax)
+                    index.set_weight(node.input[1], q.astype(np.float32))
+            row[f"weights_only_qmax{qmax}"] = compare([ref], [_outputs(weights, eval_x)])
+        quantizable = copy_model(fp32)
+        reduce_mean_as_global_pool(quantizable)
+        with tempfile.TemporaryDirectory() as tmp:
+            feeds = [{fp32.graph.input[0].name: c} for c in calibration]
+            int8 = calibrate(quantizable, feeds, "minmax", Path(tmp, "c.json"))
+        row["int8_minmax"] = compare([ref], [_outputs(int8, eval_x)])
+        half = model.half()
+        with torch.no_grad():
+            out = np.concatenate(
+                [
+                    half(torch.from_numpy(eval_x[i : i + 8]).half()).float().numpy()
+                    for i in range(0, 64, 8)
+                ]
+            )
+        model.float()
+        row["torch_fp16"] = compare([ref], [out])
+        rows.append(row)
+        print(json.dumps(row), file=sys.stderr, flush=True)
+    return rows
+
+
 def bench_torchvision(name: str, rounds: int, naive_aa: bool) -> dict:
     model = _build(name)
     rng = np.random.default_rng(0)
@@ -122,6 +218,7 @@ def bench_torchvision(name: str, rounds: int, naive_aa: bool) -> dict:
         ref = np.concatenate(
             [model(torch.from_numpy(eval_x[i : i + 8])).numpy() for i in range(0, 64, 8)]
         )
+    reference = _logit_stats(ref)
     accuracy = {"Q (ort quantize_static)": compare([ref], [_outputs(q, eval_x)])}
     for c in result.candidates:
         accuracy[c.name] = compare([ref], [_outputs(c.model, eval_x)])
@@ -129,6 +226,8 @@ def bench_torchvision(name: str, rounds: int, naive_aa: bool) -> dict:
         "model": name,
         "chosen": result.report.chosen,
         "optimize_s": optimize_s,
+        "bn": BN_STATISTICS,
+        "reference": reference,
         "accuracy": accuracy,
         "latency": {},
         "report": result.report.to_dict(),
@@ -280,9 +379,27 @@ def main() -> None:
     )
     parser.add_argument("--out", default="bench/results/optimize.jsonl")
     parser.add_argument(
+        "--bn",
+        choices=("randomized", "measured"),
+        default="randomized",
+        help="BN statistics of the torchvision models: random (onnx_models.randomize_bn, the "
+        "issue's setting) or measured on N(0, 1) inputs (onnx_models.measured_bn)",
+    )
+    parser.add_argument(
         "--recheck",
         action="store_true",
         help="only re-time the ONNX and reparameterization sections' ratios",
+    )
+    parser.add_argument(
+        "--references",
+        action="store_true",
+        help="only how much each model's logits depend on its input, BN statistics randomized "
+        "and measured",
+    )
+    parser.add_argument(
+        "--error-sources",
+        action="store_true",
+        help="only where INT8's error comes from: weights alone, the whole graph, fp16",
     )
     parser.add_argument(
         "--shapes",
@@ -291,9 +408,21 @@ def main() -> None:
     )
     args = parser.parse_args()
     warnings.filterwarnings("ignore")
+    global BN_STATISTICS
+    BN_STATISTICS = args.bn
     if args.shapes:
         with open(args.out, "a") as out:
             for row in shapes(args.models.split(","), args.rounds):
+                out.write(json.dumps(row) + "\n")
+        return
+    if args.error_sources:
+        with open(args.out, "a") as out:
+            for row in error_sources([n for n in args.models.split(",") if n != "digits"]):
+                out.write(json.dumps(row) + "\n")
+        return
+    if args.references:
+        with open(args.out, "a") as out:
+            for row in references([n for n in args.models.split(",") if n != "digits"]):
                 out.write(json.dumps(row) + "\n")
         return
     if args.recheck:
@@ -306,7 +435,9 @@ def main() -> None:
     pipeline.TIMING_ROUNDS = args.rounds
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     with open(args.out, "a") as out:
-        out.write(json.dumps({"cpu": cpu_features(), "started": time.ctime()}) + "\n")
+        out.write(
+            json.dumps({"cpu": cpu_features(), "started": time.ctime(), "bn": args.bn}) + "\n"
+        )
         first = next((n for n in args.models.split(",") if n != "digits"), None)
         for name in args.models.split(","):
             print(f"== {name}", file=sys.stderr, flush=True)
