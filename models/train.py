@@ -1,9 +1,9 @@
 """``python -m models.train [NAME ...]``: rerun the zoo's training and ship its weights.
 
-Trains each named zoo model, or ``digits_cnn`` (``models.digits``; all of them by default) from
-scratch, writes its weights and the run's record to ``models/weights/NAME.safetensors``, and,
-when a default model of the service
-was retrained, re-exports the service's shipped graphs (``service/default_graphs.py``) so that
+Trains each named zoo model or digits model (``models.digits.ARCHITECTURES``; all of them by
+default) from scratch, writes its weights and the run's record to
+``models/weights/NAME.safetensors``, and, when a default model of the service was retrained,
+re-exports the service's shipped graphs (``service/default_graphs.py``) so that
 they keep computing what ``models.build`` computes. Commit what it wrote: every machine then
 builds these exact weights. ``--check`` trains and compares without writing anything.
 """
@@ -37,20 +37,20 @@ def main(argv: list[str] | None = None) -> int:
         "--check", action="store_true", help="train and score against the shipped weights only"
     )
     args = parser.parse_args(argv)
-    known = [*registry.names(), digits.NAME]
+    known = [*registry.names(), *digits.ARCHITECTURES]
     names = args.names or known
     unknown = [n for n in names if n not in known]
     if unknown:
         parser.error(f"unknown zoo models {unknown}; known: {', '.join(known)}")
 
     for name in names:
-        if name == digits.NAME:
-            model, log = digits.train()
+        if name in digits.ARCHITECTURES:
+            model, log = digits.train(name=name)
             line = f"{name}: loss {log.first_loss:.4f} -> {log.last_loss:.4f}, test accuracy "
             line += f"{log.test_accuracy:.4f}"
             if args.check:
                 split = digits.load_split()
-                shipped_accuracy = digits.accuracy(digits.build(), split.test_x, split.test_y)
+                shipped_accuracy = digits.accuracy(digits.build(name), split.test_x, split.test_y)
                 print(f"{line}; shipped weights {shipped_accuracy:.4f}")
                 continue
         else:
