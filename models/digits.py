@@ -85,6 +85,22 @@ class DigitsCNN(nn.Module):
         return self.classifier(self.features(x))
 
 
+def _stem(width: int, activation: type[nn.Module]) -> nn.Sequential:
+    return nn.Sequential(
+        nn.Conv2d(1, width, 3, padding=1, bias=False), nn.BatchNorm2d(width), activation()
+    )
+
+
+def _stages(block, width: int) -> nn.Sequential:
+    """Two blocks at 8x8 and `width` channels, two at 4x4 and twice the width."""
+    return nn.Sequential(
+        block(width, width, 1),
+        block(width, width, 1),
+        block(width, 2 * width, 2),
+        block(2 * width, 2 * width, 1),
+    )
+
+
 class _BasicBlock(nn.Module):
     """ResNet's basic block: Conv-BN-ReLU, Conv-BN, plus the input (1x1 Conv-BN when the
     shape changes), ReLU."""
@@ -112,15 +128,8 @@ class DigitsResNet(nn.Module):
 
     def __init__(self, width: int = 16) -> None:
         super().__init__()
-        self.stem = nn.Sequential(
-            nn.Conv2d(1, width, 3, padding=1, bias=False), nn.BatchNorm2d(width), nn.ReLU()
-        )
-        self.blocks = nn.Sequential(
-            _BasicBlock(width, width, 1),
-            _BasicBlock(width, width, 1),
-            _BasicBlock(width, 2 * width, 2),
-            _BasicBlock(2 * width, 2 * width, 1),
-        )
+        self.stem = _stem(width, nn.ReLU)
+        self.blocks = _stages(_BasicBlock, width)
         self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten())
         self.classifier = nn.Linear(2 * width, 10)
 
@@ -158,15 +167,8 @@ class DigitsMobileNet(nn.Module):
 
     def __init__(self, width: int = 16) -> None:
         super().__init__()
-        self.stem = nn.Sequential(
-            nn.Conv2d(1, width, 3, padding=1, bias=False), nn.BatchNorm2d(width), nn.ReLU6()
-        )
-        self.blocks = nn.Sequential(
-            _InvertedResidual(width, width, 1),
-            _InvertedResidual(width, width, 1),
-            _InvertedResidual(width, 2 * width, 2),
-            _InvertedResidual(2 * width, 2 * width, 1),
-        )
+        self.stem = _stem(width, nn.ReLU6)
+        self.blocks = _stages(_InvertedResidual, width)
         self.head = nn.Sequential(
             nn.Conv2d(2 * width, 4 * width, 1, bias=False),
             nn.BatchNorm2d(4 * width),
