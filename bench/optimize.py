@@ -115,6 +115,25 @@ def _outputs(model, x: np.ndarray, batch: int = 8) -> np.ndarray:
     )
 
 
+def _bench_inputs() -> tuple[np.random.Generator, list[np.ndarray], np.ndarray]:
+    """(generator, calibration: 8 N(0, 1) batches of 2, the 64 accuracy inputs), drawn in that
+    order; the generator goes on to draw the timing feeds."""
+    rng = np.random.default_rng(0)
+    calibration = [rng.standard_normal((2, 3, 224, 224)).astype(np.float32) for _ in range(8)]
+    return rng, calibration, rng.standard_normal((64, 3, 224, 224)).astype(np.float32)
+
+
+def _torch_outputs(model, x: np.ndarray, dtype=torch.float32, batch: int = 8) -> np.ndarray:
+    """`model`'s outputs on `x` in batches, computed in `dtype`, returned as float32."""
+    with torch.no_grad():
+        return np.concatenate(
+            [
+                model(torch.from_numpy(x[i : i + batch]).to(dtype)).float().numpy()
+                for i in range(0, len(x), batch)
+            ]
+        )
+
+
 def _logit_stats(ref: np.ndarray) -> dict:
     """How much the reference logits depend on the input at all: with a constant output, top-1
     agreement tests the rounding of a constant (randomized BN statistics on MobileNetV2)."""
@@ -136,13 +155,8 @@ def references(names: list[str]) -> list[dict]:
         for bn in ("randomized", "measured"):
             BN_STATISTICS = bn
             model = _build(name)
-            rng = np.random.default_rng(0)
-            [rng.standard_normal((2, 3, 224, 224)) for _ in range(8)]  # the calibration draws
-            eval_x = rng.standard_normal((64, 3, 224, 224)).astype(np.float32)
-            with torch.no_grad():
-                ref = np.concatenate(
-                    [model(torch.from_numpy(eval_x[i : i + 8])).numpy() for i in range(0, 64, 8)]
-                )
+            _rng, _calibration, eval_x = _bench_inputs()
+            ref = _torch_outputs(model, eval_x)
             rows.append({"model": name, "bn": bn, "reference": _logit_stats(ref)})
             print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
     return rows
@@ -164,15 +178,10 @@ def error_sources(names: list[str]) -> list[dict]:
     rows = []
     for name in names:
         model = _build(name)
-        rng = np.random.default_rng(0)
-        calibration = [rng.standard_normal((2, 3, 224, 224)).astype(np.float32) for _ in range(8)]
-        eval_x = rng.standard_normal((64, 3, 224, 224)).astype(np.float32)
+        _rng, calibration, eval_x = _bench_inputs()
         x = torch.from_numpy(calibration[0][:1])
         fp32 = fold_onnx(export_onnx(model, (x,), dynamic_spatial=False)).model
-        with torch.no_grad():
-            ref = np.concatenate(
-                [model(torch.from_numpy(eval_x[i : i + 8])).numpy() for i in range(0, 64, 8)]
-            )
+        ref = _torch_outputs(model, eval_x)
         row = {"model": name, "bn": BN_STATISTICS}
         for qmax in (127, 63):
             weights = copy_model(fp32)
@@ -189,14 +198,7 @@ def error_sources(names: list[str]) -> list[dict]:
             feeds = [{fp32.graph.input[0].name: c} for c in calibration]
             int8 = calibrate(quantizable, feeds, "minmax", Path(tmp, "c.json"))
         row["int8_minmax"] = compare([ref], [_outputs(int8, eval_x)])
-        half = model.half()
-        with torch.no_grad():
-            out = np.concatenate(
-                [
-                    half(torch.from_numpy(eval_x[i : i + 8]).half()).float().numpy()
-                    for i in range(0, 64, 8)
-                ]
-            )
+        out = _torch_outputs(model.half(), eval_x, torch.float16)
         model.float()
         row["torch_fp16"] = compare([ref], [out])
         rows.append(row)
@@ -206,19 +208,14 @@ def error_sources(names: list[str]) -> list[dict]:
 
 def bench_torchvision(name: str, rounds: int, naive_aa: bool) -> dict:
     model = _build(name)
-    rng = np.random.default_rng(0)
-    calibration = [rng.standard_normal((2, 3, 224, 224)).astype(np.float32) for _ in range(8)]
+    rng, calibration, eval_x = _bench_inputs()
     x = torch.from_numpy(calibration[0][:1])
     t0 = time.time()
     anchor = anchor_export(model, torch.cat([x, x]))
     q = _ort_quantize_static(anchor, calibration)
     result = bnfold.optimize(model, x, calibration=calibration, budget=BENCH_BUDGET)
     optimize_s = time.time() - t0
-    eval_x = rng.standard_normal((64, 3, 224, 224)).astype(np.float32)
-    with torch.no_grad():
-        ref = np.concatenate(
-            [model(torch.from_numpy(eval_x[i : i + 8])).numpy() for i in range(0, 64, 8)]
-        )
+    ref = _torch_outputs(model, eval_x)
     reference = _logit_stats(ref)
     accuracy = {"Q (ort quantize_static)": compare([ref], [_outputs(q, eval_x)])}
     for c in result.candidates:

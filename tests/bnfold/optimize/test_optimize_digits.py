@@ -14,9 +14,8 @@ def digits_setup():
 
 
 def _test_accuracy(model, split) -> float:
-    session = make_session(model)
-    x, y = split.test_x.numpy(), split.test_y.numpy()
-    return float((session.run(None, {session.get_inputs()[0].name: x})[0].argmax(1) == y).mean())
+    predicted = _run(model, split.test_x.numpy()).argmax(1)
+    return float((predicted == split.test_y.numpy()).mean())
 
 
 def test_digits_int8_accuracy(digits_setup, fast_pipeline):
