@@ -13,6 +13,7 @@ interleaved runs of bench/load.py-style closed-loop clients; see ``serving_ab``.
 
     python bench/drift.py --out bench/results/drift.json
     python bench/drift.py --serving --out bench/results/drift_serving.json
+    python bench/drift.py --limits --out bench/results/drift_limits.json   # the missed cells
 """
 
 from __future__ import annotations
@@ -199,6 +200,138 @@ def repair() -> dict:
     return out
 
 
+# the cells the repair misses (severe noise, full inversion), and two it repairs, for contrast
+LIMIT_CELLS = (("noise", 0.2), ("inversion", 1.0), ("blur", 1.2), ("contrast", 0.25))
+LIMIT_SIZES = (32, 256)
+
+
+def _entropy_adapted(model, x_cal, epochs: int, lr: float = 1e-3):
+    """TENT (Wang et al. 2021, "Tent: fully test-time adaptation by entropy minimization"):
+    BN's affine parameters trained to minimize the prediction entropy of the unlabeled shifted
+    batches, normalizing by batch statistics; then the statistics re-estimated as the service
+    does. Every other weight stays."""
+    import copy
+
+    import torch
+
+    import bnfold
+
+    adapted = copy.deepcopy(model).train()
+    bns = [m for m in adapted.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    for p in adapted.parameters():
+        p.requires_grad_(False)
+    params = [p for m in bns for p in (m.weight, m.bias)]
+    for p in params:
+        p.requires_grad_(True)
+    optimizer = torch.optim.Adam(params, lr)
+    batches = [x_cal[i : i + 32] for i in range(0, len(x_cal), 32)]
+    with torch.enable_grad():
+        for _ in range(epochs):
+            for batch in batches:
+                p = adapted(batch).softmax(1)
+                entropy = -(p * p.clamp_min(1e-12).log()).sum(1).mean()
+                optimizer.zero_grad()
+                entropy.backward()
+                optimizer.step()
+    return bnfold.recalibrate(adapted.eval(), batches)
+
+
+def _trained_on_shift(fn, strength: float, seed: int, epochs: int = 40):
+    """The digits CNN trained from scratch on shifted training digits (noise drawn afresh per
+    batch): what the architecture can reach on the shift when it may learn from labels, an
+    upper bound for any label-free repair."""
+    import torch
+
+    from models import digits
+
+    split = digits.load_split()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = digits._architecture(digits.NAME)()
+        optimizer = torch.optim.Adam(model.parameters(), 3e-3)
+        generator = torch.Generator().manual_seed(seed)
+        model.train()
+        with torch.enable_grad():
+            for _ in range(epochs):
+                order = torch.randperm(len(split.train_y), generator=generator)
+                for start in range(0, len(order), 64):
+                    index = order[start : start + 64]
+                    x = split.train_x[index]
+                    if fn is _noise:
+                        x = x + strength * torch.randn(x.shape, generator=generator)
+                    else:
+                        x = fn(x, strength)
+                    loss = torch.nn.functional.cross_entropy(model(x), split.train_y[index])
+                    optimizer.zero_grad()
+                    loss.backward()
+                    optimizer.step()
+    return model.eval()
+
+
+def limits() -> dict:
+    """What label-free repair can reach on the cells recalibration misses: AdaBN as the service
+    does it, AdaBN on the first k BNs only, source statistics mixed in as a prior (Schneider et
+    al. 2020, prior strength N samples), TENT; and the same CNN trained on the shift."""
+    import copy
+
+    import torch
+
+    import bnfold
+    from models import digits
+
+    model, split = digits.build(), digits.load_split()
+    y = split.test_y
+
+    def accuracy(m, x) -> float:
+        with torch.no_grad():
+            return float((m(x).argmax(1) == y).float().mean())
+
+    def bns(m):
+        return [b for b in m.modules() if isinstance(b, torch.nn.modules.batchnorm._BatchNorm)]
+
+    def with_statistics(source, weights: list[float]):
+        """`model` with each BN's statistics moved a fraction `weights[i]` towards `source`'s."""
+        out = copy.deepcopy(model)
+        for b, s, w in zip(bns(out), bns(source), weights, strict=True):
+            b.running_mean.mul_(1 - w).add_(w * s.running_mean)
+            b.running_var.mul_(1 - w).add_(w * s.running_var)
+        return out
+
+    clean = accuracy(model, split.test_x)
+    rows = []
+    for shift, strength in LIMIT_CELLS:
+        fn = SHIFTS[shift][0]
+        xs_test, xs_train = fn(split.test_x, strength), fn(split.train_x, strength)
+        shifted = accuracy(model, xs_test)
+        row = {"shift": shift, "strength": strength, "clean": clean, "shifted": shifted}
+        for n in LIMIT_SIZES:
+            results: dict[str, list[float]] = {}
+            for seed in range(REPAIR_SEEDS):
+                order = np.random.default_rng(100 + seed).permutation(len(xs_train))[:n]
+                x_cal = xs_train[order]
+                full = bnfold.recalibrate(model, [x_cal[i : i + 32] for i in range(0, n, 32)])
+                k = len(bns(model))
+                candidates = {"adabn": full}
+                for first in range(1, k):
+                    candidates[f"adabn_first_{first}"] = with_statistics(
+                        full, [1.0] * first + [0.0] * (k - first)
+                    )
+                for prior in (8, 32):
+                    candidates[f"adabn_prior_{prior}"] = with_statistics(
+                        full, [n / (n + prior)] * k
+                    )
+                candidates["tent_50_epochs"] = _entropy_adapted(model, x_cal, epochs=50)
+                for name, m in candidates.items():
+                    results.setdefault(name, []).append(accuracy(m, xs_test))
+            row[f"n={n}"] = {name: float(np.mean(v)) for name, v in results.items()}
+        row["trained_on_shift"] = [
+            accuracy(_trained_on_shift(fn, strength, seed), xs_test) for seed in range(2)
+        ]
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    return {"cells": rows}
+
+
 def serving_ab(
     rounds: int,
     seconds: float,
@@ -290,6 +423,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path)
     parser.add_argument("--serving", action="store_true", help="the serving-cost A/B only")
+    parser.add_argument(
+        "--limits", action="store_true", help="other label-free repairs of the missed cells only"
+    )
     parser.add_argument("--rounds", type=int, default=6)
     parser.add_argument("--seconds", type=float, default=10.0)
     parser.add_argument("--aa", action="store_true", help="with --serving: both arms off")
@@ -302,6 +438,8 @@ def main() -> None:
     if args.serving:
         extra = dict(e.split("=", 1) for e in args.env)
         result = {"serving": serving_ab(args.rounds, args.seconds, aa=args.aa, extra_env=extra)}
+    elif args.limits:
+        result = {"limits": limits()}
     else:
         result = {"detection": detection(), "repair": repair()}
     result["seconds"] = time.perf_counter() - t0
