@@ -258,6 +258,8 @@ _ARCHITECTURE_PREFIXES = ("zoo:", "torchvision:", "timm:")
 
 def _cmd_fold(args) -> int:
     args.input_shapes = _parse_shapes(args.input_shape)
+    _check_writable("-o", args.output)
+    _check_writable("--report", args.report)
     progress = _Progress()
     out: dict = {"input": args.input}
     if args.input.startswith(_ARCHITECTURE_PREFIXES):
@@ -303,9 +305,33 @@ def _read_calibration(path: Path, names: list[str]) -> list[tuple]:
     if count == 0 or any(len(a) != count for a in ordered):
         raise BadInput(f"--calibration {path}: arrays must share a non-zero first dimension")
     return [
-        tuple(a[i : i + CALIBRATION_BATCH].astype(np.float32) for a in ordered)
+        tuple(_float32(a[i : i + CALIBRATION_BATCH]) for a in ordered)
         for i in range(0, count, CALIBRATION_BATCH)
     ]
+
+
+def _float32(array):
+    """float64 arrays (numpy's default) as float32; other dtypes as they are, checked against
+    the graph's inputs by optimize."""
+    import numpy as np
+
+    return array.astype(np.float32) if array.dtype == np.float64 else array
+
+
+def _check_writable(flag: str, path: str | None) -> None:
+    """Refuse an output path that cannot be written before the work, not after it."""
+    if path is None:
+        return
+    target = Path(path)
+    if target.is_dir():
+        raise BadInput(f"{flag} {path}: is a directory; give a file name")
+    parent = target.parent
+    if not parent.is_dir():
+        raise BadInput(f"{flag} {path}: directory {parent} does not exist")
+    import os
+
+    if not os.access(parent, os.W_OK):
+        raise BadInput(f"{flag} {path}: directory {parent} is not writable")
 
 
 def _read_labels(path: Path):
@@ -351,6 +377,8 @@ def _cmd_optimize(args) -> int:
 
     if not args.output:
         raise BadInput("optimize needs -o OUT.onnx")
+    _check_writable("-o", args.output)
+    _check_writable("--report", args.report)
     args.input_shapes = _parse_shapes(args.input_shape)
     args.weights = args.arch_args = None
     progress = _Progress()

@@ -13,7 +13,7 @@ from collections.abc import Sequence
 import numpy as np
 import onnx
 
-__all__ = ["InputSpec", "as_feeds", "concat_feeds", "input_spec"]
+__all__ = ["InputSpec", "as_feeds", "check_feeds", "concat_feeds", "input_spec"]
 
 
 class InputSpec:
@@ -62,6 +62,36 @@ def as_feeds(names: list[str], batches: Sequence) -> list[dict[str, np.ndarray]]
             raise ValueError(f"an input set has {len(values)} arrays; the model takes {len(names)}")
         feeds.append({n: _array(v) for n, v in zip(names, values, strict=True)})
     return feeds
+
+
+def check_feeds(model: onnx.ModelProto, feeds: Sequence[dict[str, np.ndarray]], what: str) -> None:
+    """Refuse, naming the input and set, feeds the graph cannot take or that hold NaN or inf:
+    before any work, rather than onnxruntime's message (or a quantizer's assertion) halfway."""
+    declared = {v.name: v.type.tensor_type for v in _graph_inputs(model)}
+    for index, feed in enumerate(feeds):
+        where = f"{what} set {index}" if len(feeds) > 1 else what
+        for name, array in feed.items():
+            tensor_type = declared[name]
+            dims = [d.dim_value if d.HasField("dim_value") else None for d in tensor_type.shape.dim]
+            expected = "x".join("?" if d is None else str(d) for d in dims)
+            if tensor_type.HasField("shape") and (
+                array.ndim != len(dims)
+                or any(d is not None and d != n for d, n in zip(dims, array.shape, strict=True))
+            ):
+                got = "x".join(str(n) for n in array.shape) or "a scalar"
+                raise ValueError(
+                    f"{where}: input {name!r} has shape {got}; the graph takes {expected}"
+                )
+            dtype = onnx.helper.tensor_dtype_to_np_dtype(tensor_type.elem_type)
+            if array.dtype != dtype:
+                raise ValueError(
+                    f"{where}: input {name!r} is {array.dtype}; the graph takes {dtype}"
+                )
+            if np.issubdtype(array.dtype, np.floating) and not np.isfinite(array).all():
+                bad = int(array.size - np.isfinite(array).sum())
+                raise ValueError(
+                    f"{where}: input {name!r} holds {bad} NaN or infinite value(s) of {array.size}"
+                )
 
 
 def concat_feeds(feeds: Sequence[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:

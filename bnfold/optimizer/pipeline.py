@@ -40,7 +40,7 @@ from bnfold.optimizer.choice import choose
 from bnfold.optimizer.equalize import equalize
 from bnfold.optimizer.graph import copy_model, name_nodes
 from bnfold.optimizer.hardware import cpu_features
-from bnfold.optimizer.inputs import InputSpec, as_feeds, input_spec
+from bnfold.optimizer.inputs import InputSpec, as_feeds, check_feeds, input_spec
 from bnfold.optimizer.mixed import search_mixed
 from bnfold.optimizer.pooling import reduce_mean_as_global_pool
 from bnfold.optimizer.quantize import CALIBRATION_METHODS, calibrate, quantize, ranges_cache
@@ -68,6 +68,7 @@ def _original_graph(model, inputs: tuple | None) -> tuple[onnx.ModelProto, objec
 
         if inputs is None:
             raise ValueError("an nn.Module needs example_inputs (or calibration) to be exported")
+        _check_module_runs(model, inputs)
         # static spatial dims, as torch.onnx.export gives by default: with H and W symbolic
         # the intermediate shapes are expressions onnxruntime cannot resolve, and its NCHWc
         # convolutions ran MobileNetV3-Large 2-3% (batch 1) and 5-7% (batch 8) slower
@@ -88,6 +89,22 @@ def _original_graph(model, inputs: tuple | None) -> tuple[onnx.ModelProto, objec
         proto = onnx.load(os.fspath(model))
         return proto, None, _symbolic_dims_note(proto)
     raise TypeError(f"model must be an nn.Module, an onnx.ModelProto or a path, not {type(model)}")
+
+
+def _check_module_runs(model, inputs: tuple) -> None:
+    """One eager forward pass before the export, so that inputs the module cannot take are
+    named as such, not as a torch.export failure."""
+    import torch
+
+    try:
+        with torch.no_grad():
+            model.eval()(*inputs)
+    except (RuntimeError, ValueError, TypeError, IndexError) as exc:
+        shapes = ", ".join("x".join(map(str, x.shape)) for x in inputs)
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ValueError(
+            f"the module does not run on the example inputs ({shapes}): {first}"
+        ) from None
 
 
 def _symbolic_dims_note(model: onnx.ModelProto) -> list[str]:
@@ -181,6 +198,9 @@ def optimize(
         fp32 = name_nodes(copy_model(folded_result.model))
     spec = input_spec(original, example_inputs if example_inputs is not None else None, calibration)
     calib_feeds = as_feeds(spec.names, calibration) if calibration else None
+    if calib_feeds:
+        check_feeds(original, calib_feeds, "calibration")
+    check_feeds(original, [spec.example], spec.assumed)
     eval_feeds = calib_feeds or [spec.example, *spec.generated(EVAL_BATCH, EVAL_BATCHES)]
     label_array = (
         None

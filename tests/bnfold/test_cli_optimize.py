@@ -85,6 +85,65 @@ def test_optimize_missing_file_and_wrong_npz(digits_onnx, capsys, tmp_path):
     assert "labels for 16" in _error_line(capsys)
 
 
+@pytest.mark.parametrize(
+    "array, message",
+    [
+        (np.zeros((4, 3, 5, 5), np.float32), "has shape 4x3x5x5; the graph takes ?x1x?x?"),
+        (np.full((4, 1, 8, 8), np.nan, np.float32), "holds 256 NaN or infinite value(s)"),
+        (np.zeros((4, 1, 8, 8), np.uint8), "is uint8; the graph takes float32"),
+    ],
+)
+def test_optimize_refuses_calibration_the_graph_cannot_take(
+    digits_onnx, capsys, tmp_path, array, message
+):
+    """Checked before any work, naming the input: not onnxruntime's message or an assertion."""
+    path, _ = digits_onnx
+    data = tmp_path / "calib.npz"
+    np.savez(data, x=array)
+    out = tmp_path / "out.onnx"
+    assert main(["optimize", str(path), "-o", str(out), "--calibration", str(data)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()  # progress lines, then the one error
+    assert [e.startswith("bnfold: error: ") for e in err].count(True) == 1, err
+    assert "Traceback" not in "\n".join(err)
+    line = err[-1]
+    assert message in line and "'x'" in line, line
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("flag", ["-o", "--report"])
+def test_optimize_refuses_an_output_it_cannot_write_before_running(
+    digits_onnx, capsys, tmp_path, flag
+):
+    path, _ = digits_onnx
+    paths = {"-o": str(tmp_path / "out.onnx"), "--report": str(tmp_path / "r.json")}
+    paths[flag] = str(tmp_path / "missing" / "file")
+    args = ["optimize", str(path), "-o", paths["-o"], "--report", paths["--report"]]
+    assert main(args) == 2
+    assert f"{flag} {paths[flag]}: directory {tmp_path / 'missing'} does not exist" in (
+        _error_line(capsys)
+    )
+    paths[flag] = str(tmp_path)
+    assert main(["optimize", str(path), "-o", paths["-o"], "--report", paths["--report"]]) == 2
+    assert "is a directory" in _error_line(capsys)
+
+
+def test_fold_refuses_an_output_it_cannot_write(digits_onnx, capsys, tmp_path):
+    path, _ = digits_onnx
+    assert main(["fold", str(path), "-o", str(tmp_path / "no" / "f.onnx")]) == 2
+    assert "does not exist" in _error_line(capsys)
+
+
+def test_optimize_library_names_the_bad_calibration_set(digits_onnx):
+    import bnfold
+
+    path, split = digits_onnx
+    good = split.train_x[:8].numpy()
+    bad = good.copy()
+    bad[0, 0, 0, 0] = np.inf
+    with pytest.raises(ValueError, match=r"calibration set 1: input 'x' holds 1 NaN or infinite"):
+        bnfold.optimize(onnx.load(str(path)), calibration=[good, bad])
+
+
 def test_optimize_writes_graph_table_and_report(digits_onnx, capsys, tmp_path, fast):
     path, split = digits_onnx
     data, labels = tmp_path / "calib.npz", tmp_path / "labels.npy"
@@ -115,3 +174,11 @@ def test_optimize_writes_graph_table_and_report(digits_onnx, capsys, tmp_path, f
     assert written["budget"]["max_accuracy_drop"] == 3
     assert {c["name"] for c in written["candidates"]} >= {"fp32", "int8_minmax"}
     assert torch.is_tensor(split.train_x)
+
+
+def test_optimize_names_inputs_a_module_cannot_take():
+    import bnfold
+    from models import digits
+
+    with pytest.raises(ValueError, match=r"does not run on the example inputs \(4x3x5x5\)"):
+        bnfold.optimize(digits.build(), calibration=[np.zeros((4, 3, 5, 5), np.float32)])
