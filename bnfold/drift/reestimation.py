@@ -21,10 +21,10 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from bnfold.drift.observer import ObserverSession, observer_graph
-from bnfold.drift.statistics import population_statistics
+from bnfold.drift.observer import ObserverSession, bn_sites, observer_graph
+from bnfold.drift.statistics import population_statistics, w2_standardized
 
-__all__ = ["OnnxRecalibration", "recalibrate_onnx"]
+__all__ = ["OnnxRecalibration", "recalibrate_onnx", "statistics_change"]
 
 
 @dataclass
@@ -34,20 +34,90 @@ class OnnxRecalibration:
     samples: int
     sites: list[dict[str, Any]] = field(default_factory=list)  # per BN: what changed
     skipped: list[dict[str, str]] = field(default_factory=list)
+    input_alignment: dict[str, Any] | None = None  # when asked for: applied or not, and why
 
     def report(self) -> dict[str, Any]:
-        return {
+        out = {
             "batches": self.batches,
             "samples": self.samples,
             "sites": self.sites,
             "skipped": self.skipped,
         }
+        if self.input_alignment is not None:
+            out["input_alignment"] = self.input_alignment
+        return out
 
 
 def recalibrate_onnx(
+    model: onnx.ModelProto,
+    batches: Iterable[dict[str, np.ndarray]],
+    *,
+    align_input: bool = False,
+) -> OnnxRecalibration:
+    """Re-estimate every BN site's running statistics on ``batches`` (feed dicts).
+
+    ``align_input``: also fit the input's per-channel gain and bias to the first BN's running
+    statistics (``input_alignment``; it undoes what re-estimation cannot, such as an inverted
+    input) and re-estimate behind it. Of the two re-estimations the one whose statistics moved
+    less from the running statistics (``statistics_change``, over the sites after the first)
+    is kept: the repair under which the data looks most like the training data to the network.
+    The report says which, with both figures."""
+    if not align_input:
+        return _reestimate(model, batches)
+    from bnfold.drift.input_alignment import align_input_onnx
+
+    batches = list(batches)
+    alignment = align_input_onnx(model, batches)
+    plain = _reestimate(model, batches)
+    report = alignment.to_dict()
+    if not alignment.applied:
+        plain.input_alignment = report
+        return plain
+    plain_change = statistics_change(model, plain.model)
+    trials = [
+        (statistics_change(model, r.model), c.fit, r)
+        for c in alignment.candidates
+        for r in [_reestimate(c.model, batches)]
+    ]
+    change, fit, aligned = min(trials, key=lambda t: t[0])
+    report.update(fit.to_dict())
+    report["statistics_change"] = {
+        "plain": plain_change,
+        "aligned": change,
+        "candidates": [{"gain": t[1].to_dict()["gain"], "change": t[0]} for t in trials],
+    }
+    if not change < plain_change:
+        report["applied"] = False
+        report["reason"] = (
+            f"re-estimation behind the map moved the statistics more ({change:.3g}) than "
+            f"without it ({plain_change:.3g}): not applied"
+        )
+        plain.input_alignment = report
+        return plain
+    report["reason"] = (
+        f"{report['reason']}; re-estimation behind it moved the statistics {change:.3g}, "
+        f"against {plain_change:.3g} without it: applied"
+    )
+    aligned.input_alignment = report
+    return aligned
+
+
+def statistics_change(before: onnx.ModelProto, after: onnx.ModelProto) -> float:
+    """How far re-estimation moved the statistics: the standardized W2 distance from the old
+    running statistics to the new, averaged over channels, then over the sites after the first
+    (over all of them in a one-BN graph). The sites are matched in graph order."""
+    old, _ = bn_sites(before)
+    new, _ = bn_sites(after)
+    pairs = list(zip(old, new, strict=True))
+    pairs = pairs[1:] or pairs
+    return float(
+        np.mean([np.mean(w2_standardized(b.mean, b.var, a.mean, a.var, a.eps)) for a, b in pairs])
+    )
+
+
+def _reestimate(
     model: onnx.ModelProto, batches: Iterable[dict[str, np.ndarray]]
 ) -> OnnxRecalibration:
-    """Re-estimate every BN site's running statistics on ``batches`` (feed dicts)."""
     observer = observer_graph(model, batch_stats=True)
     if not observer.sites:
         raise ValueError("the graph has no BatchNormalization with constant running statistics")

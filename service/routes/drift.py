@@ -26,7 +26,7 @@ from service.store import validate_name
 router = APIRouter(prefix="/v1/models", tags=["drift"], responses=ERROR_RESPONSES)
 
 _FORMATS = {".npy": "npy", ".npz": "npz", ".safetensors": "safetensors"}
-_FIELDS = {"file", "source", "batch_size", "rtol", "atol"}
+_FIELDS = {"file", "source", "batch_size", "rtol", "atol", "align_input"}
 
 _RECALIBRATE_SCHEMA = {
     "requestBody": {
@@ -49,6 +49,14 @@ _RECALIBRATE_SCHEMA = {
                             "(BNFOLD_DRIFT_KEEP_SAMPLES)",
                         },
                         "batch_size": {"type": "integer", "minimum": 2, "default": 32},
+                        "align_input": {
+                            "type": "boolean",
+                            "default": True,
+                            "description": "also fit a per-channel gain and bias of the input "
+                            "to the first BN's statistics (undoes an inverted input, which "
+                            "re-estimation alone cannot); kept only when it moves the "
+                            "statistics less than re-estimation alone",
+                        },
                         "rtol": {"type": "number", "minimum": 0},
                         "atol": {"type": "number", "minimum": 0},
                     },
@@ -105,6 +113,7 @@ async def _read_form(request: Request, scratch) -> dict[str, Any]:
             "batch_size": integer_field(fields, "batch_size", 32, 2, 1 << 16),
             "rtol": number_field(fields, "rtol", DEFAULT_RTOL),
             "atol": number_field(fields, "atol", DEFAULT_ATOL),
+            "align_input": _flag(fields, "align_input", True),
         }
         file, source = form.get("file"), fields.get("source")
         if source is not None and source != "traffic":
@@ -121,3 +130,12 @@ async def _read_form(request: Request, scratch) -> dict[str, Any]:
         return job
     finally:
         await form.close()
+
+
+def _flag(fields: dict[str, str], key: str, default: bool) -> bool:
+    raw = (fields.get(key) or "").strip().lower()
+    if not raw:
+        return default
+    if raw not in ("true", "false", "1", "0"):
+        raise BadRequest(f"{key} must be true or false, got {fields[key]!r}")
+    return raw in ("true", "1")

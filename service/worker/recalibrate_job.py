@@ -6,7 +6,8 @@ pickles and checked against the graph's inputs).
 
 Then: the arrays are split into batches of ``batch_size``,
 ``bnfold.drift.recalibrate_onnx`` rewrites the statistics in the original's BatchNormalization
-nodes, and the fold job's own steps fold, verify (against the recalibrated original, in eval
+nodes (behind a fitted per-channel map of the input, with ``align_input``, when that is the
+repair that moves the statistics least), and the fold job's own steps fold, verify (against the recalibrated original, in eval
 mode) and load-test. Nothing is written unless every check passed.
 """
 
@@ -36,7 +37,9 @@ def run_recalibrate_job(job_dir: Path, job: dict[str, Any]) -> dict[str, Any]:
     from bnfold.drift import recalibrate_onnx
 
     try:
-        recalibrated = recalibrate_onnx(original, batches)
+        recalibrated = recalibrate_onnx(
+            original, batches, align_input=bool(job.get("align_input", True))
+        )
     except ValueError as exc:
         raise Refused(400, f"recalibration refused: {exc}") from None
     rtol, atol = job.get("rtol", 1e-4), job.get("atol", 1e-5)

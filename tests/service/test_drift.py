@@ -180,6 +180,38 @@ def test_recalibrate_deploys_a_verified_version_that_repairs_accuracy_then_rollb
     assert api.post("/v1/models/digits-repair/rollback").json()["version"] == record["version"]
 
 
+def test_recalibrate_undoes_a_full_inversion_with_the_input_map_and_says_so(
+    api, digits_data, digits_bytes
+):
+    """Re-estimation alone cannot flip a sign (accuracy stays near 14%); the fitted input map
+    in front of the graph can, and the record says what it fitted and why it was kept."""
+    train_x, test_x, test_y = digits_data
+    inverted_train, inverted_test = 1 - train_x[:64], 1 - test_x[:128]
+
+    def accuracy(name: str) -> float:
+        logits = np.concatenate([_infer(api, name, inverted_test[i : i + 64]) for i in (0, 64)])
+        return float((logits.argmax(1) == test_y[:128]).mean())
+
+    _deploy(api, "digits-plain", digits_bytes)
+    r = _recalibrate(api, "digits-plain", _npy(inverted_train), align_input="false")
+    assert r.status_code == 201, r.text
+    assert "input_alignment" not in r.json()["recalibration"]
+    assert accuracy("digits-plain") < 0.4
+
+    _deploy(api, "digits-inverted", digits_bytes)
+    r = _recalibrate(api, "digits-inverted", _npy(inverted_train))
+    assert r.status_code == 201, r.text
+    record = r.json()
+    alignment = record["recalibration"]["input_alignment"]
+    assert alignment["applied"] and alignment["gain"][0] < 0, alignment
+    changes = alignment["statistics_change"]
+    assert changes["aligned"] < changes["plain"]
+    assert record["verification"]["ok"]
+    assert accuracy("digits-inverted") > 0.9
+    r = _recalibrate(api, "digits-inverted", _npy(inverted_train), align_input="maybe")
+    assert r.status_code == 400 and "align_input must be true or false" in r.json()["error"]
+
+
 def test_recalibrate_refuses_bad_data_and_keeps_serving_the_old_version(
     api, digits_data, digits_bytes
 ):

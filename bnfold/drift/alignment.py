@@ -1,0 +1,159 @@
+"""Input alignment: the per-channel affine map of the input that the first BN says undoes a shift.
+
+Re-estimating BN statistics (AdaBN) can follow a shift that rescales or moves each channel of a
+BN's input, but not one that flips its sign: a fully inverted image (x -> 1 - x) has the same
+variances as the original, its means move, and the re-estimated first BN normalizes an inverted
+feature map that the layers after it have never seen (digits CNN: 27% -> 14%,
+docs/BENCHMARKS.md). The first BN's running statistics say what its input looked like in
+training; the map of the input that brings the shifted data's first-BN moments back to them is
+found here, with no labels, and put in front of the graph before the statistics are
+re-estimated (after Mummadi et al. 2021, who learn an input transformation at test time; here
+it is a per-channel gain and bias, fitted in closed form).
+
+When the path from the graph input to the first BN is affine (a Conv, with or without bias, or
+input normalization), the first BN's input for the transformed input g*x + h is
+
+    a(g, h) = R + sum_c g_c P_c + sum_c h_c Q_c
+
+with R = f(0), P_c = f(x restricted to channel c) - R and Q_c = f(ones in channel c) - R; so its
+per-channel mean is theta . mu_k and its variance theta' S_k theta, with theta = (g, h, 1) and
+mu_k, S_k the mean and covariance of the basis (P, Q, R) in channel k. The loss is the drift
+score's own distance, squared: per channel ((mean - running_mean)^2 + (std - running_std)^2) /
+(running_var + eps), averaged over channels. It is minimized from each sign pattern of g (the
+sign is what re-estimation cannot fix), by Levenberg-Marquardt on the residuals; no graph runs.
+
+This module is the math only (arrays in, a fit out); ``input_alignment`` finds the site, runs
+the basis through onnxruntime and rewrites the graph.
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass
+
+import numpy as np
+
+__all__ = ["AffineFit", "BasisMoments", "alignment_loss", "fit_input_affine"]
+
+MAX_SIGN_PATTERNS = 16  # 2**C sign starts up to 4 channels; beyond, all +1 and all -1
+STEPS = 200
+
+
+class BasisMoments:
+    """Per output channel k: running sums of the basis z = (P_1..P_C, Q_1..Q_C, R), float64."""
+
+    def __init__(self) -> None:
+        self.count = 0
+        self.sum: np.ndarray | None = None  # [K, B]
+        self.outer: np.ndarray | None = None  # [K, B, B]
+
+    def observe(self, basis: np.ndarray) -> None:
+        """basis: [B, N, K, L] (basis member, sample, channel, position)."""
+        z = np.asarray(basis, np.float64)
+        z = z.transpose(2, 0, 1, 3).reshape(z.shape[2], z.shape[0], -1)  # [K, B, N*L]
+        s, o = z.sum(axis=2), np.einsum("kin,kjn->kij", z, z)
+        self.sum = s if self.sum is None else self.sum + s
+        self.outer = o if self.outer is None else self.outer + o
+        self.count += z.shape[2]
+
+    def mean_cov(self) -> tuple[np.ndarray, np.ndarray]:
+        mu = self.sum / self.count
+        cov = self.outer / self.count - np.einsum("ki,kj->kij", mu, mu)
+        return mu, cov
+
+
+@dataclass(frozen=True)
+class AffineFit:
+    gain: np.ndarray  # [C]
+    bias: np.ndarray  # [C]
+    loss_identity: float  # the distance with the input as it is (g = 1, h = 0)
+    loss: float  # the distance after the fit
+
+    def to_dict(self) -> dict:
+        return {
+            "gain": [float(v) for v in self.gain],
+            "bias": [float(v) for v in self.bias],
+            "loss_identity": self.loss_identity,
+            "loss": self.loss,
+        }
+
+
+def alignment_loss(
+    theta: np.ndarray, mu: np.ndarray, cov: np.ndarray, mean_r: np.ndarray, var_r: np.ndarray
+) -> tuple[float, np.ndarray]:
+    """The loss (var_r already holds eps) and its gradient in theta (all 2C + 1 entries)."""
+    mean = mu @ theta  # [K]
+    var = np.maximum(np.einsum("i,kij,j->k", theta, cov, theta), 1e-24)
+    std, std_r = np.sqrt(var), np.sqrt(var_r)
+    loss = float(np.mean(((mean - mean_r) ** 2 + (std - std_r) ** 2) / var_r))
+    d_mean = 2 * (mean - mean_r) / var_r  # [K]
+    d_std = 2 * (std - std_r) / var_r
+    d_var = d_std / (2 * std)
+    grad = (d_mean @ mu + 2 * np.einsum("k,kij,j->i", d_var, cov, theta)) / len(mean)
+    return loss, grad
+
+
+def _starts(channels: int) -> list[np.ndarray]:
+    if 2**channels <= MAX_SIGN_PATTERNS:
+        signs = [np.array(s, np.float64) for s in itertools.product((1.0, -1.0), repeat=channels)]
+    else:
+        signs = [np.ones(channels), -np.ones(channels)]
+    return [np.concatenate([s, np.zeros(channels), [1.0]]) for s in signs]
+
+
+def _residuals(theta, mu, cov, mean_r, var_r) -> tuple[np.ndarray, np.ndarray]:
+    """r [2K] with loss = |r|^2 / K, and its Jacobian [2K, 2C + 1]."""
+    scale = np.sqrt(var_r)
+    var = np.maximum(np.einsum("i,kij,j->k", theta, cov, theta), 1e-24)
+    std = np.sqrt(var)
+    r = np.concatenate([(mu @ theta - mean_r) / scale, (std - scale) / scale])
+    jac = np.concatenate([mu / scale[:, None], (cov @ theta) / (std * scale)[:, None]])
+    return r, jac
+
+
+def _levenberg_marquardt(theta, mu, cov, mean_r, var_r) -> tuple[np.ndarray, float]:
+    """Least squares on the residuals, the entry that multiplies R held at 1."""
+    free = len(theta) - 1
+    damping = 1e-3
+    r, jac = _residuals(theta, mu, cov, mean_r, var_r)
+    cost = float(r @ r)
+    for _ in range(STEPS):
+        j = jac[:, :free]
+        normal = j.T @ j
+        step = np.linalg.solve(normal + damping * np.diag(np.diag(normal) + 1e-12), -j.T @ r)
+        trial = theta.copy()
+        trial[:free] += step
+        r_new, jac_new = _residuals(trial, mu, cov, mean_r, var_r)
+        cost_new = float(r_new @ r_new)
+        if cost_new < cost:
+            converged = cost - cost_new <= 1e-12 * max(cost, 1e-30)
+            theta, r, jac, cost = trial, r_new, jac_new, cost_new
+            damping = max(damping / 3, 1e-9)
+            if converged:
+                break
+        else:
+            damping *= 4
+            if damping > 1e9:
+                break
+    return theta, alignment_loss(theta, mu, cov, mean_r, var_r)[0]
+
+
+def fit_input_affine(
+    moments: BasisMoments, mean_r: np.ndarray, var_r: np.ndarray, eps: float
+) -> list[AffineFit]:
+    """The gain and bias per input channel that bring the first BN's moments closest to its
+    running statistics (see the module docstring): one fit per sign pattern of the gain, best
+    first. Means and variances of one site may not tell the signs apart (an inverted image
+    differs from the original in its first BN's moments only through the borders); the caller
+    decides between them on the sites after it (``reestimation.statistics_change``)."""
+    mu, cov = moments.mean_cov()
+    channels = (mu.shape[1] - 1) // 2
+    mean_r = np.asarray(mean_r, np.float64).reshape(-1)
+    var_r = np.asarray(var_r, np.float64).reshape(-1) + eps
+    identity = np.concatenate([np.ones(channels), np.zeros(channels), [1.0]])
+    loss_identity = alignment_loss(identity, mu, cov, mean_r, var_r)[0]
+    fits = [_levenberg_marquardt(start, mu, cov, mean_r, var_r) for start in _starts(channels)]
+    return [
+        AffineFit(theta[:channels], theta[channels:-1], loss_identity, loss)
+        for theta, loss in sorted(fits, key=lambda fit: fit[1])
+    ]
