@@ -9,8 +9,8 @@ front of the graph (``alignment`` has the math and why).
    not affine (an activation before it) is reported and nothing is changed.
 4. A map is kept only when it at least halves the first BN's distance from its running
    statistics (``MIN_IMPROVEMENT``): data that already looks like training data is left alone.
-   One map per sign pattern of the gain can be kept (best first): the first BN's moments may
-   not tell them apart, and ``recalibrate_onnx`` decides on the sites after it.
+   One map from each start (gain +1, gain -1) can be kept, best first: the first BN's moments
+   may not tell them apart, and ``recalibrate_onnx`` decides on the sites after it.
 
 The result is the graph with ``Mul`` and ``Add`` nodes between its input and the nodes that read
 it, so that the served graph, its observer and its recalibration all see the aligned input.
@@ -34,6 +34,8 @@ __all__ = ["AlignedGraph", "InputAlignment", "align_input_onnx"]
 
 MAX_CHANNELS = 16
 MAX_FIT_SAMPLES = 256
+MAX_FIT_VALUES = 1 << 20  # values per channel of the first BN's input: enough batches seen
+CHECK_SAMPLES = 4  # the affine model of the path is checked on this many
 MIN_IMPROVEMENT = 0.5  # applied when the fitted loss is at most this fraction of the identity's
 AFFINE_RTOL = 1e-3
 PREFIX = "bnfold_align"
@@ -52,7 +54,7 @@ class InputAlignment:
     reason: str
     site: str | None = None
     fit: AffineFit | None = None
-    candidates: list[AlignedGraph] = field(default_factory=list)  # one per sign pattern kept
+    candidates: list[AlignedGraph] = field(default_factory=list)  # one per start kept, best first
 
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {"applied": self.applied, "reason": self.reason, "site": self.site}
@@ -119,12 +121,13 @@ def align_input_onnx(
 
     moments, seen = BasisMoments(), 0
     for feeds in batches:
-        if seen >= MAX_FIT_SAMPLES:
+        if moments.count >= MAX_FIT_VALUES or seen >= MAX_FIT_SAMPLES:
             break
         x = feeds[name][: MAX_FIT_SAMPLES - seen]
         moments.observe(_basis(run, x))
         seen += len(x)
-    basis = _basis(run, first)
+    check = first[:CHECK_SAMPLES]
+    basis = _basis(run, check)
     candidates, rejected = [], []
     for fit in fit_input_affine(moments, site.mean, site.var, site.eps):
         # the affine model of the path checked against the graph itself, on the fitted input
@@ -133,7 +136,7 @@ def align_input_onnx(
         bias = fit.bias.reshape(shape).astype(first.dtype)
         theta = np.concatenate([fit.gain, fit.bias, [1.0]])
         predicted = np.tensordot(theta, basis.astype(np.float64), axes=1)
-        actual = run(first * gain + bias)
+        actual = run(check * gain + bias)
         error = float(np.max(np.abs(actual - predicted)) / (np.max(np.abs(predicted)) + 1e-12))
         if error > AFFINE_RTOL:
             rejected.append(

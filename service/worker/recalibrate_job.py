@@ -7,8 +7,9 @@ pickles and checked against the graph's inputs).
 Then: the arrays are split into batches of ``batch_size``,
 ``bnfold.drift.recalibrate_onnx`` rewrites the statistics in the original's BatchNormalization
 nodes (behind a fitted per-channel map of the input, with ``align_input``, when that is the
-repair that moves the statistics least), and the fold job's own steps fold, verify (against the recalibrated original, in eval
-mode) and load-test. Nothing is written unless every check passed.
+repair that moves the statistics least), and the fold job's own steps fold, verify (against
+the recalibrated original, in eval mode) and load-test. Nothing is written unless every check
+passed.
 """
 
 from __future__ import annotations
