@@ -56,10 +56,26 @@ class _Moments:
         return mean, var
 
 
-def recalibrate(model: nn.Module, batches: Iterable[Any]) -> nn.Module:
+def recalibrate(
+    model: nn.Module, batches: Iterable[Any], *, align_input: bool = False
+) -> nn.Module:
     """Return a copy of `model` whose BN running statistics are re-estimated on `batches`
     (each a tensor or a tuple of positional inputs). BNs without running statistics are
-    left alone."""
+    left alone.
+
+    `align_input`: also try a per-channel gain and bias of the first input, fitted to the
+    first BN's running statistics (`bnfold.drift.alignment`: it undoes an inverted input,
+    which re-estimation alone cannot), re-estimated behind; the repair that moves the later
+    BNs' statistics least is returned, an `InputAligned` wrapper when it is the map. The
+    result's `input_alignment` attribute says what was fitted, kept or not, and why."""
+    if align_input:
+        from bnfold.drift.torch_alignment import recalibrate_aligned
+
+        return recalibrate_aligned(model, list(batches), _reestimate)
+    return _reestimate(model, batches)
+
+
+def _reestimate(model: nn.Module, batches: Iterable[Any]) -> nn.Module:
     work = copy.deepcopy(model)
     bns = [
         m

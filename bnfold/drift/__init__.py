@@ -4,6 +4,8 @@
 - ``detector``: ``DriftDetector`` fitted on running statistics -> ``DriftResult``
 - ``observer``: the ONNX observer graph exposing each BatchNormalization input's moments
 - ``reestimation``: ``recalibrate_onnx``, new statistics written into the BN nodes
+- ``alignment``: the input map fitted to the first BN's statistics (the math), applied by
+  ``input_alignment`` (ONNX) and ``torch_alignment`` (``bnfold.recalibrate(align_input=True)``)
 - ``torch_score``: ``drift_score(model, batches)`` for torch models (imports torch)
 
 Nothing here knows of HTTP; the service's monitor (``service/drift/``) uses these.

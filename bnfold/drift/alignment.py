@@ -22,19 +22,37 @@ score's own distance, squared: per channel ((mean - running_mean)^2 + (std - run
 (running_var + eps), averaged over channels. It is minimized from g = +1 and from g = -1 (the
 sign is what re-estimation cannot fix), by Levenberg-Marquardt on the residuals; no graph runs.
 
-This module is the math only (arrays in, a fit out); ``input_alignment`` finds the site, runs
-the basis through onnxruntime and rewrites the graph.
+This module is the math only: arrays in, fits out, with ``run(x) -> [N, K, L]`` (the first BN's
+input for the input x) given by the caller. ``input_alignment`` (ONNX: an onnxruntime session
+cut at the site, the map as Mul/Add in front) and ``torch_alignment`` (a hook on the first BN,
+the map as a wrapping module) find the site and apply the map.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import numpy as np
 
-__all__ = ["AffineFit", "BasisMoments", "alignment_loss", "fit_input_affine"]
+__all__ = [
+    "AffineFit",
+    "BasisMoments",
+    "alignment_loss",
+    "basis_outputs",
+    "choose_repair",
+    "fit_and_check",
+    "fit_input_affine",
+    "show",
+]
 
 STEPS = 200
+MAX_CHANNELS = 16  # input channels fitted; beyond, alignment is skipped
+MAX_FIT_SAMPLES = 256
+MAX_FIT_VALUES = 1 << 20  # values per channel of the first BN's input: enough batches seen
+CHECK_SAMPLES = 4  # the affine model of the path is checked on this many
+MIN_IMPROVEMENT = 0.5  # kept when the fitted loss is at most this fraction of the identity's
+AFFINE_RTOL = 1e-3
 
 
 class BasisMoments:
@@ -163,3 +181,98 @@ def fit_input_affine(
         AffineFit(theta[:channels], theta[channels:-1], loss_identity, loss)
         for theta, loss in sorted(fits, key=lambda fit: fit[1])
     ]
+
+
+Run = Callable[[np.ndarray], np.ndarray]  # input [N, C, ...] -> the first BN's input [N, K, L]
+
+
+def basis_outputs(run: Run, x: np.ndarray) -> np.ndarray:
+    """[2C + 1, N, K, L]: P_1..P_C, Q_1..Q_C, R for the samples x [N, C, ...]."""
+    channels = x.shape[1]
+    zero = run(np.zeros_like(x))
+    members = []
+    for source in (x, np.ones_like(x)):
+        for c in range(channels):
+            only = np.zeros_like(x)
+            only[:, c] = source[:, c]
+            members.append(run(only) - zero)
+    return np.stack([*members, zero])
+
+
+def show(values: np.ndarray) -> str:
+    return "[" + ", ".join(f"{v:.3g}" for v in values) + "]"
+
+
+def fit_and_check(
+    run: Run,
+    samples: Iterable[np.ndarray],
+    mean_r: np.ndarray,
+    var_r: np.ndarray,
+    eps: float,
+    site: str,
+) -> tuple[list[AffineFit], list[str]]:
+    """The fits worth trying (best first) and why the others are not: each fit's affine model
+    of the path is checked against ``run`` itself on the fitted input (a path that is not
+    affine, an activation before the BN, is caught here), and kept only when it at least
+    halves the distance (``MIN_IMPROVEMENT``)."""
+    moments, seen, check = BasisMoments(), 0, None
+    for x in samples:
+        if moments.count >= MAX_FIT_VALUES or seen >= MAX_FIT_SAMPLES:
+            break
+        x = x[: MAX_FIT_SAMPLES - seen]
+        check = x[:CHECK_SAMPLES] if check is None else check
+        moments.observe(basis_outputs(run, x))
+        seen += len(x)
+    if check is None:
+        return [], ["no samples"]
+    basis = basis_outputs(run, check).astype(np.float64)
+    shape = (1, -1) + (1,) * (check.ndim - 2)
+    kept, rejected = [], []
+    for fit in fit_input_affine(moments, mean_r, var_r, eps):
+        theta = np.concatenate([fit.gain, fit.bias, [1.0]])
+        predicted = np.tensordot(theta, basis, axes=1)
+        mapped = check * fit.gain.reshape(shape).astype(check.dtype)
+        actual = run(mapped + fit.bias.reshape(shape).astype(check.dtype))
+        error = float(np.max(np.abs(actual - predicted)) / (np.max(np.abs(predicted)) + 1e-12))
+        if error > AFFINE_RTOL:
+            rejected.append(
+                f"the path from the input to {site!r} is not affine (the map with gain "
+                f"{show(fit.gain)} is predicted off by {error:.2g} relative)"
+            )
+        elif not fit.loss <= MIN_IMPROVEMENT * fit.loss_identity:
+            rejected.append(
+                f"gain {show(fit.gain)} takes {site!r}'s distance only from "
+                f"{fit.loss_identity:.3g} to {fit.loss:.3g}"
+            )
+        else:
+            kept.append(fit)
+    return kept, rejected
+
+
+def choose_repair(
+    report: dict, plain_change: float, trials: list[tuple[float, AffineFit]]
+) -> int | None:
+    """Of re-estimation alone (``plain_change``) and behind each fitted map (``trials``: its
+    statistics change and fit), the index of the map kept, or None for re-estimation alone:
+    the repair under which the later BNs' statistics moved least. ``report`` (the alignment's
+    ``to_dict()``) is updated with the figures and the decision."""
+    index = min(range(len(trials)), key=lambda i: trials[i][0])
+    change, fit = trials[index]
+    report.update(fit.to_dict())
+    report["statistics_change"] = {
+        "plain": plain_change,
+        "aligned": change,
+        "candidates": [{"gain": [float(v) for v in f.gain], "change": c} for c, f in trials],
+    }
+    if not change < plain_change:
+        report["applied"] = False
+        report["reason"] = (
+            f"re-estimation behind the map moved the statistics more ({change:.3g}) than "
+            f"without it ({plain_change:.3g}): not applied"
+        )
+        return None
+    report["reason"] = (
+        f"{report['reason']}; re-estimation behind it moved the statistics {change:.3g}, "
+        f"against {plain_change:.3g} without it: applied"
+    )
+    return index

@@ -27,17 +27,11 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from bnfold.drift.alignment import AffineFit, BasisMoments, fit_input_affine
+from bnfold.drift.alignment import MAX_CHANNELS, AffineFit, fit_and_check, show
 from bnfold.drift.observer import bn_sites
 
 __all__ = ["AlignedGraph", "InputAlignment", "align_input_onnx"]
 
-MAX_CHANNELS = 16
-MAX_FIT_SAMPLES = 256
-MAX_FIT_VALUES = 1 << 20  # values per channel of the first BN's input: enough batches seen
-CHECK_SAMPLES = 4  # the affine model of the path is checked on this many
-MIN_IMPROVEMENT = 0.5  # applied when the fitted loss is at most this fraction of the identity's
-AFFINE_RTOL = 1e-3
 PREFIX = "bnfold_align"
 
 
@@ -82,19 +76,6 @@ def _probe(model: onnx.ModelProto, tensor: str):
     )
 
 
-def _basis(run, x: np.ndarray) -> np.ndarray:
-    """[2C + 1, N, K, L]: P_1..P_C, Q_1..Q_C, R for the samples x [N, C, ...]."""
-    channels = x.shape[1]
-    zero = run(np.zeros_like(x))
-    members = []
-    for source in (x, np.ones_like(x)):
-        for c in range(channels):
-            only = np.zeros_like(x)
-            only[:, c] = source[:, c]
-            members.append(run(only) - zero)
-    return np.stack([*members, zero])
-
-
 def align_input_onnx(
     model: onnx.ModelProto, batches: Sequence[dict[str, np.ndarray]]
 ) -> InputAlignment:
@@ -119,37 +100,21 @@ def align_input_onnx(
         y = session.run(None, {name: x})[0]
         return y.reshape(y.shape[0], y.shape[1], -1)  # [N, K, L]
 
-    moments, seen = BasisMoments(), 0
-    for feeds in batches:
-        if moments.count >= MAX_FIT_VALUES or seen >= MAX_FIT_SAMPLES:
-            break
-        x = feeds[name][: MAX_FIT_SAMPLES - seen]
-        moments.observe(_basis(run, x))
-        seen += len(x)
-    check = first[:CHECK_SAMPLES]
-    basis = _basis(run, check)
-    candidates, rejected = [], []
-    for fit in fit_input_affine(moments, site.mean, site.var, site.eps):
-        # the affine model of the path checked against the graph itself, on the fitted input
-        shape = (1, -1) + (1,) * (first.ndim - 2)
-        gain = fit.gain.reshape(shape).astype(first.dtype)
-        bias = fit.bias.reshape(shape).astype(first.dtype)
-        theta = np.concatenate([fit.gain, fit.bias, [1.0]])
-        predicted = np.tensordot(theta, basis.astype(np.float64), axes=1)
-        actual = run(check * gain + bias)
-        error = float(np.max(np.abs(actual - predicted)) / (np.max(np.abs(predicted)) + 1e-12))
-        if error > AFFINE_RTOL:
-            rejected.append(
-                f"the path from the input to {site.name!r} is not affine (the map with gain "
-                f"{_show(fit.gain)} is predicted off by {error:.2g} relative)"
-            )
-        elif not fit.loss <= MIN_IMPROVEMENT * fit.loss_identity:
-            rejected.append(
-                f"gain {_show(fit.gain)} takes {site.name!r}'s distance only from "
-                f"{fit.loss_identity:.3g} to {fit.loss:.3g}"
-            )
-        else:
-            candidates.append(AlignedGraph(_with_input_map(model, name, gain, bias), fit))
+    first_samples = (feeds[name] for feeds in batches)
+    kept, rejected = fit_and_check(run, first_samples, site.mean, site.var, site.eps, site.name)
+    shape = (1, -1) + (1,) * (first.ndim - 2)
+    candidates = [
+        AlignedGraph(
+            _with_input_map(
+                model,
+                name,
+                fit.gain.reshape(shape).astype(first.dtype),
+                fit.bias.reshape(shape).astype(first.dtype),
+            ),
+            fit,
+        )
+        for fit in kept
+    ]
     if not candidates:
         return _skip(model, "; ".join(rejected) + ": not applied", site.name)
     best = candidates[0]
@@ -157,16 +122,12 @@ def align_input_onnx(
         best.model,
         True,
         f"{site.name!r}'s distance from its running statistics {best.fit.loss_identity:.3g} -> "
-        f"{best.fit.loss:.3g} with the input mapped to {_show(best.fit.gain)} * x + "
-        f"{_show(best.fit.bias)} per channel",
+        f"{best.fit.loss:.3g} with the input mapped to {show(best.fit.gain)} * x + "
+        f"{show(best.fit.bias)} per channel",
         site.name,
         best.fit,
         candidates,
     )
-
-
-def _show(values: np.ndarray) -> str:
-    return "[" + ", ".join(f"{v:.3g}" for v in values) + "]"
 
 
 def _with_input_map(

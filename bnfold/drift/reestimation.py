@@ -21,8 +21,10 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
+from bnfold.drift.alignment import choose_repair
 from bnfold.drift.observer import ObserverSession, bn_sites, observer_graph
-from bnfold.drift.statistics import population_statistics, w2_standardized
+from bnfold.drift.statistics import population_statistics
+from bnfold.drift.statistics import statistics_change as moved_statistics
 
 __all__ = ["OnnxRecalibration", "recalibrate_onnx", "statistics_change"]
 
@@ -74,44 +76,27 @@ def recalibrate_onnx(
         plain.input_alignment = report
         return plain
     plain_change = statistics_change(model, plain.model)
-    trials = [
-        (statistics_change(model, r.model), c.fit, r)
-        for c in alignment.candidates
-        for r in [_reestimate(c.model, batches)]
-    ]
-    change, fit, aligned = min(trials, key=lambda t: t[0])
-    report.update(fit.to_dict())
-    report["statistics_change"] = {
-        "plain": plain_change,
-        "aligned": change,
-        "candidates": [{"gain": t[1].to_dict()["gain"], "change": t[0]} for t in trials],
-    }
-    if not change < plain_change:
-        report["applied"] = False
-        report["reason"] = (
-            f"re-estimation behind the map moved the statistics more ({change:.3g}) than "
-            f"without it ({plain_change:.3g}): not applied"
-        )
-        plain.input_alignment = report
-        return plain
-    report["reason"] = (
-        f"{report['reason']}; re-estimation behind it moved the statistics {change:.3g}, "
-        f"against {plain_change:.3g} without it: applied"
+    trials = [_reestimate(c.model, batches) for c in alignment.candidates]
+    index = choose_repair(
+        report,
+        plain_change,
+        [
+            (statistics_change(model, t.model), c.fit)
+            for t, c in zip(trials, alignment.candidates, strict=True)
+        ],
     )
-    aligned.input_alignment = report
-    return aligned
+    chosen = plain if index is None else trials[index]
+    chosen.input_alignment = report
+    return chosen
 
 
 def statistics_change(before: onnx.ModelProto, after: onnx.ModelProto) -> float:
-    """How far re-estimation moved the statistics: the standardized W2 distance from the old
-    running statistics to the new, averaged over channels, then over the sites after the first
-    (over all of them in a one-BN graph). The sites are matched in graph order."""
+    """How far re-estimation moved the statistics (``statistics.statistics_change``); the
+    sites are matched in graph order."""
     old, _ = bn_sites(before)
     new, _ = bn_sites(after)
-    pairs = list(zip(old, new, strict=True))
-    pairs = pairs[1:] or pairs
-    return float(
-        np.mean([np.mean(w2_standardized(b.mean, b.var, a.mean, a.var, a.eps)) for a, b in pairs])
+    return moved_statistics(
+        [(a.mean, a.var, b.mean, b.var, a.eps) for a, b in zip(old, new, strict=True)]
     )
 
 

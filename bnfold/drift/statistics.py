@@ -17,7 +17,9 @@ sum of squared deviations), so no request's activations are kept.
 BN re-estimation uses the population estimate of the BN paper, as ``bnfold.recalibrate`` does:
 the mean of the batch means, and the mean of the batch variances made unbiased by m / (m - 1),
 m being the values per channel in one batch (per batch, so unequal batches are allowed; with
-equal batches it is exactly the BN paper's formula).
+equal batches it is exactly the BN paper's formula). How far a re-estimation moved the
+statistics (``statistics_change``, which input alignment decides by) is the same W2 distance,
+from the old running statistics to the new.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ __all__ = [
     "population_statistics",
     "robust_mean",
     "site_score",
+    "statistics_change",
     "w2_standardized",
 ]
 
@@ -122,3 +125,15 @@ def population_statistics(
         ]
     )
     return means.mean(axis=0), variances.mean(axis=0)
+
+
+def statistics_change(
+    pairs: Sequence[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, float]],
+) -> float:
+    """How far a re-estimation moved the BN statistics: per site (old mean, old var, new mean,
+    new var, eps) the standardized W2 distance from old to new averaged over channels, then
+    averaged over the sites after the first (over all of them with one site)."""
+    pairs = list(pairs)[1:] or list(pairs)
+    return float(
+        np.mean([np.mean(w2_standardized(mn, vn, mo, vo, eps)) for mo, vo, mn, vn, eps in pairs])
+    )

@@ -130,3 +130,32 @@ def test_a_graph_with_two_inputs_is_skipped_with_the_reason():
     feeds = [{n: np.ones((2, 1, 4, 4), np.float32) for n in names}]
     alignment = align_input_onnx(graph, feeds)
     assert not alignment.applied and "2 inputs" in alignment.reason
+
+
+def test_torch_recalibrate_aligns_like_the_onnx_side(digits_model, digits_split, digits_onnx):
+    """bnfold.recalibrate(align_input=True): the same numerics as recalibrate_onnx, the map
+    as a wrapping module; the caller's model is unchanged."""
+    from bnfold.drift.torch_alignment import InputAligned
+
+    shifted = 1 - digits_split.train_x[:64]
+    batches = [shifted[i : i + 32] for i in range(0, 64, 32)]
+    repaired = bnfold.recalibrate(digits_model, batches, align_input=True)
+    assert isinstance(repaired, InputAligned) and repaired.input_alignment["applied"]
+    onnx_side = recalibrate_onnx(
+        digits_onnx, [{"x": b.numpy()} for b in batches], align_input=True
+    ).input_alignment
+    np.testing.assert_allclose(repaired.input_alignment["gain"], onnx_side["gain"], atol=1e-3)
+    np.testing.assert_allclose(repaired.input_alignment["bias"], onnx_side["bias"], atol=1e-3)
+    x, y = 1 - digits_split.test_x, digits_split.test_y
+    with torch.no_grad():
+        assert (repaired(x).argmax(1) == y).float().mean() > 0.95
+        plain = bnfold.recalibrate(digits_model, batches)
+        assert (plain(x).argmax(1) == y).float().mean() < 0.3
+    assert not hasattr(digits_model, "input_alignment")
+    # clean data: nothing that costs accuracy
+    clean = digits_split.train_x[:64]
+    kept = bnfold.recalibrate(digits_model, [clean[:32], clean[32:]], align_input=True)
+    with torch.no_grad():
+        clean_accuracy = (kept(digits_split.test_x).argmax(1) == y).float().mean()
+    assert clean_accuracy >= 0.975
+    assert "reason" in kept.input_alignment

@@ -1,0 +1,171 @@
+"""Input alignment for torch modules: ``bnfold.recalibrate(model, batches, align_input=True)``.
+
+The torch counterpart of ``input_alignment`` and ``recalibrate_onnx(align_input=True)``, with
+the same numerics (``alignment``): the first BN the forward pass reaches is the site; its input
+for the basis inputs is caught by a pre-hook (which stops the pass there); the fits that pass
+the affine check and halve the distance become ``InputAligned`` wrappers, each re-estimated
+like the plain model; the repair whose later BNs' statistics moved least is returned.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from bnfold.drift.alignment import MAX_CHANNELS, choose_repair, fit_and_check, show
+from bnfold.drift.statistics import statistics_change
+
+__all__ = ["InputAligned", "recalibrate_aligned"]
+
+
+class InputAligned(nn.Module):
+    """``model(gain * x + bias, *rest)``: the input map in front of the model (per channel of
+    the first input). ``input_alignment`` is the report of the fit that made it."""
+
+    def __init__(self, model: nn.Module, gain: np.ndarray, bias: np.ndarray, report: dict):
+        super().__init__()
+        self.model = model
+        self.register_buffer("gain", torch.as_tensor(gain))
+        self.register_buffer("bias", torch.as_tensor(bias))
+        self.input_alignment = report
+
+    def forward(self, x: Tensor, *rest: Any, **kwargs: Any) -> Any:
+        return self.model(x * self.gain + self.bias, *rest, **kwargs)
+
+
+class _Reached(Exception):
+    """Raised by the pre-hook: the pass has what it came for."""
+
+
+def _bns(model: nn.Module) -> list[nn.modules.batchnorm._BatchNorm]:
+    return [
+        m
+        for m in model.modules()
+        if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.running_mean is not None
+    ]
+
+
+def _as_args(batch: Any) -> tuple:
+    return tuple(batch) if isinstance(batch, tuple | list) else (batch,)
+
+
+def _first_bn(model: nn.Module, args: tuple) -> nn.Module | None:
+    reached: list[nn.Module] = []
+
+    def hook(module, _args):
+        reached.append(module)
+        raise _Reached
+
+    handles = [m.register_forward_pre_hook(hook) for m in _bns(model)]
+    try:
+        with torch.no_grad():
+            model.eval()(*args)
+    except _Reached:
+        pass
+    finally:
+        for h in handles:
+            h.remove()
+    return reached[0] if reached else None
+
+
+def _site_run(model: nn.Module, bn: nn.Module, rest: tuple) -> Callable[[np.ndarray], np.ndarray]:
+    """run(x) -> the BN's input [N, K, L] for first input x (the other inputs as given)."""
+
+    def run(x: np.ndarray) -> np.ndarray:
+        seen: list[Tensor] = []
+
+        def hook(_module, args):
+            seen.append(args[0])
+            raise _Reached
+
+        handle = bn.register_forward_pre_hook(hook)
+        try:
+            with torch.no_grad():
+                model.eval()(torch.from_numpy(x), *rest)
+        except _Reached:
+            pass
+        finally:
+            handle.remove()
+        y = seen[0].detach().to(torch.float32).numpy()
+        return y.reshape(y.shape[0], y.shape[1], -1)
+
+    return run
+
+
+def recalibrate_aligned(
+    model: nn.Module, batches: Sequence[Any], recalibrate: Callable
+) -> nn.Module:
+    """``recalibrate(model, batches)``, or behind a fitted input map when that moves the later
+    BNs' statistics less; the returned module's ``input_alignment`` says which and why."""
+    plain = recalibrate(model, batches)
+    args = _as_args(batches[0]) if batches else ()
+    x0 = args[0] if args else None
+    report: dict[str, Any] = {"applied": False, "site": None}
+    bn = _first_bn(model, args) if torch.is_tensor(x0) and x0.dim() >= 2 else None
+    if bn is None:
+        report["reason"] = "no BatchNorm with running statistics reached by a [N, C, ...] input"
+    elif x0.shape[1] > MAX_CHANNELS:
+        report["reason"] = f"the input has {x0.shape[1]} channels; alignment fits <= 16"
+    if bn is None or x0.shape[1] > MAX_CHANNELS:
+        plain.input_alignment = report
+        return plain
+    site = next(name for name, m in model.named_modules() if m is bn)
+    report["site"] = site
+    run = _site_run(model, bn, args[1:])
+    samples = (_as_args(b)[0].detach().cpu().numpy() for b in batches)
+    eps = float(bn.eps)
+    kept, rejected = fit_and_check(
+        run, samples, bn.running_mean.double().numpy(), bn.running_var.double().numpy(), eps, site
+    )
+    if not kept:
+        report["reason"] = "; ".join(rejected) + ": not applied"
+        plain.input_alignment = report
+        return plain
+    best = kept[0]
+    report.update(applied=True, **best.to_dict())
+    report["reason"] = (
+        f"{site!r}'s distance from its running statistics {best.loss_identity:.3g} -> "
+        f"{best.loss:.3g} with the input mapped to {show(best.gain)} * x + {show(best.bias)} "
+        "per channel"
+    )
+    shape = (1, -1) + (1,) * (x0.dim() - 2)
+    trials = [
+        recalibrate(
+            InputAligned(
+                model,
+                fit.gain.reshape(shape).astype(np.float32),
+                fit.bias.reshape(shape).astype(np.float32),
+                report,
+            ),
+            batches,
+        )
+        for fit in kept
+    ]
+    index = choose_repair(
+        report,
+        _change(model, plain),
+        [(_change(model, t.model), fit) for t, fit in zip(trials, kept, strict=True)],
+    )
+    chosen = plain if index is None else trials[index]
+    chosen.input_alignment = report
+    return chosen
+
+
+def _change(before: nn.Module, after: nn.Module) -> float:
+    """``statistics.statistics_change`` over the BNs in module order."""
+    return statistics_change(
+        [
+            (
+                a.running_mean.double().numpy(),
+                a.running_var.double().numpy(),
+                b.running_mean.double().numpy(),
+                b.running_var.double().numpy(),
+                float(a.eps),
+            )
+            for a, b in zip(_bns(before), _bns(after), strict=True)
+        ]
+    )
