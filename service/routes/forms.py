@@ -14,10 +14,16 @@ __all__ = ["copy_file", "integer_field", "number_field", "text_fields"]
 
 
 def text_fields(form, allowed: set[str]) -> dict[str, str]:
-    """The form's text fields, after refusing any field not in ``allowed`` (files included)."""
+    """The form's text fields, after refusing any field not in ``allowed`` and any field sent
+    more than once (files included): a form keeps the last of repeated fields, which would
+    silently drop the first."""
     unknown = sorted(set(form.keys()) - allowed)
     if unknown:
         raise BadRequest(f"unknown form field(s) {unknown}; expected {sorted(allowed)}")
+    keys = [key for key, _ in form.multi_items()]
+    repeated = sorted({key for key in keys if keys.count(key) > 1})
+    if repeated:
+        raise BadRequest(f"form field(s) {repeated} given more than once; send each once")
     return {k: v for k, v in form.items() if isinstance(v, str)}
 
 

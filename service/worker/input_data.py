@@ -4,7 +4,8 @@
 input, by input name), parsed without pickles (``np.load(allow_pickle=False)``, safetensors' own
 reader); an ``.npz`` is a zip, whose directory is checked (entries, summed uncompressed size)
 before anything is inflated. Every array is then checked against the graph's inputs (dtype,
-rank, fixed dimensions, equal sample counts, finite values, at least 2 samples).
+rank, fixed dimensions, equal sample counts, finite values whose squares are finite too, at
+least 2 samples, not all identical).
 """
 
 from __future__ import annotations
@@ -28,11 +29,19 @@ def parse_arrays(data: bytes, declared: str | None) -> dict[str, Any]:
     kind = declared or next((k for m, k in _MAGIC.items() if data.startswith(m)), "safetensors")
     try:
         if kind == "npy":
-            return {"": np.load(io.BytesIO(data), allow_pickle=False)}
+            array = np.load(io.BytesIO(data), allow_pickle=False)
+            if not isinstance(array, np.ndarray):  # np.load opens a zip as an .npz
+                raise Refused(400, "the file is named .npy but is a zip archive: name it .npz")
+            return {"": array}
         if kind == "npz":
             _check_zip(data)
             with np.load(io.BytesIO(data), allow_pickle=False) as npz:
-                return {name: npz[name] for name in npz.files}
+                arrays = {name: npz[name] for name in npz.files}
+            # np.load hands back the raw bytes of a member that is not an .npy array
+            raw = sorted(k for k, v in arrays.items() if not isinstance(v, np.ndarray))
+            if raw:
+                raise Refused(400, f"the .npz entries {raw} are not .npy arrays")
+            return arrays
         if kind == "safetensors":
             from safetensors import SafetensorError
             from safetensors.numpy import load
@@ -105,8 +114,8 @@ def match_inputs(
                 f"input {spec.name!r} has shape {list(array.shape)}; the model takes "
                 f"[{', '.join(map(str, shown))}]",
             )
-        if want.kind == "f" and not np.isfinite(array).all():
-            raise Refused(400, f"input {spec.name!r} holds NaN or infinite values")
+        if want.kind == "f":
+            _check_float_values(spec.name, array)
         counts.add(int(array.shape[0]))
     if len(counts) != 1:
         raise Refused(400, f"the inputs hold different numbers of samples: {sorted(counts)}")
@@ -117,7 +126,30 @@ def match_inputs(
             f"{n} sample(s): BN statistics need at least {MIN_SAMPLES} (one sample has no "
             "variance)",
         )
+    if all((arrays[spec.name] == arrays[spec.name][:1]).all() for spec in inputs):
+        raise Refused(
+            400,
+            f"all {n} samples are identical: BN statistics need samples that differ (one "
+            "sample has no variance)",
+        )
     return {spec.name: np.ascontiguousarray(arrays[spec.name]) for spec in inputs}
+
+
+def _check_float_values(name: str, array: Any) -> None:
+    """Finite, and small enough that squares (variances, L2 norms) stay finite: statistics are
+    kept in the graph's float type, float32 at the least."""
+    import numpy as np
+
+    if not np.isfinite(array).all():
+        raise Refused(400, f"input {name!r} holds NaN or infinite values")
+    bound = float(np.sqrt(np.finfo(np.promote_types(array.dtype, np.float32)).max))
+    largest = float(np.abs(array).max()) if array.size else 0.0
+    if largest > bound:
+        raise Refused(
+            400,
+            f"input {name!r} holds values up to {largest:.3g} in magnitude; beyond {bound:.3g} "
+            "their squares overflow (BN variances, L2 norms)",
+        )
 
 
 def batches_of(feeds: dict[str, Any], batch_size: int) -> list[dict[str, Any]]:

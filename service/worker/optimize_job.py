@@ -27,14 +27,47 @@ CALIBRATION_BATCH = 8
 LABELS = "labels"  # the calibration file's array of class indices, for max_accuracy_drop
 
 
-def _labels(array: Any) -> Any:
+def _classes(original: Any) -> int | None:
+    """The number of classes of a model whose first output is [N, classes] with a fixed
+    ``classes``; None when the graph does not say."""
+    dims = original.graph.output[0].type.tensor_type.shape.dim
+    if len(dims) == 2 and dims[1].HasField("dim_value") and dims[1].dim_value > 1:
+        return dims[1].dim_value
+    return None
+
+
+def _labels(array: Any, classes: int | None) -> Any:
     import numpy as np
 
     if array.ndim != 1 or array.dtype.kind not in "iu":
         raise Refused(
             400, f"'labels' must be a 1-D array of class indices, got {array.dtype} {array.shape}"
         )
+    # checked before the cast: a uint64 past int64's range would wrap to a negative index
+    if array.size and (array.min() < 0 or (classes is not None and array.max() >= classes)):
+        within = ">= 0" if classes is None else f"0..{classes - 1} (the model scores {classes})"
+        raise Refused(
+            400,
+            f"'labels' must be class indices {within}, got values from {array.min()} to "
+            f"{array.max()}",
+        )
     return array.astype(np.int64)
+
+
+def _calibration(original: Any, data: bytes, settings: dict[str, Any], shapes: dict) -> tuple:
+    """The calibration batches and labels (or None), every refusal naming the file."""
+    try:
+        arrays = parse_arrays(data, settings.get("format"))
+        labels = None
+        if LABELS in arrays and LABELS not in {i.name for i in original.graph.input}:
+            labels = _labels(arrays.pop(LABELS), _classes(original))
+        feeds = match_inputs(original, arrays, shapes)
+    except Refused as exc:
+        raise Refused(exc.status, f"the calibration file: {exc}", **exc.extra) from None
+    samples = len(next(iter(feeds.values())))
+    if labels is not None and len(labels) != samples:
+        raise Refused(400, f"the calibration file holds {len(labels)} labels for {samples} samples")
+    return [tuple(batch.values()) for batch in batches_of(feeds, CALIBRATION_BATCH)], labels
 
 
 def run_optimize_job(job_dir: Path, job: dict[str, Any]) -> dict[str, Any]:
@@ -51,17 +84,7 @@ def run_optimize_job(job_dir: Path, job: dict[str, Any]) -> dict[str, Any]:
     calibration = labels = None
     if settings.get("calibration"):
         data = (job_dir / settings["calibration"]).read_bytes()
-        arrays = parse_arrays(data, settings.get("format"))
-        if LABELS in arrays and LABELS not in {i.name for i in original.graph.input}:
-            labels = _labels(arrays.pop(LABELS))
-        feeds = match_inputs(original, arrays, shapes)
-        if labels is not None and len(labels) != len(next(iter(feeds.values()))):
-            raise Refused(
-                400,
-                f"the calibration file holds {len(labels)} labels for "
-                f"{len(next(iter(feeds.values())))} samples",
-            )
-        calibration = [tuple(batch.values()) for batch in batches_of(feeds, CALIBRATION_BATCH)]
+        calibration, labels = _calibration(original, data, settings, shapes)
     if settings.get("budget", {}).get("max_accuracy_drop") is not None and labels is None:
         raise Refused(
             400,

@@ -1,0 +1,140 @@
+"""Bad calibration and recalibration data through a real server: each is a 400 that names the
+problem, and the version served before stays served."""
+
+from __future__ import annotations
+
+import io
+import zipfile
+
+import numpy as np
+import pytest
+
+from tests.service.support import upload
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("sklearn")
+
+import bnfold  # noqa: E402
+from models import digits  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def split():
+    return digits.load_split()
+
+
+@pytest.fixture(scope="module")
+def digits_onnx(split) -> bytes:
+    x = split.train_x[:2]
+    return bnfold.export_onnx(digits.build(), (x,), dynamic_batch=True).SerializeToString()
+
+
+@pytest.fixture(scope="module")
+def deployed(server, digits_onnx) -> str:
+    """The version of ``digits-guarded``, deployed once without optimize."""
+    with server.client() as api:
+        r = upload(api, "digits-guarded", digits_onnx, input_shape="[2,1,8,8]")
+    assert r.status_code == 201, r.text
+    return r.json()["version"]
+
+
+def _npz(**arrays) -> bytes:
+    out = io.BytesIO()
+    np.savez(out, **arrays)
+    return out.getvalue()
+
+
+def _npy(array: np.ndarray) -> bytes:
+    out = io.BytesIO()
+    np.save(out, array, allow_pickle=False)
+    return out.getvalue()
+
+
+def _zip(**members: bytes) -> bytes:
+    out = io.BytesIO()
+    with zipfile.ZipFile(out, "w") as archive:
+        for name, data in members.items():
+            archive.writestr(name, data)
+    return out.getvalue()
+
+
+def _served_version(api) -> str:
+    return api.get("/v1/models/digits-guarded").json()["version"]
+
+
+def _calibration_cases(x: np.ndarray, y: np.ndarray) -> list:
+    return [
+        ("c.npz", _zip(**{"readme.txt": b"hello"}), {}, "['readme.txt'] are not .npy arrays"),
+        ("c.npz", _zip(**{"x.npy": b"not an array"}), {}, "['x'] are not .npy arrays"),
+        ("c.npy", _npz(x=x), {}, "named .npy but is a zip archive"),
+        ("c.npz", _npz(x=x * np.float32(1e30)), {}, "values up to 1e+30 in magnitude"),
+        ("c.npz", _npz(x=np.zeros_like(x)), {}, "all 64 samples are identical"),
+        ("c.npz", _npz(x=np.repeat(x[:1], 64, 0)), {}, "all 64 samples are identical"),
+        (
+            "c.npz",
+            _npz(x=x, labels=-1 - y),
+            {"max_accuracy_drop": "1"},
+            "class indices 0..9 (the model scores 10), got values from -10",
+        ),
+        (
+            "c.npz",
+            _npz(x=x, labels=y + 10),
+            {"max_accuracy_drop": "1"},
+            "class indices 0..9 (the model scores 10), got values from 10 to 19",
+        ),
+    ]
+
+
+def test_bad_calibration_files_are_refused_and_keep_the_served_version(
+    api, split, digits_onnx, deployed
+):
+    x, y = split.train_x[:64].numpy(), split.train_y[:64].numpy()
+    for filename, data, fields, says in _calibration_cases(x, y):
+        form = {"name": "digits-guarded", "optimize": "true", "input_shape": "[2,1,8,8]"}
+        files = {"file": ("model.onnx", digits_onnx), "calibration": (filename, data)}
+        r = api.post("/v1/models", data={**form, **fields}, files=files)
+        assert r.status_code == 400, (says, r.text)
+        assert says in r.json()["error"], r.text
+        assert r.json()["error"].startswith("the calibration file: "), r.text
+        assert _served_version(api) == deployed
+
+
+def test_degenerate_recalibration_data_is_refused_and_keeps_the_served_version(
+    api, split, deployed
+):
+    x = split.train_x[:64].numpy()
+    cases = [
+        (np.zeros_like(x), "all 64 samples are identical"),
+        (np.ones_like(x), "all 64 samples are identical"),
+        (np.repeat(x[:1], 64, 0), "all 64 samples are identical"),
+        (x * np.float32(1e30), "their squares overflow"),
+    ]
+    for data, says in cases:
+        for align in ("true", "false"):
+            r = api.post(
+                "/v1/models/digits-guarded/recalibrate",
+                data={"align_input": align},
+                files={"file": ("data.npy", _npy(data))},
+            )
+            assert r.status_code == 400, (says, r.text)
+            assert says in r.json()["error"], r.text
+            assert _served_version(api) == deployed
+
+
+def test_a_form_field_sent_twice_is_refused(api, digits_onnx, deployed):
+    r = api.post(
+        "/v1/models",
+        data={"name": ["digits-guarded", "digits-other"], "optimize": ["true", "false"]},
+        files={"file": ("model.onnx", digits_onnx)},
+    )
+    assert r.status_code == 400, r.text
+    assert "['name', 'optimize'] given more than once" in r.json()["error"]
+    assert api.get("/v1/models/digits-other").status_code == 404
+    r = api.post(
+        "/v1/models/digits-guarded/recalibrate",
+        data={"batch_size": ["8", "64"]},
+        files={"file": ("data.npy", _npy(np.zeros((4, 1, 8, 8), np.float32)))},
+    )
+    assert r.status_code == 400, r.text
+    assert "['batch_size'] given more than once" in r.json()["error"]
+    assert _served_version(api) == deployed
