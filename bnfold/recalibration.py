@@ -108,6 +108,13 @@ def _reestimate(model: nn.Module, batches: Iterable[Any]) -> nn.Module:
         if stats.batches == 0:
             continue  # not on the path of these inputs: keep what it had
         mean, var = stats.population()
+        for what, value in (("mean", mean), ("variance", var)):
+            if not torch.isfinite(value.to(m.running_var.dtype)).all():
+                raise ValueError(
+                    f"a BatchNorm's re-estimated {what} reaches {value.abs().max().item():.3g}, "
+                    f"beyond what {m.running_var.dtype} holds: the calibration inputs are far "
+                    "outside the model's range"
+                )
         m.running_mean.copy_(mean.to(m.running_mean.dtype))
         m.running_var.copy_(var.to(m.running_var.dtype))
         if m.num_batches_tracked is not None:

@@ -136,6 +136,7 @@ def _reestimate(
     reports = []
     for site in observer.sites:
         mean, var = population_statistics(*gathered[site.name])
+        _check_representable(site.name, mean, var, numpy_helper.to_array(inits[site.var_name]))
         node = graph.node[site.node_index]
         for slot, old_name, value in ((3, site.mean_name, mean), (4, site.var_name, var)):
             old = inits[old_name]
@@ -156,3 +157,16 @@ def _reestimate(
             }
         )
     return OnnxRecalibration(out, n_batches, samples, reports, observer.skipped)
+
+
+def _check_representable(name: str, mean: np.ndarray, var: np.ndarray, like: np.ndarray) -> None:
+    """Refuse statistics the graph's float type cannot hold (inputs near its range give
+    variances beyond it), rather than writing inf into the BN and deploying it."""
+    limit = float(np.finfo(like.dtype).max) if like.dtype.kind == "f" else np.inf
+    for what, value in (("mean", mean), ("variance", var)):
+        peak = float(np.max(np.abs(value)))
+        if not np.isfinite(value).all() or peak > limit:
+            raise ValueError(
+                f"BatchNorm {name!r}: the re-estimated {what} reaches {peak:.3g}, beyond what "
+                f"{like.dtype} holds: the calibration inputs are far outside the model's range"
+            )

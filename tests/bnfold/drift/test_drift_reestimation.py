@@ -103,3 +103,12 @@ def test_recalibrate_onnx_refuses_batches_without_variance():
         recalibrate_onnx(_bn1d(shared=False), [{"x": np.ones((1, 2), np.float32)}])
     with pytest.raises(ValueError, match="at least one"):
         recalibrate_onnx(_bn1d(shared=False), [])
+
+
+def test_statistics_a_float32_bn_cannot_hold_are_refused(digits_model, digits_split, digits_onnx):
+    """Inputs of 1e30 give variances of 1e60: refused by name, not written as inf."""
+    huge = (digits_split.train_x[:32] * 1e30).numpy()
+    with pytest.raises(ValueError, match=r"BatchNorm 'features.1': the re-estimated variance"):
+        recalibrate_onnx(digits_onnx, [{"x": huge}])
+    with pytest.raises(ValueError, match=r"beyond what torch.float32 holds"):
+        bnfold.recalibrate(digits_model, [torch.from_numpy(huge)])
