@@ -2,9 +2,10 @@
 
 Starting from the best INT8 candidate's exclusions (none):
 
-1. Time. For each operator type the graph quantizes (but Conv, whose exclusion is the fp32
-   graph), quantize again with every node of that type kept in fp32 and time it against the
-   current graph (`timing.time_interleaved`, batch 1 and the larger batch). The exclusion
+1. Time. For each operator type the graph quantizes (but dense Conv, whose exclusion is the
+   fp32 graph; grouped Convs, depthwise ones among them, count as a type of their own),
+   quantize again with every node of that type kept in fp32 and time it against the current
+   graph (`timing.time_interleaved`, batch 1 and the larger batch). The exclusion
    stays when it is faster by more than `MIN_GAIN` at every batch size.
 2. Accuracy. While the budget is not met, rank the quantized nodes by how much error each
    adds (error of its output in the INT8 graph minus the largest error of its inputs, both
@@ -28,6 +29,7 @@ from bnfold.optimizer.timing import make_session, time_interleaved
 __all__ = ["MixedSearch", "search_mixed"]
 
 MIN_GAIN = 0.03
+DEPTHWISE = "Conv (grouped)"  # grouped Convs are tried apart from the others
 STEP = 2
 MAX_ACCURACY_ROUNDS = 2
 _LAYOUT_OPS = {
@@ -72,8 +74,18 @@ def _quantized_types(fp32: onnx.ModelProto, quantized: onnx.ModelProto) -> dict[
     types: dict[str, list[str]] = {}
     for node in fp32.graph.node:
         if node.name in quantized_names and node.op_type not in _LAYOUT_OPS:
-            types.setdefault(node.op_type, []).append(node.name)
+            kind = DEPTHWISE if _is_depthwise(node) else node.op_type
+            types.setdefault(kind, []).append(node.name)
     return types
+
+
+def _is_depthwise(node: onnx.NodeProto) -> bool:
+    """A grouped Conv (depthwise, in MobileNets and EfficientNets): memory-bound, little for
+    INT8 to win, and its own trial in step 1."""
+    if node.op_type != "Conv":
+        return False
+    group = next((a.i for a in node.attribute if a.name == "group"), 1)
+    return group > 1
 
 
 def _added_error(
