@@ -19,7 +19,13 @@ from service.drift import DriftUnavailable
 from service.errors import BadRequest
 from service.handlers import DEFAULT_ATOL, DEFAULT_RTOL
 from service.routes.deps import Inference, Models
-from service.routes.forms import copy_file, integer_field, number_field, text_fields
+from service.routes.forms import (
+    copy_file,
+    flag_field,
+    integer_field,
+    number_field,
+    text_fields,
+)
 from service.schemas import ERROR_RESPONSES, ModelPublic
 from service.store import validate_name
 
@@ -113,7 +119,7 @@ async def _read_form(request: Request, scratch) -> dict[str, Any]:
             "batch_size": integer_field(fields, "batch_size", 32, 2, 1 << 16),
             "rtol": number_field(fields, "rtol", DEFAULT_RTOL),
             "atol": number_field(fields, "atol", DEFAULT_ATOL),
-            "align_input": _flag(fields, "align_input", True),
+            "align_input": flag_field(fields, "align_input", True),
         }
         file, source = form.get("file"), fields.get("source")
         if source is not None and source != "traffic":
@@ -130,12 +136,3 @@ async def _read_form(request: Request, scratch) -> dict[str, Any]:
         return job
     finally:
         await form.close()
-
-
-def _flag(fields: dict[str, str], key: str, default: bool) -> bool:
-    raw = (fields.get(key) or "").strip().lower()
-    if not raw:
-        return default
-    if raw not in ("true", "false", "1", "0"):
-        raise BadRequest(f"{key} must be true or false, got {fields[key]!r}")
-    return raw in ("true", "1")

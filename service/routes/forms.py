@@ -10,7 +10,7 @@ from starlette.datastructures import UploadFile
 
 from service.errors import BadRequest
 
-__all__ = ["copy_file", "integer_field", "number_field", "text_fields"]
+__all__ = ["copy_file", "flag_field", "integer_field", "number_field", "text_fields"]
 
 
 def text_fields(form, allowed: set[str]) -> dict[str, str]:
@@ -48,6 +48,16 @@ def number_field(fields: dict[str, str], key: str, default: float) -> float:
     if not math.isfinite(value) or value < 0:
         raise BadRequest(f"{key} must be a finite number >= 0, got {raw!r}")
     return value
+
+
+def flag_field(fields: dict[str, str], key: str, default: bool) -> bool:
+    """true/false/1/0 (any case, spaces around ignored), or ``default`` when absent or blank."""
+    raw = (fields.get(key) or "").strip().lower()
+    if not raw:
+        return default
+    if raw not in ("true", "false", "1", "0"):
+        raise BadRequest(f"{key} must be true or false, got {fields[key]!r}")
+    return raw in ("true", "1")
 
 
 def integer_field(fields: dict[str, str], key: str, default: int, low: int, high: int) -> int:

@@ -15,7 +15,13 @@ from service.auth import Authorized
 from service.errors import BadRequest
 from service.handlers import DEFAULT_ATOL, DEFAULT_RTOL, UploadRequest
 from service.routes.deps import Models
-from service.routes.forms import copy_file, integer_field, number_field, text_fields
+from service.routes.forms import (
+    copy_file,
+    flag_field,
+    integer_field,
+    number_field,
+    text_fields,
+)
 from service.runtime.buckets import parse_spec
 from service.schemas import ERROR_RESPONSES, ModelPublic, ModelsPublic, ModelSummary
 from service.store import validate_name
@@ -220,10 +226,7 @@ def _fraction(fields: dict[str, str], key: str) -> float | None:
 
 def _optimize(fields: dict[str, str], calibration: Any) -> dict[str, Any] | None:
     """``optimize=true``, its budget and calibration file; without it, nothing changes."""
-    raw = (fields.get("optimize") or "").strip().lower()
-    if raw not in ("", "true", "false", "1", "0"):
-        raise BadRequest(f"optimize must be true or false, got {fields['optimize']!r}")
-    wanted = raw in ("true", "1")
+    wanted = flag_field(fields, "optimize", False)
     given = [k for k in _BUDGET_FIELDS if fields.get(k)]
     if isinstance(calibration, str) and calibration:
         raise BadRequest("calibration must be a file (.npy, .npz or .safetensors), not a field")
