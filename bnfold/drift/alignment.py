@@ -103,17 +103,10 @@ class AffineFit:
 
 def alignment_loss(
     theta: np.ndarray, mu: np.ndarray, cov: np.ndarray, mean_r: np.ndarray, var_r: np.ndarray
-) -> tuple[float, np.ndarray]:
-    """The loss (var_r already holds eps) and its gradient in theta (all 2C + 1 entries)."""
-    mean = mu @ theta  # [K]
-    var = np.maximum(np.einsum("i,kij,j->k", theta, cov, theta), 1e-24)
-    std, std_r = np.sqrt(var), np.sqrt(var_r)
-    loss = float(np.mean(((mean - mean_r) ** 2 + (std - std_r) ** 2) / var_r))
-    d_mean = 2 * (mean - mean_r) / var_r  # [K]
-    d_std = 2 * (std - std_r) / var_r
-    d_var = d_std / (2 * std)
-    grad = (d_mean @ mu + 2 * np.einsum("k,kij,j->i", d_var, cov, theta)) / len(mean)
-    return loss, grad
+) -> float:
+    """The loss at theta (all 2C + 1 entries; var_r already holds eps)."""
+    r, _jac = _residuals(theta, mu, cov, mean_r, var_r)
+    return float(r @ r) / len(mean_r)
 
 
 def _starts(channels: int) -> list[np.ndarray]:
@@ -159,7 +152,7 @@ def _levenberg_marquardt(theta, mu, cov, mean_r, var_r) -> tuple[np.ndarray, flo
             damping *= 4
             if damping > 1e9:
                 break
-    return theta, alignment_loss(theta, mu, cov, mean_r, var_r)[0]
+    return theta, alignment_loss(theta, mu, cov, mean_r, var_r)
 
 
 def fit_input_affine(
@@ -175,7 +168,7 @@ def fit_input_affine(
     mean_r = np.asarray(mean_r, np.float64).reshape(-1)
     var_r = np.asarray(var_r, np.float64).reshape(-1) + eps
     identity = np.concatenate([np.ones(channels), np.zeros(channels), [1.0]])
-    loss_identity = alignment_loss(identity, mu, cov, mean_r, var_r)[0]
+    loss_identity = alignment_loss(identity, mu, cov, mean_r, var_r)
     fits = [_levenberg_marquardt(start, mu, cov, mean_r, var_r) for start in _starts(channels)]
     return [
         AffineFit(theta[:channels], theta[channels:-1], loss_identity, loss)

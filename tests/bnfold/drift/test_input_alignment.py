@@ -10,7 +10,7 @@ from torch import nn
 
 import bnfold
 from bnfold.drift import recalibrate_onnx
-from bnfold.drift.alignment import BasisMoments, alignment_loss, fit_input_affine
+from bnfold.drift.alignment import BasisMoments, _residuals, alignment_loss, fit_input_affine
 from bnfold.drift.input_alignment import align_input_onnx
 
 
@@ -23,7 +23,8 @@ def _batches(x: np.ndarray, size: int = 32) -> list[dict[str, np.ndarray]]:
     return [{"x": x[i : i + size]} for i in range(0, len(x), size)]
 
 
-def test_alignment_loss_gradient_matches_finite_differences():
+def test_residual_jacobian_matches_finite_differences():
+    """Levenberg-Marquardt steps on this Jacobian; the loss is the residuals' mean square."""
     rng = np.random.default_rng(0)
     basis = rng.standard_normal((5, 16, 4, 9))  # 2 input channels: P1 P2 Q1 Q2 R
     moments = BasisMoments()
@@ -31,13 +32,15 @@ def test_alignment_loss_gradient_matches_finite_differences():
     mu, cov = moments.mean_cov()
     mean_r, var_r = rng.standard_normal(4), rng.uniform(0.5, 2, 4)
     theta = np.array([0.7, -1.2, 0.3, 0.1, 1.0])
-    loss, grad = alignment_loss(theta, mu, cov, mean_r, var_r)
+    r, jac = _residuals(theta, mu, cov, mean_r, var_r)
+    loss = alignment_loss(theta, mu, cov, mean_r, var_r)
+    assert loss == pytest.approx(float(r @ r) / 4)
     for i in range(4):
         step = np.zeros(5)
         step[i] = 1e-6
-        up = alignment_loss(theta + step, mu, cov, mean_r, var_r)[0]
-        down = alignment_loss(theta - step, mu, cov, mean_r, var_r)[0]
-        assert grad[i] == pytest.approx((up - down) / 2e-6, rel=1e-4, abs=1e-8)
+        up = _residuals(theta + step, mu, cov, mean_r, var_r)[0]
+        down = _residuals(theta - step, mu, cov, mean_r, var_r)[0]
+        np.testing.assert_allclose(jac[:, i], (up - down) / 2e-6, rtol=1e-4, atol=1e-8)
     assert loss > 0
 
 
