@@ -21,6 +21,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from bnfold.drift.torch_score import tracked_batch_norms
+
 __all__ = ["recalibrate"]
 
 
@@ -77,11 +79,7 @@ def recalibrate(
 
 def _reestimate(model: nn.Module, batches: Iterable[Any]) -> nn.Module:
     work = copy.deepcopy(model)
-    bns = [
-        m
-        for m in work.modules()
-        if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.running_mean is not None
-    ]
+    bns = [m for _name, m in tracked_batch_norms(work)]
     if not bns:
         return work.eval()
     moments = {id(m): _Moments() for m in bns}

@@ -18,6 +18,7 @@ from torch import Tensor, nn
 
 from bnfold.drift.alignment import MAX_CHANNELS, choose_repair, fit_and_check, show
 from bnfold.drift.statistics import statistics_change
+from bnfold.drift.torch_score import tracked_batch_norms
 
 __all__ = ["InputAligned", "recalibrate_aligned"]
 
@@ -42,11 +43,7 @@ class _Reached(Exception):
 
 
 def _bns(model: nn.Module) -> list[nn.modules.batchnorm._BatchNorm]:
-    return [
-        m
-        for m in model.modules()
-        if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.running_mean is not None
-    ]
+    return [m for _name, m in tracked_batch_norms(model)]
 
 
 def _as_args(batch: Any) -> tuple:

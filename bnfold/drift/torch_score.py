@@ -22,10 +22,11 @@ from bnfold.drift.detector import (
 )
 from bnfold.drift.statistics import ChannelMoments
 
-__all__ = ["drift_score", "references_of"]
+__all__ = ["drift_score", "references_of", "tracked_batch_norms"]
 
 
-def _bns(model: nn.Module) -> list[tuple[str, nn.modules.batchnorm._BatchNorm]]:
+def tracked_batch_norms(model: nn.Module) -> list[tuple[str, nn.modules.batchnorm._BatchNorm]]:
+    """(name, module) of each BN with running statistics, in module order."""
     return [
         (name, m)
         for name, m in model.named_modules()
@@ -42,7 +43,7 @@ def references_of(model: nn.Module) -> list[SiteReference]:
             m.running_var.detach().to(torch.float64).numpy().copy(),
             float(m.eps),
         )
-        for name, m in _bns(model)
+        for name, m in tracked_batch_norms(model)
     ]
 
 
@@ -51,7 +52,7 @@ def drift_score(
 ) -> DriftResult:
     """Score the inputs in ``batches`` (tensors, or tuples of positional inputs) as one window
     against ``model``'s BN running statistics. The model is run in eval mode and left as it was."""
-    bns = _bns(model)
+    bns = tracked_batch_norms(model)
     detector = DriftDetector(references_of(model), threshold)
     seen: dict[str, ChannelMoments] = {}
 

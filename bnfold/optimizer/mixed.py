@@ -29,7 +29,7 @@ from bnfold.optimizer.timing import make_session, time_interleaved
 __all__ = ["MixedSearch", "search_mixed"]
 
 MIN_GAIN = 0.03
-DEPTHWISE = "Conv (grouped)"  # grouped Convs are tried apart from the others
+GROUPED = "Conv (grouped)"  # grouped Convs are tried apart from the others
 STEP = 2
 MAX_ACCURACY_ROUNDS = 2
 _LAYOUT_OPS = {
@@ -74,14 +74,15 @@ def _quantized_types(fp32: onnx.ModelProto, quantized: onnx.ModelProto) -> dict[
     types: dict[str, list[str]] = {}
     for node in fp32.graph.node:
         if node.name in quantized_names and node.op_type not in _LAYOUT_OPS:
-            kind = DEPTHWISE if _is_depthwise(node) else node.op_type
+            kind = GROUPED if _is_grouped(node) else node.op_type
             types.setdefault(kind, []).append(node.name)
     return types
 
 
-def _is_depthwise(node: onnx.NodeProto) -> bool:
-    """A grouped Conv (depthwise, in MobileNets and EfficientNets): memory-bound, little for
-    INT8 to win, and its own trial in step 1."""
+def _is_grouped(node: onnx.NodeProto) -> bool:
+    """A grouped Conv (depthwise ones in MobileNets and EfficientNets): its own trial in step
+    1, since what INT8 gains on it differs from dense Convs (measured: 1.14-1.43x slower in
+    fp32 on a VNNI CPU, docs/BENCHMARKS.md runs 7-8)."""
     if node.op_type != "Conv":
         return False
     group = next((a.i for a in node.attribute if a.name == "group"), 1)

@@ -88,7 +88,7 @@ def test_weight_range_follows_the_cpu_as_onnxruntime_quantizes(monkeypatch):
 
 def test_mixed_search_tries_grouped_convs_as_their_own_type(tmp_path):
     """Dense Convs are never excluded (that is the fp32 graph); grouped ones are a trial."""
-    from bnfold.optimizer.mixed import DEPTHWISE, _quantized_types, search_mixed
+    from bnfold.optimizer.mixed import GROUPED, _quantized_types, search_mixed
     from bnfold.optimizer.quantize import calibrate, quantize
 
     model = conv_act_conv("Relu", depthwise=True)
@@ -97,7 +97,7 @@ def test_mixed_search_tries_grouped_convs_as_their_own_type(tmp_path):
     cache = tmp_path / "minmax.json"
     quantized = calibrate(model, feeds, "minmax", cache)
     types = _quantized_types(model, quantized)
-    assert types[DEPTHWISE] == ["conv2"] and types["Conv"] == ["conv1"]
+    assert types[GROUPED] == ["conv2"] and types["Conv"] == ["conv1"]
     search = search_mixed(
         model,
         lambda exclude: quantize(model, cache, exclude=exclude),
@@ -107,6 +107,6 @@ def test_mixed_search_tries_grouped_convs_as_their_own_type(tmp_path):
         rounds=2,
     )
     tried = [t["fp32"] for t in search.trials if "fp32" in t]
-    assert DEPTHWISE in tried and "Conv" not in tried
+    assert GROUPED in tried and "Conv" not in tried
     excluded = search.exclude
     assert excluded in ([], ["conv2"])  # kept or not, by the measurement
