@@ -100,8 +100,8 @@ def align_input_onnx(
         y = session.run(None, {name: x})[0]
         return y.reshape(y.shape[0], y.shape[1], -1)  # [N, K, L]
 
-    first_samples = (feeds[name] for feeds in batches)
-    kept, rejected = fit_and_check(run, first_samples, site.mean, site.var, site.eps, site.name)
+    samples = (feeds[name] for feeds in batches)
+    kept, rejected = fit_and_check(run, samples, site.mean, site.var, site.eps, site.name)
     shape = (1, -1) + (1,) * (first.ndim - 2)
     candidates = [
         AlignedGraph(
