@@ -19,9 +19,13 @@ from service.worker.sources import Source, load_source
 __all__ = ["fold_in_onnx", "fold_in_torch", "load_test", "run_fold_job", "verify_folded"]
 
 
-def run_fold_job(job_dir: Path, job: dict[str, Any]) -> dict[str, Any]:
+def run_fold_job(
+    job_dir: Path, job: dict[str, Any], source: Source | None = None
+) -> dict[str, Any]:
+    """`source`: the upload, when the caller has loaded it already (the optimize job checks
+    its calibration file against the graph before anything is folded)."""
     rtol, atol = job.get("rtol", 1e-4), job.get("atol", 1e-5)
-    source = load_source(job_dir, job)
+    source = source or load_source(job_dir, job)
     extra: dict[str, Any] = {}
     if source.module is not None:
         folded_model, fold_report, extra["torch_verification"] = fold_in_torch(source, rtol, atol)

@@ -1,11 +1,13 @@
 """The optimize job: the fold job, then ``bnfold.optimize`` picks what is served.
 
-First the upload goes through the fold job unchanged (parsed, folded, verified exactly against
-the original, load-tested, written). Then ``bnfold.optimize`` measures its candidates on this
-machine (the folded fp32 graph, INT8 data-free from the BN statistics, INT8 calibrated when a
-calibration file came with the upload, INT8 with operators kept in fp32 by measurement) and the
-fastest one within the upload's accuracy budget replaces ``folded.onnx``. A lossy candidate is
-verified against its budget, not to rtol/atol: the record says which, and why it was chosen.
+First the calibration file, when one came, is parsed and checked against the uploaded graph
+(a bad file is refused before anything is folded). Then the upload goes through the fold job
+unchanged (parsed, folded, verified exactly against the original, load-tested, written). Then
+``bnfold.optimize`` measures its candidates on this machine (the folded fp32 graph, INT8
+data-free from the BN statistics, INT8 calibrated when a calibration file came with the upload,
+INT8 with operators kept in fp32 by measurement) and the fastest one within the upload's
+accuracy budget replaces ``folded.onnx``. A lossy candidate is verified against its budget, not
+to rtol/atol: the record says which, and why it was chosen.
 
 The calibration file holds one array per model input (``.npy`` for one input, ``.npz`` or
 ``.safetensors`` by input name), parsed and checked as the recalibrate job's data is, and
@@ -20,6 +22,7 @@ from typing import Any
 from service.worker.fold_job import load_test, run_fold_job
 from service.worker.input_data import batches_of, match_inputs, parse_arrays
 from service.worker.sandbox import Refused, first_lines, require
+from service.worker.sources import load_source
 
 __all__ = ["run_optimize_job"]
 
@@ -71,16 +74,9 @@ def _calibration(original: Any, data: bytes, settings: dict[str, Any], shapes: d
 
 
 def run_optimize_job(job_dir: Path, job: dict[str, Any]) -> dict[str, Any]:
-    result = run_fold_job(job_dir, job)
-    require("bnfold.optimizer")
-    import numpy as np
-    import onnx
-
-    import bnfold
-
+    source = load_source(job_dir, job)
     settings = job.get("optimize") or {}
-    original = onnx.load(str(job_dir / "original.onnx"))
-    shapes = result["input_shapes"] or {}
+    original, shapes = source.original, source.input_shapes or {}
     calibration = labels = None
     if settings.get("calibration"):
         data = (job_dir / settings["calibration"]).read_bytes()
@@ -90,6 +86,14 @@ def run_optimize_job(job_dir: Path, job: dict[str, Any]) -> dict[str, Any]:
             400,
             f"max_accuracy_drop needs a {LABELS!r} array of class indices in the calibration file",
         )
+    result = run_fold_job(job_dir, job, source)
+    require("bnfold.optimizer")
+    import numpy as np
+    import onnx
+
+    import bnfold
+
+    original = onnx.load(str(job_dir / "original.onnx"))  # as written, whatever folding did
     example = None
     if calibration is None and shapes:
         rng = np.random.default_rng(0)

@@ -99,6 +99,25 @@ def test_bad_calibration_files_are_refused_and_keep_the_served_version(
         assert _served_version(api) == deployed
 
 
+def test_a_bad_calibration_file_is_refused_before_the_model_is_folded(api, split, digits_onnx):
+    """With rtol = atol = 0 the fold's own verification fails (folding rounds differently),
+    so only a calibration check made before folding can be the refusal the client sees."""
+    files = {
+        "file": ("model.onnx", digits_onnx),
+        "calibration": ("c.npz", _npz(x=np.zeros_like(split.train_x[:8].numpy()))),
+    }
+    form = {"name": "digits-unfoldable", "optimize": "true", "input_shape": "[2,1,8,8]"}
+    r = api.post("/v1/models", data={**form, "rtol": "0", "atol": "0"}, files=files)
+    assert r.status_code == 400, r.text
+    assert r.json()["error"].startswith("the calibration file: all 8 samples are identical")
+    # the same upload with a good file fails where it should: at the exact verification
+    files["calibration"] = ("c.npz", _npz(x=split.train_x[:8].numpy()))
+    r = api.post("/v1/models", data={**form, "rtol": "0", "atol": "0"}, files=files)
+    assert r.status_code == 422, r.text
+    assert "calibration" not in r.json()["error"], r.text
+    assert api.get("/v1/models/digits-unfoldable").status_code == 404
+
+
 def test_degenerate_recalibration_data_is_refused_and_keeps_the_served_version(
     api, split, deployed
 ):
