@@ -15,6 +15,9 @@ front of the graph (``alignment`` has the math and why).
 The result is the graph with ``Mul`` and ``Add`` nodes between its input and the nodes that read
 it, so that the served graph, its observer and its recalibration all see the aligned input.
 Skips are data: ``applied=False`` with the reason.
+
+``denoise_input_onnx`` is the other repair in front of the graph (``denoising``: the noise level
+from the first BN's variances, a Wiener filter), put there as ``Pad`` (reflect) and ``Conv``.
 """
 
 from __future__ import annotations
@@ -28,11 +31,19 @@ import onnx
 from onnx import helper, numpy_helper
 
 from bnfold.drift.alignment import MAX_CHANNELS, AffineFit, fit_and_check, show
+from bnfold.drift.denoising import WienerFilter, fit_denoiser
 from bnfold.drift.observer import bn_sites
 
-__all__ = ["AlignedGraph", "InputAlignment", "align_input_onnx"]
+__all__ = [
+    "AlignedGraph",
+    "InputAlignment",
+    "InputDenoising",
+    "align_input_onnx",
+    "denoise_input_onnx",
+]
 
 PREFIX = "bnfold_align"
+DENOISE_PREFIX = "bnfold_denoise"
 
 
 @dataclass
@@ -57,8 +68,49 @@ class InputAlignment:
         return out
 
 
+@dataclass
+class InputDenoising:
+    model: onnx.ModelProto  # the graph given
+    applied: bool  # whether filters were fitted (recalibrate_onnx decides which is kept)
+    reason: str
+    site: str | None = None
+    candidates: list[tuple[onnx.ModelProto, WienerFilter]] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"applied": self.applied, "reason": self.reason, "site": self.site}
+
+
 def _skip(model: onnx.ModelProto, reason: str, site=None, fit=None) -> InputAlignment:
     return InputAlignment(model, False, reason, site, fit)
+
+
+def _single_input(model: onnx.ModelProto, batches: Sequence[dict[str, np.ndarray]]):
+    """(input name, first batch's array, first BN site), or a reason why the graph does not
+    qualify for a repair in front of it."""
+    sites, _ = bn_sites(model)
+    if not sites:
+        return "the graph has no BatchNormalization with constant statistics"
+    initializers = {t.name for t in model.graph.initializer}
+    inputs = [v for v in model.graph.input if v.name not in initializers]
+    if len(inputs) != 1:
+        return f"the graph has {len(inputs)} inputs; a repair in front takes one"
+    name = inputs[0].name
+    first = batches[0][name] if batches else None
+    if first is None or first.ndim < 2 or first.dtype.kind != "f":
+        return "the input is not a floating-point [N, C, ...] array"
+    if first.shape[1] > MAX_CHANNELS:
+        return f"the input has {first.shape[1]} channels; a repair in front fits <= 16"
+    return name, first, sites[0]
+
+
+def _site_run(model: onnx.ModelProto, name: str, tensor: str):
+    session = _probe(model, tensor)
+
+    def run(x: np.ndarray) -> np.ndarray:
+        y = session.run(None, {name: x})[0]
+        return y.reshape(y.shape[0], y.shape[1], -1)  # [N, K, L]
+
+    return run
 
 
 def _probe(model: onnx.ModelProto, tensor: str):
@@ -80,26 +132,11 @@ def align_input_onnx(
     model: onnx.ModelProto, batches: Sequence[dict[str, np.ndarray]]
 ) -> InputAlignment:
     """The graph with the input map that undoes the shift seen in ``batches`` (feed dicts)."""
-    sites, _ = bn_sites(model)
-    if not sites:
-        return _skip(model, "the graph has no BatchNormalization with constant statistics")
-    initializers = {t.name for t in model.graph.initializer}
-    inputs = [v for v in model.graph.input if v.name not in initializers]
-    if len(inputs) != 1:
-        return _skip(model, f"the graph has {len(inputs)} inputs; alignment takes one")
-    name = inputs[0].name
-    first = batches[0][name] if batches else None
-    if first is None or first.ndim < 2 or first.dtype.kind != "f":
-        return _skip(model, "the input is not a floating-point [N, C, ...] array")
-    if first.shape[1] > MAX_CHANNELS:
-        return _skip(model, f"the input has {first.shape[1]} channels; alignment fits <= 16")
-    site = sites[0]
-    session = _probe(model, site.input)
-
-    def run(x: np.ndarray) -> np.ndarray:
-        y = session.run(None, {name: x})[0]
-        return y.reshape(y.shape[0], y.shape[1], -1)  # [N, K, L]
-
+    qualified = _single_input(model, batches)
+    if isinstance(qualified, str):
+        return _skip(model, qualified)
+    name, first, site = qualified
+    run = _site_run(model, name, site.input)
     samples = (feeds[name] for feeds in batches)
     kept, rejected = fit_and_check(run, samples, site.mean, site.var, site.eps, site.name)
     shape = (1, -1) + (1,) * (first.ndim - 2)
@@ -157,6 +194,68 @@ def _with_input_map(
         ),
         helper.make_node(
             "Add", [f"{prefix}.scaled", f"{prefix}.bias"], [aligned], name=f"{prefix}.add"
+        ),
+    ]
+    kept = list(graph.node)
+    del graph.node[:]
+    graph.node.extend([*nodes, *kept])
+    return out
+
+
+def denoise_input_onnx(
+    model: onnx.ModelProto, batches: Sequence[dict[str, np.ndarray]]
+) -> InputDenoising:
+    """The graph with each Wiener filter for the noise the first BN sees in ``batches`` in
+    front, when its variances changed as additive white noise predicts (``denoising``)."""
+    qualified = _single_input(model, batches)
+    if isinstance(qualified, str):
+        return InputDenoising(model, False, qualified)
+    name, first, site = qualified
+    run = _site_run(model, name, site.input)
+    filters, reason = fit_denoiser(run, (feeds[name] for feeds in batches), site.var)
+    candidates = [(_with_input_filter(model, name, f, first.dtype), f) for f in filters]
+    return InputDenoising(model, bool(candidates), reason, site.name, candidates)
+
+
+def _with_input_filter(
+    model: onnx.ModelProto, name: str, found: WienerFilter, dtype: np.dtype
+) -> onnx.ModelProto:
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    graph = out.graph
+    taken = {t.name for t in graph.initializer} | {o for n in graph.node for o in n.output}
+    prefix = next(
+        p
+        for i in range(len(taken) + 1)
+        if (p := f"{DENOISE_PREFIX}{i or ''}") + ".weight" not in taken
+    )
+    filtered = f"{name}.{prefix}"
+    for node in graph.node:
+        for i, used in enumerate(node.input):
+            if used == name:
+                node.input[i] = filtered
+    r = found.size // 2
+    graph.initializer.extend(
+        [
+            numpy_helper.from_array(found.weight.astype(dtype), f"{prefix}.weight"),
+            numpy_helper.from_array(found.bias.astype(dtype), f"{prefix}.bias"),
+            numpy_helper.from_array(np.array([0, 0, r, r, 0, 0, r, r], np.int64), f"{prefix}.pads"),
+        ]
+    )
+    nodes = [
+        helper.make_node(
+            "Pad",
+            [name, f"{prefix}.pads"],
+            [f"{prefix}.padded"],
+            mode="reflect",
+            name=f"{prefix}.pad",
+        ),
+        helper.make_node(
+            "Conv",
+            [f"{prefix}.padded", f"{prefix}.weight", f"{prefix}.bias"],
+            [filtered],
+            kernel_shape=[found.size, found.size],
+            name=f"{prefix}.conv",
         ),
     ]
     kept = list(graph.node)

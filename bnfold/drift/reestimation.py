@@ -22,6 +22,7 @@ import onnx
 from onnx import numpy_helper
 
 from bnfold.drift.alignment import choose_repair
+from bnfold.drift.denoising import keep_filter
 from bnfold.drift.observer import ObserverSession, bn_sites, observer_graph
 from bnfold.drift.statistics import population_statistics
 from bnfold.drift.statistics import statistics_change as moved_statistics
@@ -37,6 +38,7 @@ class OnnxRecalibration:
     sites: list[dict[str, Any]] = field(default_factory=list)  # per BN: what changed
     skipped: list[dict[str, str]] = field(default_factory=list)
     input_alignment: dict[str, Any] | None = None  # when asked for: applied or not, and why
+    input_denoising: dict[str, Any] | None = None  # the same, for the denoising filter
 
     def report(self) -> dict[str, Any]:
         out = {
@@ -47,6 +49,8 @@ class OnnxRecalibration:
         }
         if self.input_alignment is not None:
             out["input_alignment"] = self.input_alignment
+        if self.input_denoising is not None:
+            out["input_denoising"] = self.input_denoising
         return out
 
 
@@ -58,35 +62,44 @@ def recalibrate_onnx(
 ) -> OnnxRecalibration:
     """Re-estimate every BN site's running statistics on ``batches`` (feed dicts).
 
-    ``align_input``: also fit the input's per-channel gain and bias to the first BN's running
-    statistics (``input_alignment``; it undoes what re-estimation cannot, such as an inverted
-    input) and re-estimate behind it. Of the two re-estimations the one whose statistics moved
-    less from the running statistics (``statistics_change``, over the sites after the first)
-    is kept: the repair under which the data looks most like the training data to the network.
-    The report says which, with both figures."""
+    ``align_input``: also try two repairs in front of the graph, each re-estimated behind: the
+    input's per-channel gain and bias fitted to the first BN's running statistics
+    (``input_alignment``; it undoes what re-estimation cannot, such as an inverted input), and
+    a Wiener filter for the white noise the first BN's variances show (``denoising``). Of the
+    re-estimations the one whose statistics moved least from the running statistics
+    (``statistics_change``, over the sites after the first) is kept: the repair under which
+    the data looks most like the training data to the network. The report says which, with
+    the figures (``input_alignment``, ``input_denoising``)."""
     if not align_input:
         return _reestimate(model, batches)
-    from bnfold.drift.input_alignment import align_input_onnx
+    from bnfold.drift.input_alignment import align_input_onnx, denoise_input_onnx
 
     batches = list(batches)
     alignment = align_input_onnx(model, batches)
+    denoising = denoise_input_onnx(model, batches)
     plain = _reestimate(model, batches)
-    report = alignment.to_dict()
-    if not alignment.applied:
-        plain.input_alignment = report
-        return plain
-    plain_change = statistics_change(model, plain.model)
-    trials = [_reestimate(c.model, batches) for c in alignment.candidates]
-    index = choose_repair(
-        report,
-        plain_change,
-        [
-            (statistics_change(model, t.model), c.fit)
-            for t, c in zip(trials, alignment.candidates, strict=True)
-        ],
-    )
-    chosen = plain if index is None else trials[index]
-    chosen.input_alignment = report
+    report, denoise_report = alignment.to_dict(), denoising.to_dict()
+    chosen, change, what = plain, None, "re-estimation alone"
+    if alignment.applied or denoising.applied:
+        change = statistics_change(model, plain.model)
+    if alignment.applied:
+        trials = [_reestimate(c.model, batches) for c in alignment.candidates]
+        changes = [statistics_change(model, t.model) for t in trials]
+        fits = [c.fit for c in alignment.candidates]
+        index = choose_repair(report, change, list(zip(changes, fits, strict=True)))
+        if index is not None:
+            chosen, change, what = trials[index], changes[index], "the input map"
+    if denoising.applied:
+        trials = [_reestimate(m, batches) for m, _f in denoising.candidates]
+        changes = [statistics_change(model, t.model) for t in trials]
+        filters = [f for _m, f in denoising.candidates]
+        index = keep_filter(denoise_report, filters, changes, change, what)
+        if index is not None:
+            if chosen is not plain:
+                report["applied"] = False
+                report["reason"] += "; the denoising filter moved them less: not applied"
+            chosen = trials[index]
+    chosen.input_alignment, chosen.input_denoising = report, denoise_report
     return chosen
 
 

@@ -3,8 +3,9 @@
 The torch counterpart of ``input_alignment`` and ``recalibrate_onnx(align_input=True)``, with
 the same numerics (``alignment``): the first BN the forward pass reaches is the site; its input
 for the basis inputs is caught by a pre-hook (which stops the pass there); the fits that pass
-the affine check and halve the distance become ``InputAligned`` wrappers, each re-estimated
-like the plain model; the repair whose later BNs' statistics moved least is returned.
+the affine check and halve the distance become ``InputAligned`` wrappers, and a denoising
+filter (``denoising``) an ``InputDenoised`` one, each re-estimated like the plain model; the
+repair whose later BNs' statistics moved least is returned.
 """
 
 from __future__ import annotations
@@ -17,10 +18,11 @@ import torch
 from torch import Tensor, nn
 
 from bnfold.drift.alignment import MAX_CHANNELS, choose_repair, fit_and_check, show
+from bnfold.drift.denoising import WienerFilter, fit_denoiser, keep_filter
 from bnfold.drift.statistics import statistics_change
 from bnfold.drift.torch_score import tracked_batch_norms
 
-__all__ = ["InputAligned", "recalibrate_aligned"]
+__all__ = ["InputAligned", "InputDenoised", "recalibrate_aligned"]
 
 
 class InputAligned(nn.Module):
@@ -36,6 +38,22 @@ class InputAligned(nn.Module):
 
     def forward(self, x: Tensor, *rest: Any, **kwargs: Any) -> Any:
         return self.model(x * self.gain + self.bias, *rest, **kwargs)
+
+
+class InputDenoised(nn.Module):
+    """``model(filter(x), *rest)``: the Wiener filter (``denoising``) in front of the model,
+    borders reflected, as ``input_alignment`` puts it in front of an ONNX graph."""
+
+    def __init__(self, model: nn.Module, found: WienerFilter):
+        super().__init__()
+        self.model = model
+        self.register_buffer("weight", torch.as_tensor(found.weight, dtype=torch.float32))
+        self.register_buffer("bias", torch.as_tensor(found.bias, dtype=torch.float32))
+        self.pad = found.size // 2
+
+    def forward(self, x: Tensor, *rest: Any, **kwargs: Any) -> Any:
+        padded = nn.functional.pad(x, (self.pad,) * 4, mode="reflect")
+        return self.model(nn.functional.conv2d(padded, self.weight, self.bias), *rest, **kwargs)
 
 
 class _Reached(Exception):
@@ -96,60 +114,76 @@ def _site_run(model: nn.Module, bn: nn.Module, rest: tuple) -> Callable[[np.ndar
 def recalibrate_aligned(
     model: nn.Module, batches: Sequence[Any], recalibrate: Callable
 ) -> nn.Module:
-    """``recalibrate(model, batches)``, or behind a fitted input map when that moves the later
-    BNs' statistics less; the returned module's ``input_alignment`` says which and why."""
+    """``recalibrate(model, batches)``, or behind a fitted input map or denoising filter when
+    that moves the later BNs' statistics less; the returned module's ``input_alignment`` and
+    ``input_denoising`` say which and why."""
     plain = recalibrate(model, batches)
     args = _as_args(batches[0]) if batches else ()
     x0 = args[0] if args else None
     report: dict[str, Any] = {"applied": False, "site": None}
+    denoise_report: dict[str, Any] = {"applied": False, "site": None}
     bn = _first_bn(model, args) if torch.is_tensor(x0) and x0.dim() >= 2 else None
     if bn is None:
         report["reason"] = "no BatchNorm with running statistics reached by a [N, C, ...] input"
     elif x0.shape[1] > MAX_CHANNELS:
-        report["reason"] = f"the input has {x0.shape[1]} channels; alignment fits <= 16"
+        report["reason"] = f"the input has {x0.shape[1]} channels; a repair in front fits <= 16"
     if bn is None or x0.shape[1] > MAX_CHANNELS:
-        plain.input_alignment = report
+        denoise_report["reason"] = report["reason"]
+        plain.input_alignment, plain.input_denoising = report, denoise_report
         return plain
     site = next(name for name, m in model.named_modules() if m is bn)
-    report["site"] = site
+    report["site"] = denoise_report["site"] = site
     run = _site_run(model, bn, args[1:])
-    samples = (_as_args(b)[0].detach().cpu().numpy() for b in batches)
-    eps = float(bn.eps)
+    running_var = bn.running_var.double().numpy()
     kept, rejected = fit_and_check(
-        run, samples, bn.running_mean.double().numpy(), bn.running_var.double().numpy(), eps, site
+        run, _samples(batches), bn.running_mean.double().numpy(), running_var, float(bn.eps), site
     )
+    filters, denoise_report["reason"] = fit_denoiser(run, _samples(batches), running_var)
+    chosen, change, what = plain, None, "re-estimation alone"
+    if kept or filters:
+        change = _change(model, plain)
     if not kept:
         report["reason"] = "; ".join(rejected) + ": not applied"
-        plain.input_alignment = report
-        return plain
-    best = kept[0]
-    report.update(applied=True, **best.to_dict())
-    report["reason"] = (
-        f"{site!r}'s distance from its running statistics {best.loss_identity:.3g} -> "
-        f"{best.loss:.3g} with the input mapped to {show(best.gain)} * x + {show(best.bias)} "
-        "per channel"
-    )
-    shape = (1, -1) + (1,) * (x0.dim() - 2)
-    trials = [
-        recalibrate(
-            InputAligned(
-                model,
-                fit.gain.reshape(shape).astype(np.float32),
-                fit.bias.reshape(shape).astype(np.float32),
-                report,
-            ),
-            batches,
+    else:
+        best = kept[0]
+        report.update(applied=True, **best.to_dict())
+        report["reason"] = (
+            f"{site!r}'s distance from its running statistics {best.loss_identity:.3g} -> "
+            f"{best.loss:.3g} with the input mapped to {show(best.gain)} * x + "
+            f"{show(best.bias)} per channel"
         )
-        for fit in kept
-    ]
-    index = choose_repair(
-        report,
-        _change(model, plain),
-        [(_change(model, t.model), fit) for t, fit in zip(trials, kept, strict=True)],
-    )
-    chosen = plain if index is None else trials[index]
-    chosen.input_alignment = report
+        shape = (1, -1) + (1,) * (x0.dim() - 2)
+        trials = [
+            recalibrate(
+                InputAligned(
+                    model,
+                    fit.gain.reshape(shape).astype(np.float32),
+                    fit.bias.reshape(shape).astype(np.float32),
+                    report,
+                ),
+                batches,
+            )
+            for fit in kept
+        ]
+        changes = [_change(model, t.model) for t in trials]
+        index = choose_repair(report, change, list(zip(changes, kept, strict=True)))
+        if index is not None:
+            chosen, change, what = trials[index], changes[index], "the input map"
+    if filters:
+        trials = [recalibrate(InputDenoised(model, f), batches) for f in filters]
+        changes = [_change(model, t.model) for t in trials]
+        index = keep_filter(denoise_report, filters, changes, change, what)
+        if index is not None:
+            if chosen is not plain:
+                report["applied"] = False
+                report["reason"] += "; the denoising filter moved them less: not applied"
+            chosen = trials[index]
+    chosen.input_alignment, chosen.input_denoising = report, denoise_report
     return chosen
+
+
+def _samples(batches: Sequence[Any]):
+    return (_as_args(b)[0].detach().cpu().numpy() for b in batches)
 
 
 def _change(before: nn.Module, after: nn.Module) -> float:

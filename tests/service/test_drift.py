@@ -206,6 +206,8 @@ def test_recalibrate_undoes_a_full_inversion_with_the_input_map_and_says_so(
     assert alignment["applied"] and alignment["gain"][0] < 0, alignment
     changes = alignment["statistics_change"]
     assert changes["aligned"] < changes["plain"]
+    denoising = record["recalibration"]["input_denoising"]  # inversion is not noise
+    assert not denoising["applied"] and "not additive noise" in denoising["reason"], denoising
     assert record["verification"]["ok"]
     assert accuracy("digits-inverted") > 0.9
     r = _recalibrate(api, "digits-inverted", _npy(inverted_train), align_input="maybe")
