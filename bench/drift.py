@@ -8,7 +8,8 @@ Repair: the service's path (``recalibrate_onnx`` on the exported original, ``fol
 onnxruntime): recalibrate on 32-256 unlabeled *shifted training* digits, measure accuracy on
 the shifted *test* digits; and on clean training digits, to see what recalibrating costs.
 Each twice: re-estimation alone, and with ``align_input`` (the service's default: a fitted
-per-channel map of the input in front, kept when it moves the statistics least).
+per-channel map of the input, or a Wiener filter for white noise, in front; kept when it moves
+the statistics least).
 
 Serving cost (``--serving``): a real server, monitoring off vs the default sampling rate,
 interleaved runs of bench/load.py-style closed-loop clients; see ``serving_ab``.
@@ -161,12 +162,14 @@ def repair() -> dict:
         return float((logits.argmax(1) == y.numpy()).mean())
 
     applied: list[bool] = []
+    denoised: list[bool] = []
 
     def recalibrated(x_cal: torch.Tensor, align: bool = False) -> object:
         batches = [{"x": x_cal[i : i + 32].numpy()} for i in range(0, len(x_cal), 32)]
         result = recalibrate_onnx(original, batches, align_input=align)
         if align:
             applied.append(bool(result.input_alignment["applied"]))
+            denoised.append(bool(result.input_denoising["applied"]))
         return bnfold.fold_onnx(result.model).model
 
     def calibration(x_train, n: int, seed: int) -> torch.Tensor:
@@ -182,6 +185,7 @@ def repair() -> dict:
         ]
         out["clean_recalibration"][n] = {"mean": float(np.mean(accs)), "min": float(min(accs))}
         applied.clear()
+        denoised.clear()
         accs = [
             accuracy(
                 recalibrated(calibration(split.train_x, n, s), align=True),
@@ -194,6 +198,7 @@ def repair() -> dict:
             "mean": float(np.mean(accs)),
             "min": float(min(accs)),
             "applied": sum(applied),
+            "denoised": sum(denoised),
         }
     print(json.dumps(out), flush=True)
     out["shifts"] = []
@@ -218,6 +223,7 @@ def repair() -> dict:
                 recovered = (mean - shifted) / row["cost"] if row["cost"] > 0 else None
                 row["recalibrated"][n] = {"accuracy": mean, "recovered": recovered}
                 applied.clear()
+                denoised.clear()
                 accs = [
                     accuracy(
                         recalibrated(calibration(xs_train, n, s), align=True),
@@ -232,6 +238,7 @@ def repair() -> dict:
                     "accuracy": mean,
                     "recovered": recovered,
                     "applied": sum(applied),
+                    "denoised": sum(denoised),
                 }
             out["shifts"].append(row)
             print(json.dumps(row), flush=True)
