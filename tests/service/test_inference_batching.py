@@ -73,8 +73,10 @@ def test_concurrent_requests_are_bit_identical_to_running_alone(start_server, tm
 
 def test_full_queue_answers_503_with_retry_after(start_server, tmp_path):
     seed_store(tmp_path / "store", "echo", variable_width_identity())
-    # the oldest request waits 300 ms for a companion of its width; the others queue behind it
-    server = start_server(BNFOLD_MAX_QUEUE_DELAY_MS="300", BNFOLD_MAX_QUEUE="2")
+    # the oldest request waits 2 s for a companion of its width; the others queue behind it
+    # (300 ms was too short on a loaded 2-core CI machine: the 8 requests arrived spread
+    # over more than that, and the queue never filled)
+    server = start_server(BNFOLD_MAX_QUEUE_DELAY_MS="2000", BNFOLD_MAX_QUEUE="2")
 
     async def send_all() -> list[httpx.Response]:
         async with httpx.AsyncClient(base_url=server.url, timeout=60) as client:
