@@ -175,12 +175,18 @@ def fit_denoiser(
 
 
 def keep_filter(
-    report: dict, filters: list[WienerFilter], changes: list[float], best: float, best_what: str
+    report: dict,
+    filters: list[WienerFilter],
+    changes: list[float],
+    best: float,
+    best_what: str,
+    alignment: dict,
 ) -> int | None:
     """Of the filters (re-estimation behind each moved the statistics ``changes``), the index
     of the one kept, or None when none beats the best other repair (``best``,
     ``best_what``); ``report`` (the denoising's ``to_dict()``) is updated with the figures,
-    the chosen filter's and the decision."""
+    the chosen filter's and the decision, and ``alignment`` (the input map's report) says it
+    was not applied when it was the repair the filter beat."""
     index = min(range(len(changes)), key=changes.__getitem__)
     report.update(filters[index].to_dict())
     report["statistics_change"] = {
@@ -196,4 +202,7 @@ def keep_filter(
         f"{filters[index].strength} moved the statistics {changes[index]:.3g}, against "
         f"{best:.3g} for {best_what}: " + ("applied" if kept else "not applied")
     )
+    if kept and alignment.get("applied"):
+        alignment["applied"] = False
+        alignment["reason"] += "; the denoising filter moved them less: not applied"
     return index if kept else None

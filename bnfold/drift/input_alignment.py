@@ -22,7 +22,7 @@ from the first BN's variances, a Wiener filter), put there as ``Pad`` (reflect) 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -70,7 +70,6 @@ class InputAlignment:
 
 @dataclass
 class InputDenoising:
-    model: onnx.ModelProto  # the graph given
     applied: bool  # whether filters were fitted (recalibrate_onnx decides which is kept)
     reason: str
     site: str | None = None
@@ -167,39 +166,51 @@ def align_input_onnx(
     )
 
 
-def _with_input_map(
-    model: onnx.ModelProto, name: str, gain: np.ndarray, bias: np.ndarray
+def _in_front(
+    model: onnx.ModelProto, name: str, base: str, build: Callable[[str, str], tuple[list, list]]
 ) -> onnx.ModelProto:
+    """A copy of ``model`` with nodes between its input ``name`` and the nodes that read it.
+    ``build(prefix, out)`` gives (initializers, nodes) that read ``name`` and write ``out``;
+    ``prefix`` is ``base`` numbered past the names already in the graph (a second repair in
+    front of a first one gets its own)."""
     out = onnx.ModelProto()
     out.CopyFrom(model)
     graph = out.graph
     taken = {t.name for t in graph.initializer} | {o for n in graph.node for o in n.output}
-    prefix = next(
-        p for i in range(len(taken) + 1) if (p := f"{PREFIX}{i or ''}") + ".gain" not in taken
-    )
-    aligned = f"{name}.{prefix}"
+    numbered = (f"{base}{i or ''}" for i in range(len(taken) + 1))
+    prefix = next(p for p in numbered if not any(t.startswith(f"{p}.") for t in taken))
+    repaired = f"{name}.{prefix}"
     for node in graph.node:
         for i, used in enumerate(node.input):
             if used == name:
-                node.input[i] = aligned
-    graph.initializer.extend(
-        [
-            numpy_helper.from_array(gain, f"{prefix}.gain"),
-            numpy_helper.from_array(bias, f"{prefix}.bias"),
-        ]
-    )
-    nodes = [
-        helper.make_node(
-            "Mul", [name, f"{prefix}.gain"], [f"{prefix}.scaled"], name=f"{prefix}.mul"
-        ),
-        helper.make_node(
-            "Add", [f"{prefix}.scaled", f"{prefix}.bias"], [aligned], name=f"{prefix}.add"
-        ),
-    ]
+                node.input[i] = repaired
+    initializers, nodes = build(prefix, repaired)
+    graph.initializer.extend(initializers)
     kept = list(graph.node)
     del graph.node[:]
     graph.node.extend([*nodes, *kept])
     return out
+
+
+def _with_input_map(
+    model: onnx.ModelProto, name: str, gain: np.ndarray, bias: np.ndarray
+) -> onnx.ModelProto:
+    def build(prefix: str, aligned: str) -> tuple[list, list]:
+        initializers = [
+            numpy_helper.from_array(gain, f"{prefix}.gain"),
+            numpy_helper.from_array(bias, f"{prefix}.bias"),
+        ]
+        nodes = [
+            helper.make_node(
+                "Mul", [name, f"{prefix}.gain"], [f"{prefix}.scaled"], name=f"{prefix}.mul"
+            ),
+            helper.make_node(
+                "Add", [f"{prefix}.scaled", f"{prefix}.bias"], [aligned], name=f"{prefix}.add"
+            ),
+        ]
+        return initializers, nodes
+
+    return _in_front(model, name, PREFIX, build)
 
 
 def denoise_input_onnx(
@@ -209,56 +220,41 @@ def denoise_input_onnx(
     front, when its variances changed as additive white noise predicts (``denoising``)."""
     qualified = _single_input(model, batches)
     if isinstance(qualified, str):
-        return InputDenoising(model, False, qualified)
+        return InputDenoising(False, qualified)
     name, first, site = qualified
     run = _site_run(model, name, site.input)
     filters, reason = fit_denoiser(run, (feeds[name] for feeds in batches), site.var)
     candidates = [(_with_input_filter(model, name, f, first.dtype), f) for f in filters]
-    return InputDenoising(model, bool(candidates), reason, site.name, candidates)
+    return InputDenoising(bool(candidates), reason, site.name, candidates)
 
 
 def _with_input_filter(
     model: onnx.ModelProto, name: str, found: WienerFilter, dtype: np.dtype
 ) -> onnx.ModelProto:
-    out = onnx.ModelProto()
-    out.CopyFrom(model)
-    graph = out.graph
-    taken = {t.name for t in graph.initializer} | {o for n in graph.node for o in n.output}
-    prefix = next(
-        p
-        for i in range(len(taken) + 1)
-        if (p := f"{DENOISE_PREFIX}{i or ''}") + ".weight" not in taken
-    )
-    filtered = f"{name}.{prefix}"
-    for node in graph.node:
-        for i, used in enumerate(node.input):
-            if used == name:
-                node.input[i] = filtered
     r = found.size // 2
-    graph.initializer.extend(
-        [
+
+    def build(prefix: str, filtered: str) -> tuple[list, list]:
+        initializers = [
             numpy_helper.from_array(found.weight.astype(dtype), f"{prefix}.weight"),
             numpy_helper.from_array(found.bias.astype(dtype), f"{prefix}.bias"),
             numpy_helper.from_array(np.array([0, 0, r, r, 0, 0, r, r], np.int64), f"{prefix}.pads"),
         ]
-    )
-    nodes = [
-        helper.make_node(
-            "Pad",
-            [name, f"{prefix}.pads"],
-            [f"{prefix}.padded"],
-            mode="reflect",
-            name=f"{prefix}.pad",
-        ),
-        helper.make_node(
-            "Conv",
-            [f"{prefix}.padded", f"{prefix}.weight", f"{prefix}.bias"],
-            [filtered],
-            kernel_shape=[found.size, found.size],
-            name=f"{prefix}.conv",
-        ),
-    ]
-    kept = list(graph.node)
-    del graph.node[:]
-    graph.node.extend([*nodes, *kept])
-    return out
+        nodes = [
+            helper.make_node(
+                "Pad",
+                [name, f"{prefix}.pads"],
+                [f"{prefix}.padded"],
+                mode="reflect",
+                name=f"{prefix}.pad",
+            ),
+            helper.make_node(
+                "Conv",
+                [f"{prefix}.padded", f"{prefix}.weight", f"{prefix}.bias"],
+                [filtered],
+                kernel_shape=[found.size, found.size],
+                name=f"{prefix}.conv",
+            ),
+        ]
+        return initializers, nodes
+
+    return _in_front(model, name, DENOISE_PREFIX, build)

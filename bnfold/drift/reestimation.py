@@ -93,11 +93,8 @@ def recalibrate_onnx(
         trials = [_reestimate(m, batches) for m, _f in denoising.candidates]
         changes = [statistics_change(model, t.model) for t in trials]
         filters = [f for _m, f in denoising.candidates]
-        index = keep_filter(denoise_report, filters, changes, change, what)
+        index = keep_filter(denoise_report, filters, changes, change, what, report)
         if index is not None:
-            if chosen is not plain:
-                report["applied"] = False
-                report["reason"] += "; the denoising filter moved them less: not applied"
             chosen = trials[index]
     chosen.input_alignment, chosen.input_denoising = report, denoise_report
     return chosen

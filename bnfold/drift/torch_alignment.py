@@ -172,11 +172,8 @@ def recalibrate_aligned(
     if filters:
         trials = [recalibrate(InputDenoised(model, f), batches) for f in filters]
         changes = [_change(model, t.model) for t in trials]
-        index = keep_filter(denoise_report, filters, changes, change, what)
+        index = keep_filter(denoise_report, filters, changes, change, what, report)
         if index is not None:
-            if chosen is not plain:
-                report["applied"] = False
-                report["reason"] += "; the denoising filter moved them less: not applied"
             chosen = trials[index]
     chosen.input_alignment, chosen.input_denoising = report, denoise_report
     return chosen
