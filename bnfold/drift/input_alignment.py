@@ -17,7 +17,8 @@ it, so that the served graph, its observer and its recalibration all see the ali
 Skips are data: ``applied=False`` with the reason.
 
 ``denoise_input_onnx`` is the other repair in front of the graph (``denoising``: the noise level
-from the first BN's variances, a Wiener filter), put there as ``Pad`` (reflect) and ``Conv``.
+from the first BN's variances, Wiener filters and a learned denoiser), put there as ``Pad``
+(reflect) and ``Conv`` per layer, ``Relu`` between and ``Add`` of the input when residual.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ import onnx
 from onnx import helper, numpy_helper
 
 from bnfold.drift.alignment import MAX_CHANNELS, AffineFit, fit_and_check, show
-from bnfold.drift.denoising import WienerFilter, fit_denoiser
+from bnfold.drift.denoising import Denoiser, fit_denoiser
 from bnfold.drift.observer import bn_sites
 
 __all__ = [
@@ -73,7 +74,7 @@ class InputDenoising:
     applied: bool  # whether filters were fitted (recalibrate_onnx decides which is kept)
     reason: str
     site: str | None = None
-    candidates: list[tuple[onnx.ModelProto, WienerFilter]] = field(default_factory=list)
+    candidates: list[tuple[onnx.ModelProto, Denoiser]] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         return {"applied": self.applied, "reason": self.reason, "site": self.site}
@@ -229,32 +230,45 @@ def denoise_input_onnx(
 
 
 def _with_input_filter(
-    model: onnx.ModelProto, name: str, found: WienerFilter, dtype: np.dtype
+    model: onnx.ModelProto, name: str, found: Denoiser, dtype: np.dtype
 ) -> onnx.ModelProto:
-    r = found.size // 2
+    """``found`` in front: per layer ``Pad`` (reflect) and ``Conv``, ``Relu`` between layers,
+    ``Add`` of the input when the filter is residual."""
 
     def build(prefix: str, filtered: str) -> tuple[list, list]:
-        initializers = [
-            numpy_helper.from_array(found.weight.astype(dtype), f"{prefix}.weight"),
-            numpy_helper.from_array(found.bias.astype(dtype), f"{prefix}.bias"),
-            numpy_helper.from_array(np.array([0, 0, r, r, 0, 0, r, r], np.int64), f"{prefix}.pads"),
-        ]
-        nodes = [
-            helper.make_node(
-                "Pad",
-                [name, f"{prefix}.pads"],
-                [f"{prefix}.padded"],
-                mode="reflect",
-                name=f"{prefix}.pad",
-            ),
-            helper.make_node(
-                "Conv",
-                [f"{prefix}.padded", f"{prefix}.weight", f"{prefix}.bias"],
-                [filtered],
-                kernel_shape=[found.size, found.size],
-                name=f"{prefix}.conv",
-            ),
-        ]
+        initializers, nodes, current = [], [], name
+        last, channels = len(found.layers) - 1, found.layers[0][0].shape[1]
+        for i, (weight, bias) in enumerate(found.layers):
+            r, at = weight.shape[-1] // 2, f"{prefix}.{i}"
+            out = filtered if i == last and not found.residual else f"{at}.out"
+            initializers += [
+                numpy_helper.from_array(weight.astype(dtype), f"{at}.weight"),
+                numpy_helper.from_array(bias.astype(dtype), f"{at}.bias"),
+                numpy_helper.from_array(np.array([0, 0, r, r, 0, 0, r, r], np.int64), f"{at}.pads"),
+            ]
+            nodes += [
+                helper.make_node(
+                    "Pad",
+                    [current, f"{at}.pads"],
+                    [f"{at}.padded"],
+                    mode="reflect",
+                    name=f"{at}.pad",
+                ),
+                helper.make_node(
+                    "Conv",
+                    [f"{at}.padded", f"{at}.weight", f"{at}.bias"],
+                    [out if i == last else f"{at}.conv"],
+                    kernel_shape=list(weight.shape[2:]),
+                    group=channels // weight.shape[1],
+                    name=f"{at}.conv",
+                ),
+            ]
+            channels = weight.shape[0]
+            if i < last:
+                nodes.append(helper.make_node("Relu", [f"{at}.conv"], [out], name=f"{at}.relu"))
+            current = out
+        if found.residual:
+            nodes.append(helper.make_node("Add", [name, current], [filtered], name=f"{prefix}.add"))
         return initializers, nodes
 
     return _in_front(model, name, DENOISE_PREFIX, build)

@@ -18,7 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from bnfold.drift.alignment import MAX_CHANNELS, choose_repair, fit_and_check, show
-from bnfold.drift.denoising import WienerFilter, fit_denoiser, keep_filter
+from bnfold.drift.denoising import Denoiser, fit_denoiser, keep_filter
 from bnfold.drift.statistics import statistics_change
 from bnfold.drift.torch_score import tracked_batch_norms
 
@@ -41,19 +41,27 @@ class InputAligned(nn.Module):
 
 
 class InputDenoised(nn.Module):
-    """``model(filter(x), *rest)``: the Wiener filter (``denoising``) in front of the model,
-    borders reflected, as ``input_alignment`` puts it in front of an ONNX graph."""
+    """``model(filter(x), *rest)``: a denoising filter (``denoising``) in front of the model,
+    its convs padded by reflection, as ``input_alignment`` puts it in front of an ONNX graph."""
 
-    def __init__(self, model: nn.Module, found: WienerFilter):
+    def __init__(self, model: nn.Module, found: Denoiser):
         super().__init__()
         self.model = model
-        self.register_buffer("weight", torch.as_tensor(found.weight, dtype=torch.float32))
-        self.register_buffer("bias", torch.as_tensor(found.bias, dtype=torch.float32))
-        self.pad = found.size // 2
+        for i, (weight, bias) in enumerate(found.layers):
+            self.register_buffer(f"weight{i}", torch.as_tensor(weight, dtype=torch.float32))
+            self.register_buffer(f"bias{i}", torch.as_tensor(bias, dtype=torch.float32))
+        self.layers = len(found.layers)
+        self.residual = found.residual
 
     def forward(self, x: Tensor, *rest: Any, **kwargs: Any) -> Any:
-        padded = nn.functional.pad(x, (self.pad,) * 4, mode="reflect")
-        return self.model(nn.functional.conv2d(padded, self.weight, self.bias), *rest, **kwargs)
+        y = x
+        for i in range(self.layers):
+            weight, bias = getattr(self, f"weight{i}"), getattr(self, f"bias{i}")
+            padded = nn.functional.pad(y, (weight.shape[-1] // 2,) * 4, mode="reflect")
+            y = nn.functional.conv2d(padded, weight, bias, groups=y.shape[1] // weight.shape[1])
+            if i < self.layers - 1:
+                y = torch.relu(y)
+        return self.model(x + y if self.residual else y, *rest, **kwargs)
 
 
 class _Reached(Exception):

@@ -1,5 +1,6 @@
-"""Input denoising: the noise level from the first BN's variances, the Wiener filter in front,
-and recalibrate_onnx / bnfold.recalibrate (align_input=True) keeping it only on noise."""
+"""Input denoising: the noise level from the first BN's variances, the Wiener filters and the
+learned denoiser in front, and recalibrate_onnx / bnfold.recalibrate (align_input=True) keeping
+one only on noise."""
 
 import numpy as np
 import onnxruntime as ort
@@ -8,8 +9,9 @@ import torch
 
 import bnfold
 from bnfold.drift import recalibrate_onnx
-from bnfold.drift.denoising import fit_noise, wiener_filter
+from bnfold.drift.denoising import NoiseFit, WienerFilter, fit_noise, wiener_filter
 from bnfold.drift.input_alignment import denoise_input_onnx
+from bnfold.drift.learned_denoising import _average, train_denoiser
 
 NOISE = 0.2  # the severe noise of bench/drift.py, which re-estimation alone barely repairs
 
@@ -50,6 +52,50 @@ def test_wiener_filter_is_the_identity_without_noise_and_smooths_with_it():
     np.testing.assert_allclose(weight, 0.5 * identity, atol=0.05)  # neighbours say nothing
 
 
+def test_averaged_nets_are_one_conv_stack_computing_their_mean():
+    rng = np.random.default_rng(0)
+
+    def net():
+        shapes = [(8, 2), (8, 8), (2, 8)]
+        return [(rng.standard_normal((o, i, 3, 3)), rng.standard_normal(o)) for o, i in shapes]
+
+    def run(layers, x):
+        y = torch.from_numpy(x)
+        for i, (w, b) in enumerate(layers):
+            w, b = torch.from_numpy(w), torch.from_numpy(b)
+            padded = torch.nn.functional.pad(y, (1, 1, 1, 1), mode="reflect")
+            y = torch.nn.functional.conv2d(padded, w, b, groups=y.shape[1] // w.shape[1])
+            y = torch.relu(y) if i < len(layers) - 1 else y
+        return y.numpy()
+
+    members, x = [net(), net()], rng.standard_normal((3, 2, 6, 5))
+    merged = _average(members)
+    assert [w.shape for w, _b in merged] == [(16, 2, 3, 3), (16, 8, 3, 3), (2, 16, 3, 3)]
+    expected = (run(members[0], x) + run(members[1], x)) / 2
+    np.testing.assert_allclose(run(merged, x), expected, rtol=1e-10, atol=1e-10)
+
+
+def test_the_learned_denoiser_trained_on_noisy_digits_alone_removes_most_of_the_noise(
+    digits_split,
+):
+    clean = digits_split.train_x[:256].numpy()
+    noisy = _noisy(digits_split.train_x[:256], 2)
+    found = train_denoiser(noisy, NoiseFit(NOISE**2, 1.0, 0.0), steps=300)
+    from bnfold.drift.torch_alignment import InputDenoised
+
+    with torch.no_grad():
+        denoised = InputDenoised(torch.nn.Identity(), found)(torch.from_numpy(noisy)).numpy()
+    weight, bias = wiener_filter(noisy, NOISE**2)
+    wiener = InputDenoised(torch.nn.Identity(), WienerFilter(weight, bias, found.noise, 1.0))
+    with torch.no_grad():
+        linear = wiener(torch.from_numpy(noisy)).numpy()
+    # measured 0.040 noisy, 0.025 Wiener, 0.017 learned (300 steps; 0.013 at the default)
+    noisy_error = np.mean((noisy - clean) ** 2)
+    assert np.mean((denoised - clean) ** 2) < 0.6 * noisy_error
+    assert np.mean((denoised - clean) ** 2) < np.mean((linear - clean) ** 2)
+    assert found.to_dict()["filter"] == "learned" and found.residual
+
+
 def test_noisy_digits_are_denoised_and_repaired_better_than_by_reestimation(
     digits_split, digits_onnx
 ):
@@ -57,22 +103,24 @@ def test_noisy_digits_are_denoised_and_repaired_better_than_by_reestimation(
     noisy = _noisy(digits_split.train_x[:256], 2)
     denoising = denoise_input_onnx(digits_onnx, _batches(noisy))
     assert denoising.applied, denoising.reason
-    strengths = [f.strength for _m, f in denoising.candidates]
-    assert strengths == [1.0, 0.7, 0.5], strengths
+    labels = [f.label for _m, f in denoising.candidates]
+    assert labels == ["wiener 1.0", "wiener 0.7", "wiener 0.5", "learned"], labels
     assert denoising.candidates[0][1].noise.to_dict()["noise_std"] == pytest.approx(NOISE, rel=0.15)
     plain = recalibrate_onnx(digits_onnx, _batches(noisy))
     repaired = recalibrate_onnx(digits_onnx, _batches(noisy), align_input=True)
     report = repaired.report()["input_denoising"]
-    assert report["applied"], report
+    assert report["applied"] and report["filter"] == "learned", report
     changes = report["statistics_change"]
     assert changes["denoised"] < changes["best_other"]
     folded = bnfold.fold_onnx(repaired.model).model
     assert {"Pad", "Conv"} <= {n.op_type for n in folded.graph.node}
     assert bnfold.verify_onnx(repaired.model, folded, input_shapes={"x": [4, 1, 8, 8]}).ok
-    # measured 91.5% -> 93.0% (bench/drift.py); asserted with room for another CPU's rounding
-    assert _accuracy(folded, x_test, y_test) > _accuracy(
-        bnfold.fold_onnx(plain.model).model, x_test, y_test
-    )
+    clean = _accuracy(digits_onnx, digits_split.test_x.numpy(), y_test)
+    shifted = _accuracy(digits_onnx, x_test, y_test)
+    repaired_accuracy = _accuracy(folded, x_test, y_test)
+    assert repaired_accuracy > _accuracy(bnfold.fold_onnx(plain.model).model, x_test, y_test)
+    # at least half of what the noise cost comes back (measured 98.9 -> 89.6 -> 96%)
+    assert repaired_accuracy >= (clean + shifted) / 2, (clean, shifted, repaired_accuracy)
 
 
 def test_shifts_that_are_not_noise_leave_the_filter_out(digits_split, digits_onnx):
