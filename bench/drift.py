@@ -8,8 +8,8 @@ Repair: the service's path (``recalibrate_onnx`` on the exported original, ``fol
 onnxruntime): recalibrate on 32-256 unlabeled *shifted training* digits, measure accuracy on
 the shifted *test* digits; and on clean training digits, to see what recalibrating costs.
 Each twice: re-estimation alone, and with ``align_input`` (the service's default: a fitted
-per-channel map of the input, or a Wiener filter for white noise, in front; kept when it moves
-the statistics least).
+per-channel map of the input, or a Wiener or learned filter for white noise, in front; kept
+when it moves the statistics least).
 
 Serving cost (``--serving``): a real server, monitoring off vs the default sampling rate,
 interleaved runs of bench/load.py-style closed-loop clients; see ``serving_ab``.

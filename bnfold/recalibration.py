@@ -67,11 +67,11 @@ def recalibrate(
 
     `align_input`: also try a per-channel gain and bias of the first input, fitted to the
     first BN's running statistics (`bnfold.drift.alignment`: it undoes an inverted input,
-    which re-estimation alone cannot), and a Wiener filter for the white noise the first BN's
-    variances show (`bnfold.drift.denoising`), each re-estimated behind; the repair that moves
-    the later BNs' statistics least is returned, an `InputAligned` or `InputDenoised` wrapper
-    when it is one of them. The result's `input_alignment` and `input_denoising` attributes
-    say what was fitted, kept or not, and why."""
+    which re-estimation alone cannot), and Wiener filters and a learned denoiser for the white
+    noise the first BN's variances show (`bnfold.drift.denoising`), each re-estimated behind;
+    the repair that moves the later BNs' statistics least is returned, an `InputAligned` or
+    `InputDenoised` wrapper when it is one of them. The result's `input_alignment` and
+    `input_denoising` attributes say what was fitted, kept or not, and why."""
     if align_input:
         from bnfold.drift.torch_alignment import recalibrate_aligned
 

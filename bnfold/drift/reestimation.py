@@ -65,11 +65,11 @@ def recalibrate_onnx(
     ``align_input``: also try two repairs in front of the graph, each re-estimated behind: the
     input's per-channel gain and bias fitted to the first BN's running statistics
     (``input_alignment``; it undoes what re-estimation cannot, such as an inverted input), and
-    a Wiener filter for the white noise the first BN's variances show (``denoising``). Of the
-    re-estimations the one whose statistics moved least from the running statistics
-    (``statistics_change``, over the sites after the first) is kept: the repair under which
-    the data looks most like the training data to the network. The report says which, with
-    the figures (``input_alignment``, ``input_denoising``)."""
+    Wiener filters and a learned denoiser for the white noise the first BN's variances show
+    (``denoising``). Of the re-estimations the one whose statistics moved least from the
+    running statistics (``statistics_change``, over the sites after the first) is kept: the
+    repair under which the data looks most like the training data to the network. The report
+    says which, with the figures (``input_alignment``, ``input_denoising``)."""
     if not align_input:
         return _reestimate(model, batches)
     from bnfold.drift.input_alignment import align_input_onnx, denoise_input_onnx
