@@ -196,6 +196,15 @@ def show(values: np.ndarray) -> str:
     return "[" + ", ".join(f"{v:.3g}" for v in values) + "]"
 
 
+def describe(site: str, fit: AffineFit) -> str:
+    """What the map ``fit`` does to the first BN ``site``, for a report's reason."""
+    return (
+        f"{site!r}'s distance from its running statistics {fit.loss_identity:.3g} -> "
+        f"{fit.loss:.3g} with the input mapped to {show(fit.gain)} * x + {show(fit.bias)} per "
+        "channel"
+    )
+
+
 def fit_and_check(
     run: Run,
     samples: Iterable[np.ndarray],
@@ -265,7 +274,7 @@ def choose_repair(
         )
         return None
     report["reason"] = (
-        f"{report['reason']}; re-estimation behind it moved the statistics {change:.3g}, "
-        f"against {plain_change:.3g} without it: applied"
+        f"{describe(report['site'], fit)}; re-estimation behind it moved the statistics "
+        f"{change:.3g}, against {plain_change:.3g} without it: applied"
     )
     return index

@@ -31,7 +31,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from bnfold.drift.alignment import MAX_CHANNELS, AffineFit, fit_and_check, show
+from bnfold.drift.alignment import MAX_CHANNELS, AffineFit, describe, fit_and_check
 from bnfold.drift.denoising import Denoiser, fit_denoiser
 from bnfold.drift.observer import bn_sites
 
@@ -158,9 +158,7 @@ def align_input_onnx(
     return InputAlignment(
         best.model,
         True,
-        f"{site.name!r}'s distance from its running statistics {best.fit.loss_identity:.3g} -> "
-        f"{best.fit.loss:.3g} with the input mapped to {show(best.fit.gain)} * x + "
-        f"{show(best.fit.bias)} per channel",
+        describe(site.name, best.fit),
         site.name,
         best.fit,
         candidates,

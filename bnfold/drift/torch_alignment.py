@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from bnfold.drift.alignment import MAX_CHANNELS, choose_repair, fit_and_check, show
+from bnfold.drift.alignment import MAX_CHANNELS, choose_repair, describe, fit_and_check
 from bnfold.drift.denoising import Denoiser, fit_denoiser, keep_filter
 from bnfold.drift.statistics import statistics_change
 from bnfold.drift.torch_score import tracked_batch_norms
@@ -155,11 +155,7 @@ def recalibrate_aligned(
     else:
         best = kept[0]
         report.update(applied=True, **best.to_dict())
-        report["reason"] = (
-            f"{site!r}'s distance from its running statistics {best.loss_identity:.3g} -> "
-            f"{best.loss:.3g} with the input mapped to {show(best.gain)} * x + "
-            f"{show(best.bias)} per channel"
-        )
+        report["reason"] = describe(site, best)
         shape = (1, -1) + (1,) * (x0.dim() - 2)
         trials = [
             recalibrate(

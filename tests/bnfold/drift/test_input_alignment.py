@@ -10,7 +10,15 @@ from torch import nn
 
 import bnfold
 from bnfold.drift import recalibrate_onnx
-from bnfold.drift.alignment import BasisMoments, _residuals, alignment_loss, fit_input_affine
+from bnfold.drift.alignment import (
+    AffineFit,
+    BasisMoments,
+    _residuals,
+    alignment_loss,
+    choose_repair,
+    describe,
+    fit_input_affine,
+)
 from bnfold.drift.input_alignment import align_input_onnx
 
 
@@ -65,6 +73,17 @@ def test_fit_recovers_a_known_inversion_of_a_linear_map():
     assert inverted.gain[0] == pytest.approx(-1, abs=0.02)
     assert inverted.bias[0] == pytest.approx(1, abs=0.02)
     assert inverted.loss < 1e-3 < inverted.loss_identity
+
+
+def test_the_report_names_the_map_kept_not_the_best_fit():
+    best = AffineFit(np.array([0.8]), np.array([0.1]), 0.04, 1e-5)
+    other = AffineFit(np.array([-0.8]), np.array([0.9]), 0.04, 2e-5)
+    report = {"applied": True, "site": "bn1", "reason": describe("bn1", best), **best.to_dict()}
+    # re-estimation behind the second start moved the later statistics less: it is kept
+    assert choose_repair(report, 0.012, [(0.0100, best), (0.0099, other)]) == 1
+    assert report["gain"] == [-0.8] and report["bias"] == [0.9]
+    assert report["reason"].startswith(describe("bn1", other)), report["reason"]
+    assert "[0.8]" not in report["reason"]
 
 
 def test_inverted_digits_are_aligned_and_repaired(digits_split, digits_onnx):
