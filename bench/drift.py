@@ -18,6 +18,7 @@ interleaved runs of bench/load.py-style closed-loop clients; see ``serving_ab``.
     python bench/drift.py --serving --out bench/results/drift_serving.json
     python bench/drift.py --limits --out bench/results/drift_limits.json   # the missed cells
     python bench/drift.py --repair --out bench/results/drift_repair.json   # repair table only
+    python bench/drift.py --denoiser-latency --out bench/results/denoiser_latency.json
 """
 
 from __future__ import annotations
@@ -464,6 +465,38 @@ def serving_ab(
     return summary
 
 
+def denoiser_latency(rounds: int = 200) -> dict:
+    """What the learned denoiser adds to serving: the digits CNN recalibrated on 256 severely
+    noisy training digits, re-estimation alone and with ``align_input`` (the learned filter
+    kept), both folded, timed interleaved (``bnfold.optimizer.timing``: serving options,
+    spinning off, both creation orders) with an A/A control, batch 1 and 64, 2 threads."""
+    import bnfold
+    from bnfold.drift import recalibrate_onnx
+    from bnfold.optimizer.timing import time_interleaved
+    from models import digits
+
+    model, split = digits.build(), digits.load_split()
+    original = bnfold.export_onnx(model, (split.test_x[:2],), dynamic_batch=True)
+    noisy = _noise(split.train_x, 0.2)[:256].numpy()
+    batches = [{"x": noisy[i : i + 32]} for i in range(0, 256, 32)]
+    plain = bnfold.fold_onnx(recalibrate_onnx(original, batches).model).model
+    repaired = recalibrate_onnx(original, batches, align_input=True)
+    out = {"input_denoising": repaired.input_denoising}
+    denoised = bnfold.fold_onnx(repaired.model).model
+    for batch in (1, 64):
+        feeds = {"x": noisy[:batch]}
+        timed = time_interleaved(
+            {"plain": plain, "plain again": plain, "denoised": denoised},
+            feeds,
+            reference="plain",
+            threads=2,
+            rounds=rounds,
+        )
+        out[batch] = timed
+        print(batch, json.dumps(timed), flush=True)
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path)
@@ -473,6 +506,9 @@ def main() -> None:
     )
     parser.add_argument(
         "--repair", action="store_true", help="the repair table only (plain and input-aligned)"
+    )
+    parser.add_argument(
+        "--denoiser-latency", action="store_true", help="the learned filter's serving cost only"
     )
     parser.add_argument("--rounds", type=int, default=6)
     parser.add_argument("--seconds", type=float, default=10.0)
@@ -490,6 +526,8 @@ def main() -> None:
         result = {"limits": limits()}
     elif args.repair:
         result = {"repair": repair()}
+    elif args.denoiser_latency:
+        result = {"denoiser_latency": denoiser_latency()}
     else:
         result = {"detection": detection(), "repair": repair()}
     result["seconds"] = time.perf_counter() - t0
