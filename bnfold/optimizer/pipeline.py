@@ -17,6 +17,10 @@
    second fp32 session in the same rounds as the A/A control. `choice.choose` picks: within
    the budget, not slower than fp32 beyond the A/A noise at any batch, and the largest
    geometric-mean speedup if it beats fp32 by more than the noise; else the fp32 graph.
+6. Before the choice, where the fastest candidate within the budget at batch 1 is not the one
+   at `LARGE_BATCH` and no candidate is within the noise of both, the two are joined into one
+   graph routed by batch size (`by_batch`), measured like the others and chosen by the same
+   rule.
 """
 
 from __future__ import annotations
@@ -35,6 +39,7 @@ from bnfold.optimizer.accuracy import compare
 from bnfold.optimizer.bias_correct import correct_biases
 from bnfold.optimizer.bn_stats import consistency, read_bn_stats
 from bnfold.optimizer.budget import Budget
+from bnfold.optimizer.by_batch import plan, route_by_batch
 from bnfold.optimizer.candidates import Candidate, OptimizeReport, OptimizeResult
 from bnfold.optimizer.choice import choose
 from bnfold.optimizer.equalize import equalize
@@ -216,8 +221,9 @@ def optimize(
     if label_array is not None and len(label_array) != len(reference[0]):
         raise ValueError(f"{len(label_array)} labels for {len(reference[0])} calibration samples")
 
-    def evaluate(candidate_model: onnx.ModelProto) -> tuple[bool, dict]:
-        acc = compare(reference, _run(candidate_model, eval_feeds), label_array)
+    def evaluate(candidate_model: onnx.ModelProto, feeds=None) -> tuple[bool, dict]:
+        # `feeds`: the same rows as eval_feeds, batched otherwise
+        acc = compare(reference, _run(candidate_model, feeds or eval_feeds), label_array)
         met, _ = budget.check(acc)
         return met, acc
 
@@ -351,6 +357,23 @@ def optimize(
                 aa = _time_all(candidates, timing_feeds)
         else:
             notes.append("mixed precision: no operator was worth keeping in fp32")
+        # step 6: a graph per batch size, where no one candidate is the fastest at every batch
+        noise = max((abs(r - 1.0) for r in aa.values()), default=0.0)
+        routing = plan(
+            {c.name: {b: v["ratio"] for b, v in c.latency.items()} for c in candidates},
+            {c.name: c.budget_met for c in candidates},
+            noise,
+            reference=candidates[0].name,
+        )
+        steps["by_batch"] = routing.to_dict() if routing else {"built": False}
+        routed = _routed(routing, candidates, evaluate, eval_feeds, budget) if routing else None
+        if routed is not None:
+            candidates.append(routed)
+            with progress.stage("timing with the graph routed by batch", len(timing_feeds)):
+                aa = _time_all(candidates, timing_feeds)
+        elif routing:
+            steps["by_batch"]["built"] = False
+            notes.append("routing by batch: too few evaluation samples to verify both graphs")
     finally:
         tmp.cleanup()
     choice = choose(
@@ -412,6 +435,47 @@ def _time_all(candidates: list[Candidate], timing_feeds: dict[str, dict]) -> dic
                 "ratio": result[c.name]["ratio"],
             }
     return aa
+
+
+def _rebatched(feeds: Sequence[dict], size: int) -> list[dict]:
+    """The same rows in batches of `size` (the last one smaller), in order."""
+    whole = {k: np.concatenate([f[k] for f in feeds]) for k in feeds[0]}
+    rows = len(next(iter(whole.values())))
+    return [{k: v[i : i + size] for k, v in whole.items()} for i in range(0, rows, size)]
+
+
+def _routed(routing, candidates, evaluate_batches, eval_feeds, budget) -> Candidate | None:
+    """The routed candidate, its accuracy the worse of its two branches, each measured
+    through the routed graph (rows one batch of `max_small` at a time, then in batches above
+    it); None when there are too few rows to run the large branch."""
+    by_name = {c.name: c for c in candidates}
+    small, large = by_name[routing.small], by_name[routing.large]
+    rows = sum(len(next(iter(f.values()))) for f in eval_feeds)
+    if rows <= routing.max_small:
+        return None
+    model = route_by_batch(small.model, large.model, routing.max_small)
+    precisions = dict.fromkeys((small.precision, large.precision))
+    routed = Candidate(
+        routing.name,
+        "+".join(precisions),
+        f"{small.name} at batch <= {routing.max_small}, {large.name} above (one graph, an If "
+        "on the batch size)",
+        model,
+        excluded_nodes=list(large.excluded_nodes),
+        notes=[
+            f"batches {routing.max_small + 1}-{LARGE_BATCH - 1} run {large.name} too, not timed",
+            "holds both graphs' weights",
+        ],
+    )
+    accuracies = [
+        evaluate_batches(model, _rebatched(eval_feeds, size))[1]
+        for size in (routing.max_small, max(LARGE_BATCH, routing.max_small + 1))
+    ]
+    routed.accuracy = max(accuracies, key=lambda a: a["rel_l2"])
+    checks = [budget.check(a) for a in accuracies]
+    routed.budget_met = all(met for met, _ in checks)
+    routed.budget_reasons = [r for _, reasons in checks for r in reasons]
+    return routed
 
 
 def _best_int8(candidates: list[Candidate]) -> Candidate:
