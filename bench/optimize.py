@@ -5,6 +5,7 @@ quantize_static, with an A/A control for the timing method.
         mobilenet_v3_large,digits] [--rounds 20] [--out bench/results/optimize.jsonl]
     .venv/bin/python bench/optimize.py --shapes --models mobilenet_v3_large [--rounds 60]
     .venv/bin/python bench/optimize.py --references | --error-sources [--bn measured]
+    .venv/bin/python bench/optimize.py --routing --models efficientnet_b0 --rounds 30
 
 (`--shapes`: the folded graph with H, W static and symbolic against the anchor, as onnxruntime
 runs them and timed; the cause of issue 13's MobileNetV3-Large gap. `--references`: how much
@@ -376,6 +377,34 @@ def shapes(names: list[str], rounds: int) -> list[dict]:
     return rows
 
 
+def routing_cost(names: list[str], rounds: int) -> list[dict]:
+    """What the If of a graph routed by batch size costs: the folded fp32 graph and
+    onnxruntime's quantize_static of it (MinMax, the bench's calibration) joined by
+    `by_batch.route_by_batch` (fp32 at batch 1, INT8 above), timed against both alone and a
+    second fp32 session (the A/A control)."""
+    from bnfold.optimizer.by_batch import route_by_batch
+
+    rows = []
+    for name in names:
+        model = _build(name)
+        rng, calibration, _eval = _bench_inputs()
+        x = torch.from_numpy(calibration[0][:1])
+        fp32 = bnfold.fold_onnx(bnfold.export_onnx(model, (x,), dynamic_batch=True)).model
+        int8 = _ort_quantize_static(fp32, calibration)
+        routed = route_by_batch(fp32, int8, 1)
+        feed = fp32.graph.input[0].name
+        row = {"model": name, "cpu": cpu_features(), "latency": {}}
+        for batch in (1, 8):
+            feeds = {feed: rng.standard_normal((batch, 3, 224, 224)).astype(np.float32)}
+            models = {"fp32": fp32, "fp32 again": fp32, "int8": int8, "routed": routed}
+            row["latency"][f"batch={batch}"] = time_interleaved(
+                models, feeds, reference="fp32", rounds=rounds
+            )
+        print(json.dumps(row), flush=True)
+        rows.append(row)
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", default=DEFAULT)
@@ -414,6 +443,11 @@ def main() -> None:
         action="store_true",
         help="only compare the folded graph with static and symbolic H, W against the anchor",
     )
+    parser.add_argument(
+        "--routing",
+        action="store_true",
+        help="only what routing by batch size (an If on the batch dimension) costs",
+    )
     args = parser.parse_args()
     warnings.filterwarnings("ignore")
     global BN_STATISTICS
@@ -424,6 +458,11 @@ def main() -> None:
                 out.write(json.dumps(row) + "\n")
         return
     torchvision_names = [n for n in args.models.split(",") if not n.startswith("digits")]
+    if args.routing:
+        with open(args.out, "a") as out:
+            for row in routing_cost(torchvision_names, args.rounds):
+                out.write(json.dumps(row) + "\n")
+        return
     if args.error_sources:
         with open(args.out, "a") as out:
             for row in error_sources(torchvision_names):
