@@ -394,7 +394,7 @@ def routing_cost(names: list[str], rounds: int) -> list[dict]:
         routed = route_by_batch(fp32, int8, 1)
         feed = fp32.graph.input[0].name
         row = {"model": name, "cpu": cpu_features(), "latency": {}}
-        for batch in (1, 8):
+        for batch in (1, 2, 4, 8):  # 2 and 4: where the boundary falls
             feeds = {feed: rng.standard_normal((batch, 3, 224, 224)).astype(np.float32)}
             models = {"fp32": fp32, "fp32 again": fp32, "int8": int8, "routed": routed}
             row["latency"][f"batch={batch}"] = time_interleaved(

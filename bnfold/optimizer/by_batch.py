@@ -4,7 +4,8 @@ graphs were 8% slower than fp32 at batch 1 and 15% faster at batch 8), the per-b
 are joined under an ONNX ``If`` on the batch size, so one artifact and one session serve each
 batch size with the graph measured fastest there.
 
-`plan` decides from the timings (which candidate at which batch, or none); `route_by_batch`
+`plan` decides from the timings (which candidate at which batch, or none), `crossover` moves
+the boundary up over batch sizes timed between the two; `route_by_batch`
 builds the graph: the small-batch graph and the large-batch graph become the two branches,
 their names prefixed apart, reading the graph inputs from the outer scope; the condition is
 ``Gather(Shape(first input), 0) <= max_small``. Each branch runs as its own graph does, so
@@ -15,12 +16,12 @@ accuracy is the worse branch's.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 
 import onnx
 from onnx import TensorProto, helper
 
-__all__ = ["Routing", "plan", "route_by_batch"]
+__all__ = ["Routing", "crossover", "plan", "route_by_batch"]
 
 _PREFIX = "__by_batch"
 
@@ -31,6 +32,7 @@ class Routing:
     large: str  # candidate run above
     max_small: int
     why: str
+    between: dict[int, float] = field(default_factory=dict)  # batch -> small's time / large's
 
     @property
     def name(self) -> str:
@@ -86,6 +88,18 @@ def plan(
         f"({ratio(best[large], large):.3f}x, {best[small]} {ratio(best[small], large):.3f}x); "
         f"A/A noise {noise:.3f}",
     )
+
+
+def crossover(routing: Routing, between: Mapping[int, float]) -> Routing:
+    """`routing` with `max_small` the largest batch up to which the small-batch graph stays
+    the faster one: `between` holds its time over the large-batch graph's at batch sizes
+    between the two timed (measured by the caller), walked upwards until it is no faster."""
+    max_small = routing.max_small
+    for batch in sorted(between):
+        if batch <= max_small or not between[batch] < 1.0:
+            break
+        max_small = batch
+    return replace(routing, max_small=max_small, between=dict(between))
 
 
 def _as_branch(model: onnx.ModelProto, prefix: str) -> onnx.GraphProto:

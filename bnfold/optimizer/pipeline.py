@@ -19,8 +19,8 @@
    geometric-mean speedup if it beats fp32 by more than the noise; else the fp32 graph.
 6. Before the choice, where the fastest candidate within the budget at batch 1 is not the one
    at `LARGE_BATCH` and no candidate is within the noise of both, the two are joined into one
-   graph routed by batch size (`by_batch`), measured like the others and chosen by the same
-   rule.
+   graph routed by batch size (`by_batch`; the boundary timed at 2, 4, ... below
+   `LARGE_BATCH`), measured like the others and chosen by the same rule.
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ from bnfold.optimizer.accuracy import compare
 from bnfold.optimizer.bias_correct import correct_biases
 from bnfold.optimizer.bn_stats import consistency, read_bn_stats
 from bnfold.optimizer.budget import Budget
-from bnfold.optimizer.by_batch import plan, route_by_batch
+from bnfold.optimizer.by_batch import crossover, plan, route_by_batch
 from bnfold.optimizer.candidates import Candidate, OptimizeReport, OptimizeResult
 from bnfold.optimizer.choice import choose
 from bnfold.optimizer.equalize import equalize
@@ -366,6 +366,9 @@ def optimize(
             reference=candidates[0].name,
         )
         steps["by_batch"] = routing.to_dict() if routing else {"built": False}
+        if routing:
+            routing = _with_crossover(routing, candidates, spec)
+            steps["by_batch"] = routing.to_dict()
         routed = _routed(routing, candidates, evaluate, eval_feeds, budget) if routing else None
         if routed is not None:
             candidates.append(routed)
@@ -444,6 +447,29 @@ def _rebatched(feeds: Sequence[dict], size: int) -> list[dict]:
     return [{k: v[i : i + size] for k, v in whole.items()} for i in range(0, rows, size)]
 
 
+def _with_crossover(routing, candidates: list[Candidate], spec: InputSpec):
+    """`routing` with its boundary measured: the two graphs timed against each other at the
+    powers of two between batch 1 and `LARGE_BATCH` (`by_batch.crossover`)."""
+    by_name = {c.name: c for c in candidates}
+    small, large = by_name[routing.small].model, by_name[routing.large].model
+    between = {}
+    batch = 2 * routing.max_small
+    while batch < LARGE_BATCH:
+        feeds = spec.generated(batch, 1, seed=1)[0]
+        timed = time_interleaved(
+            {"large": large, "small": small},
+            feeds,
+            reference="large",
+            threads=THREADS,
+            rounds=SEARCH_ROUNDS,
+        )
+        between[batch] = timed["small"]["ratio"]
+        if not between[batch] < 1.0:
+            break
+        batch *= 2
+    return crossover(routing, between)
+
+
 def _routed(routing, candidates, evaluate_batches, eval_feeds, budget) -> Candidate | None:
     """The routed candidate, its accuracy the worse of its two branches, each measured
     through the routed graph (rows one batch of `max_small` at a time, then in batches above
@@ -463,7 +489,9 @@ def _routed(routing, candidates, evaluate_batches, eval_feeds, budget) -> Candid
         model,
         excluded_nodes=list(large.excluded_nodes),
         notes=[
-            f"batches {routing.max_small + 1}-{LARGE_BATCH - 1} run {large.name} too, not timed",
+            "boundary timed at batch "
+            + (", ".join(f"{b} ({r:.3f}x)" for b, r in routing.between.items()) or "none")
+            + f" ({small.name}'s time over {large.name}'s)",
             "holds both graphs' weights",
         ],
     )

@@ -11,7 +11,8 @@ import bnfold
 from bnfold.optimizer import pipeline
 from bnfold.optimizer.accuracy import compare
 from bnfold.optimizer.budget import Budget
-from bnfold.optimizer.by_batch import Routing, plan, route_by_batch
+from bnfold.optimizer.by_batch import Routing, crossover, plan, route_by_batch
+from bnfold.optimizer.inputs import input_spec
 from bnfold.optimizer.timing import make_session
 
 B1, B8 = "batch=1", "batch=8"
@@ -49,6 +50,21 @@ def test_plan_routes_the_other_way_too():
 )
 def test_plan_builds_nothing_where_one_graph_does_as_well(ratios, met, noise):
     assert plan(ratios, met, noise) is None
+
+
+@pytest.mark.parametrize(
+    ("between", "max_small"),
+    [
+        ({}, 1),
+        ({2: 0.95, 4: 1.02}, 2),  # the small-batch graph still faster at 2, not at 4
+        ({2: 0.9, 4: 0.97}, 4),
+        ({2: 1.0}, 1),  # a tie goes to the large-batch graph
+        ({2: 1.1, 4: 0.9}, 1),  # walked upwards: stops at the first batch it loses
+    ],
+)
+def test_crossover_moves_the_boundary_while_the_small_batch_graph_is_faster(between, max_small):
+    routing = crossover(Routing("fp32", "int8", 1, "why"), between)
+    assert routing.max_small == max_small and routing.between == between
 
 
 def _exported(seed: int) -> onnx.ModelProto:
@@ -116,3 +132,9 @@ def test_routed_candidate_of_a_real_int8_graph_is_judged_by_its_worse_branch(cnn
     np.testing.assert_array_equal(_outputs(routed.model, x[:1]), _outputs(fp32.model, x[:1]))
     np.testing.assert_array_equal(_outputs(routed.model, x), _outputs(int8.model, x))
     assert routed.budget_met == (int8.budget_met and fp32.budget_met)
+
+    # the boundary, timed between batch 1 and LARGE_BATCH (4 here: batch 2 only)
+    spec = input_spec(fp32.model, None, calibration)
+    measured = pipeline._with_crossover(routing, result.candidates, spec)
+    assert set(measured.between) <= {2} and measured.max_small in (1, 2)
+    assert measured.max_small == (2 if measured.between.get(2, 1.0) < 1.0 else 1)
