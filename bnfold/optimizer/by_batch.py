@@ -104,7 +104,10 @@ def crossover(routing: Routing, between: Mapping[int, float]) -> Routing:
 
 def _as_branch(model: onnx.ModelProto, prefix: str) -> onnx.GraphProto:
     """`model`'s graph with every name it defines prefixed and no inputs of its own (a
-    branch reads the graph inputs from the outer scope)."""
+    branch reads the graph inputs from the outer scope). Its weights stay its own
+    initializers: onnxruntime optimizes a branch like a graph (NCHWc convs, fused SiLU and
+    QLinear kernels on EfficientNet-B0, the same node counts as the graph alone); with the
+    weights moved to the outer graph the fp32 branch ran 1.89x slower (docs/BENCHMARKS.md)."""
     graph = onnx.GraphProto()
     graph.CopyFrom(model.graph)
     inputs = {i.name for i in graph.input}

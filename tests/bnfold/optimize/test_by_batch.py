@@ -83,6 +83,11 @@ def test_the_routed_graph_runs_each_branch_bit_for_bit(max_small):
     small, large = _exported(0), _exported(1)
     routed = route_by_batch(small, large, max_small)
     onnx.checker.check_model(routed, full_check=True)
+    # each branch keeps its own weights (onnxruntime prepacks a graph's own initializers)
+    assert not routed.graph.initializer
+    branches = {a.name: a.g for a in routed.graph.node[-1].attribute}
+    assert len(branches["then_branch"].initializer) == len(small.graph.initializer)
+    assert len(branches["else_branch"].initializer) == len(large.graph.initializer)
     rng = np.random.default_rng(0)
     for batch in (1, 2, 3, 5):
         x = rng.standard_normal((batch, 3, 16, 16)).astype(np.float32)
