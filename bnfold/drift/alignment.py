@@ -180,16 +180,23 @@ Run = Callable[[np.ndarray], np.ndarray]  # input [N, C, ...] -> the first BN's 
 
 
 def basis_outputs(run: Run, x: np.ndarray) -> np.ndarray:
-    """[2C + 1, N, K, L]: P_1..P_C, Q_1..Q_C, R for the samples x [N, C, ...]."""
+    """[2C + 1, N, K, L]: P_1..P_C, Q_1..Q_C, R for the samples x [N, C, ...]. Q_c (the
+    response to channel c set to 1) and R (to 0) are the same for every sample: run on one
+    and broadcast: C runs of the N samples and C + 1 of one, not 2C + 1 of N."""
     channels = x.shape[1]
-    zero = run(np.zeros_like(x))
+    one = np.zeros_like(x[:1])
+    zero = run(one)
     members = []
-    for source in (x, np.ones_like(x)):
-        for c in range(channels):
-            only = np.zeros_like(x)
-            only[:, c] = source[:, c]
-            members.append(run(only) - zero)
-    return np.stack([*members, zero])
+    for c in range(channels):
+        only = np.zeros_like(x)
+        only[:, c] = x[:, c]
+        members.append(run(only) - zero)
+    shape = members[0].shape
+    for c in range(channels):
+        only = one.copy()
+        only[:, c] = 1
+        members.append(np.broadcast_to(run(only) - zero, shape))
+    return np.stack([*members, np.broadcast_to(zero, shape)])
 
 
 def show(values: np.ndarray) -> str:

@@ -116,7 +116,9 @@ def _reestimate(
     observer = observer_graph(model, batch_stats=True)
     if not observer.sites:
         raise ValueError("the graph has no BatchNormalization with constant running statistics")
-    session = ObserverSession(observer)
+    # onnxruntime's default threads (the cores): a recalibration is a job of its own; the
+    # drift monitor's observer keeps one thread beside the server
+    session = ObserverSession(observer, intra_op_threads=0)
     gathered: dict[str, tuple[list, list, list]] = {s.name: ([], [], []) for s in observer.sites}
     n_batches = samples = 0
     for feeds in batches:
