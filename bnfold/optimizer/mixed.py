@@ -5,8 +5,9 @@ Starting from the best INT8 candidate's exclusions (none):
 1. Time. For each operator type the graph quantizes (but dense Conv, whose exclusion is the
    fp32 graph; grouped Convs, depthwise ones among them, count as a type of their own),
    quantize again with every node of that type kept in fp32 and time it against the current
-   graph (`timing.time_interleaved`, batch 1 and the larger batch). The exclusion
-   stays when it is faster by more than `MIN_GAIN` at every batch size.
+   graph (`timing.time_interleaved`, batch 1 and the larger batch); for a one-input type fed
+   by Convs, also with those Convs in fp32 (fused with it there). The exclusion stays when it
+   is faster by more than `MIN_GAIN` at every batch size.
 2. Accuracy. While the budget is not met, rank the quantized nodes by how much error each
    adds (error of its output in the INT8 graph minus the largest error of its inputs, both
    against the fp32 graph on one batch), keep the worst `STEP` in fp32, and measure again;
@@ -77,6 +78,27 @@ def _quantized_types(fp32: onnx.ModelProto, quantized: onnx.ModelProto) -> dict[
             kind = GROUPED if _is_grouped(node) else node.op_type
             types.setdefault(kind, []).append(node.name)
     return types
+
+
+def _trials(fp32: onnx.ModelProto, types: dict[str, list[str]]) -> list[tuple[str, list[str]]]:
+    """Step 1's trials, in order: each quantized op type but dense Conv kept in fp32; and
+    after a type whose nodes all take one input, some from a Conv, that type with those Convs
+    in fp32 as well, so onnxruntime can fuse them in fp32 (MobileNetV3's Conv + HardSwish:
+    in INT8 each HardSwish runs in fp32 between a DequantizeLinear and a QuantizeLinear)."""
+    nodes = {n.name: n for n in fp32.graph.node}
+    producer = {o: n for n in fp32.graph.node for o in n.output}
+    trials = []
+    for op_type, names in sorted(types.items()):
+        if op_type == "Conv":
+            continue
+        trials.append((op_type, names))
+        if not all(len([i for i in nodes[n].input if i]) == 1 for n in names):
+            continue
+        feeding = [producer.get(nodes[n].input[0]) for n in names]
+        convs = [c.name for c in feeding if c is not None and c.op_type == "Conv"]
+        if convs:
+            trials.append((f"{op_type} with the Convs before it", names + convs))
+    return trials
 
 
 def _is_grouped(node: onnx.NodeProto) -> bool:
@@ -153,12 +175,13 @@ def search_mixed(
     search = MixedSearch()
     current = quantize([])
     types = _quantized_types(fp32, current)
-    for op_type, names in sorted(types.items()):  # step 1
+    for op_type, names in _trials(fp32, types):  # step 1
         if progress:
             progress()
-        if op_type == "Conv":
+        new = [n for n in names if n not in search.exclude]
+        if not new:
             continue
-        trial = quantize(search.exclude + names)
+        trial = quantize(search.exclude + new)
         ratios = [
             time_interleaved(
                 {"current": current, "trial": trial},
@@ -172,10 +195,10 @@ def search_mixed(
         # faster at every batch size, not on average: one noisy batch must not decide
         kept = all(1.0 - r > MIN_GAIN for r in ratios)
         search.trials.append(
-            {"fp32": op_type, "nodes": len(names), "time_ratio": _geo(*ratios), "kept": kept}
+            {"fp32": op_type, "nodes": len(new), "time_ratio": _geo(*ratios), "kept": kept}
         )
         if kept:
-            search.exclude += names
+            search.exclude += new
             current = trial
     met, _acc = evaluate(current)
     feed = next(iter(timing_feeds.values()))

@@ -329,7 +329,7 @@ def optimize(
         base = _best_int8(candidates)
         source, cache, method, base_exclude = caches[base.name]
         types = len({n.op_type for n in source.graph.node})
-        with progress.stage(f"INT8 mixed precision from {base.name}", types + 1) as step:
+        with progress.stage(f"INT8 mixed precision from {base.name}", 2 * types + 1) as step:
             search = search_mixed(
                 source,
                 lambda exclude: quantize(

@@ -110,3 +110,34 @@ def test_mixed_search_tries_grouped_convs_as_their_own_type(tmp_path):
     assert GROUPED in tried and "Conv" not in tried
     excluded = search.exclude
     assert excluded in ([], ["conv2"])  # kept or not, by the measurement
+
+
+def test_mixed_search_tries_a_one_input_type_with_the_convs_that_feed_it(tmp_path):
+    """Conv -> HardSwish -> Conv: HardSwish alone in fp32, and with conv1 (which onnxruntime
+    fuses with it in fp32); a two-input type gets no such trial."""
+    from bnfold.optimizer.mixed import _quantized_types, _trials, search_mixed
+    from bnfold.optimizer.quantize import calibrate, quantize
+
+    model = conv_act_conv("HardSwish")
+    rng = np.random.default_rng(0)
+    feeds = [{"x": rng.standard_normal((2, 3, 8, 8)).astype(np.float32)} for _ in range(2)]
+    cache = tmp_path / "minmax.json"
+    quantized = calibrate(model, feeds, "minmax", cache)
+    types = _quantized_types(model, quantized)
+    assert types["HardSwish"] == ["act"]
+    trials = dict(_trials(model, types))
+    assert trials["HardSwish"] == ["act"]
+    assert trials["HardSwish with the Convs before it"] == ["act", "conv1"]
+    assert not any(label.startswith("Conv") for label in trials)
+    search = search_mixed(
+        model,
+        lambda exclude: quantize(model, cache, exclude=exclude),
+        lambda m: (True, {}),
+        {"batch=1": feeds[0]},
+        threads=1,
+        rounds=2,
+    )
+    tried = [t["fp32"] for t in search.trials if "fp32" in t]
+    assert tried == ["HardSwish", "HardSwish with the Convs before it"]
+    assert len(search.exclude) == len(set(search.exclude))  # no node excluded twice
+    assert set(search.exclude) in (set(), {"act"}, {"act", "conv1"})
