@@ -150,6 +150,17 @@ def _opsets(*models: onnx.ModelProto) -> list[onnx.OperatorSetIdProto]:
     return [helper.make_opsetid(domain, version) for domain, version in versions.items()]
 
 
+def _scalar(name: str, value: int) -> onnx.NodeProto:
+    """A Constant node of one int64 ``value``, output ``{_PREFIX}/{name}``."""
+    return helper.make_node(
+        "Constant",
+        [],
+        [f"{_PREFIX}/{name}"],
+        name=f"{_PREFIX}/{name}",
+        value=helper.make_tensor(name, TensorProto.INT64, [], [value]),
+    )
+
+
 def route_by_batch(
     small: onnx.ModelProto, large: onnx.ModelProto, max_small: int = 1
 ) -> onnx.ModelProto:
@@ -171,26 +182,14 @@ def route_by_batch(
     first = small.graph.input[0].name
     nodes = [
         helper.make_node("Shape", [first], [f"{_PREFIX}/shape"], name=f"{_PREFIX}/Shape"),
-        helper.make_node(
-            "Constant",
-            [],
-            [f"{_PREFIX}/zero"],
-            name=f"{_PREFIX}/Zero",
-            value=helper.make_tensor("zero", TensorProto.INT64, [], [0]),
-        ),
+        _scalar("zero", 0),
         helper.make_node(
             "Gather",
             [f"{_PREFIX}/shape", f"{_PREFIX}/zero"],
             [f"{_PREFIX}/batch"],
             name=f"{_PREFIX}/Batch",
         ),
-        helper.make_node(
-            "Constant",
-            [],
-            [f"{_PREFIX}/max_small"],
-            name=f"{_PREFIX}/MaxSmall",
-            value=helper.make_tensor("max_small", TensorProto.INT64, [], [max_small]),
-        ),
+        _scalar("max_small", max_small),
         helper.make_node(
             "LessOrEqual",
             [f"{_PREFIX}/batch", f"{_PREFIX}/max_small"],

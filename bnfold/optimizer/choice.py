@@ -25,7 +25,7 @@ import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-__all__ = ["MAX_NOISE", "Choice", "choose", "geometric_speedup"]
+__all__ = ["MAX_NOISE", "Choice", "choose", "geometric_speedup", "run_noise"]
 
 MAX_NOISE = 0.05
 
@@ -42,6 +42,11 @@ class Choice:
         return dict(self.__dict__)
 
 
+def run_noise(aa: Mapping[str, float]) -> float:
+    """Step 1: the largest |A/A - 1| over the batch sizes timed (`aa`: batch -> ratio)."""
+    return max((abs(r - 1.0) for r in aa.values()), default=0.0)
+
+
 def geometric_speedup(ratios: Mapping[str, float]) -> float:
     """fp32 time over the candidate's, geometric mean over batches (ratios: candidate / fp32)."""
     return 1.0 / math.exp(sum(math.log(r) for r in ratios.values()) / len(ratios))
@@ -56,7 +61,7 @@ def choose(
 ) -> Choice:
     """Apply the module's rule. `ratios`: candidate -> batch -> its time over the reference's
     (the reference included or not); `aa`: batch -> A/A ratio of the same run."""
-    noise = max((abs(r - 1.0) for r in aa.values()), default=0.0)  # step 1
+    noise = run_noise(aa)  # step 1
     slack = min(noise, MAX_NOISE)
     objective: dict[str, float] = {}
     rejected: dict[str, str] = {}

@@ -41,7 +41,7 @@ from bnfold.optimizer.bn_stats import consistency, read_bn_stats
 from bnfold.optimizer.budget import Budget
 from bnfold.optimizer.by_batch import crossover, plan, route_by_batch
 from bnfold.optimizer.candidates import Candidate, OptimizeReport, OptimizeResult
-from bnfold.optimizer.choice import choose
+from bnfold.optimizer.choice import choose, run_noise
 from bnfold.optimizer.equalize import equalize
 from bnfold.optimizer.graph import copy_model, name_nodes
 from bnfold.optimizer.hardware import cpu_features
@@ -358,18 +358,12 @@ def optimize(
         else:
             notes.append("mixed precision: no operator was worth keeping in fp32")
         # step 6: a graph per batch size, where no one candidate is the fastest at every batch
-        noise = max((abs(r - 1.0) for r in aa.values()), default=0.0)
-        routing = plan(
-            {c.name: {b: v["ratio"] for b, v in c.latency.items()} for c in candidates},
-            {c.name: c.budget_met for c in candidates},
-            noise,
-            reference=candidates[0].name,
-        )
-        steps["by_batch"] = routing.to_dict() if routing else {"built": False}
+        routing = plan(*_measured(candidates), run_noise(aa), reference=candidates[0].name)
+        routed = None
         if routing:
             routing = _with_crossover(routing, candidates, spec)
-            steps["by_batch"] = routing.to_dict()
-        routed = _routed(routing, candidates, evaluate, eval_feeds, budget) if routing else None
+            routed = _routed(routing, candidates, evaluate, eval_feeds, budget)
+        steps["by_batch"] = routing.to_dict() if routing else {"built": False}
         if routed is not None:
             candidates.append(routed)
             with progress.stage("timing with the graph routed by batch", len(timing_feeds)):
@@ -379,12 +373,7 @@ def optimize(
             notes.append("routing by batch: too few evaluation samples to verify both graphs")
     finally:
         tmp.cleanup()
-    choice = choose(
-        {c.name: {b: v["ratio"] for b, v in c.latency.items()} for c in candidates},
-        {c.name: c.budget_met for c in candidates},
-        aa,
-        reference=candidates[0].name,
-    )
+    choice = choose(*_measured(candidates), aa, reference=candidates[0].name)
     chosen = next(c for c in candidates if c.name == choice.chosen)
     why = choice.why
     report = OptimizeReport(
@@ -438,6 +427,14 @@ def _time_all(candidates: list[Candidate], timing_feeds: dict[str, dict]) -> dic
                 "ratio": result[c.name]["ratio"],
             }
     return aa
+
+
+def _measured(candidates: list[Candidate]) -> tuple[dict, dict]:
+    """(name -> batch -> time over fp32's, name -> budget met): what the choice rules read."""
+    return (
+        {c.name: {b: v["ratio"] for b, v in c.latency.items()} for c in candidates},
+        {c.name: c.budget_met for c in candidates},
+    )
 
 
 def _rebatched(feeds: Sequence[dict], size: int) -> list[dict]:
