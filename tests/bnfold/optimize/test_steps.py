@@ -86,18 +86,16 @@ def test_weight_range_follows_the_cpu_as_onnxruntime_quantizes(monkeypatch):
     assert not quantize.reduced_range() and quantize.weight_qmax() == 127
 
 
-def test_mixed_search_tries_grouped_convs_as_their_own_type(tmp_path):
-    """Dense Convs are never excluded (that is the fp32 graph); grouped ones are a trial."""
-    from bnfold.optimizer.mixed import GROUPED, _quantized_types, search_mixed
+def _types_and_search(model, tmp_path):
+    """The op types MinMax INT8 quantizes in `model`, and the mixed search over them (timed
+    at batch 1, two rounds, no accuracy budget)."""
+    from bnfold.optimizer.mixed import _quantized_types, search_mixed
     from bnfold.optimizer.quantize import calibrate, quantize
 
-    model = conv_act_conv("Relu", depthwise=True)
     rng = np.random.default_rng(0)
     feeds = [{"x": rng.standard_normal((2, 3, 8, 8)).astype(np.float32)} for _ in range(2)]
     cache = tmp_path / "minmax.json"
-    quantized = calibrate(model, feeds, "minmax", cache)
-    types = _quantized_types(model, quantized)
-    assert types[GROUPED] == ["conv2"] and types["Conv"] == ["conv1"]
+    types = _quantized_types(model, calibrate(model, feeds, "minmax", cache))
     search = search_mixed(
         model,
         lambda exclude: quantize(model, cache, exclude=exclude),
@@ -106,6 +104,16 @@ def test_mixed_search_tries_grouped_convs_as_their_own_type(tmp_path):
         threads=1,
         rounds=2,
     )
+    return types, search
+
+
+def test_mixed_search_tries_grouped_convs_as_their_own_type(tmp_path):
+    """Dense Convs are never excluded (that is the fp32 graph); grouped ones are a trial."""
+    from bnfold.optimizer.mixed import GROUPED
+
+    model = conv_act_conv("Relu", depthwise=True)
+    types, search = _types_and_search(model, tmp_path)
+    assert types[GROUPED] == ["conv2"] and types["Conv"] == ["conv1"]
     tried = [t["fp32"] for t in search.trials if "fp32" in t]
     assert GROUPED in tried and "Conv" not in tried
     excluded = search.exclude
@@ -115,28 +123,15 @@ def test_mixed_search_tries_grouped_convs_as_their_own_type(tmp_path):
 def test_mixed_search_tries_a_one_input_type_with_the_convs_that_feed_it(tmp_path):
     """Conv -> HardSwish -> Conv: HardSwish alone in fp32, and with conv1 (which onnxruntime
     fuses with it in fp32); a two-input type gets no such trial."""
-    from bnfold.optimizer.mixed import _quantized_types, _trials, search_mixed
-    from bnfold.optimizer.quantize import calibrate, quantize
+    from bnfold.optimizer.mixed import _trials
 
     model = conv_act_conv("HardSwish")
-    rng = np.random.default_rng(0)
-    feeds = [{"x": rng.standard_normal((2, 3, 8, 8)).astype(np.float32)} for _ in range(2)]
-    cache = tmp_path / "minmax.json"
-    quantized = calibrate(model, feeds, "minmax", cache)
-    types = _quantized_types(model, quantized)
+    types, search = _types_and_search(model, tmp_path)
     assert types["HardSwish"] == ["act"]
     trials = dict(_trials(model, types))
     assert trials["HardSwish"] == ["act"]
     assert trials["HardSwish with the Convs before it"] == ["act", "conv1"]
     assert not any(label.startswith("Conv") for label in trials)
-    search = search_mixed(
-        model,
-        lambda exclude: quantize(model, cache, exclude=exclude),
-        lambda m: (True, {}),
-        {"batch=1": feeds[0]},
-        threads=1,
-        rounds=2,
-    )
     tried = [t["fp32"] for t in search.trials if "fp32" in t]
     assert tried == ["HardSwish", "HardSwish with the Convs before it"]
     assert len(search.exclude) == len(set(search.exclude))  # no node excluded twice
