@@ -4,13 +4,16 @@ quantize_static, with an A/A control for the timing method.
     .venv/bin/python bench/optimize.py [--models resnet18,resnet50,mobilenet_v2,efficientnet_b0,
         mobilenet_v3_large,digits] [--rounds 20] [--out bench/results/optimize.jsonl]
     .venv/bin/python bench/optimize.py --shapes --models mobilenet_v3_large [--rounds 60]
-    .venv/bin/python bench/optimize.py --references | --error-sources [--bn measured]
+    .venv/bin/python bench/optimize.py --references | --error-sources | --output-bias
+        [--bn measured]
     .venv/bin/python bench/optimize.py --routing --models efficientnet_b0 --rounds 30
 
 (`--shapes`: the folded graph with H, W static and symbolic against the anchor, as onnxruntime
 runs them and timed; the cause of issue 13's MobileNetV3-Large gap. `--references`: how much
 each model's logits depend on its input, BN statistics randomized and measured.
-`--error-sources`: weights alone quantized, the whole INT8 graph and fp16, against fp32.)
+`--error-sources`: weights alone quantized, the whole INT8 graph and fp16, against fp32.
+`--output-bias`: INT8 MinMax with and without the output layer's empirical bias correction,
+on inputs the correction never saw.)
 
 Per torchvision model (random weights, 100 classes, 224x224; BN statistics randomized, or with
 `--bn measured` measured on N(0, 1) inputs, see `onnx_models.measured_bn`):
@@ -202,6 +205,50 @@ def error_sources(names: list[str]) -> list[dict]:
         out = _torch_outputs(model.half(), eval_x, torch.float16)
         model.float()
         row["torch_fp16"] = compare([ref], [out])
+        rows.append(row)
+        print(json.dumps(row), file=sys.stderr, flush=True)
+    return rows
+
+
+def output_bias(names: list[str]) -> list[dict]:
+    """What `output_bias` (empirical bias correction of the output layer) does on each model:
+    the folded graph quantized with MinMax on the calibration batches, corrected on them, and
+    both measured against torch fp32 on the 64 accuracy inputs, which the correction never saw.
+    Accuracy only: nothing is timed."""
+    import tempfile
+
+    from bnfold.onnx.export import export_onnx
+    from bnfold.onnx.fold import fold_onnx
+    from bnfold.optimizer.output_bias import correct_output_bias
+    from bnfold.optimizer.pooling import reduce_mean_as_global_pool
+    from bnfold.optimizer.quantize import calibrate, quantize
+
+    rows = []
+    for name in names:
+        model = _build(name)
+        _rng, calibration, eval_x = _bench_inputs()
+        calibration_x = np.concatenate(calibration)
+        x = torch.from_numpy(calibration[0][:1])
+        source = fold_onnx(export_onnx(model, (x,), dynamic_spatial=False)).model
+        reduce_mean_as_global_pool(source)
+        with tempfile.TemporaryDirectory() as tmp:
+            cache = Path(tmp, "c.json")
+            feeds = [{source.graph.input[0].name: c} for c in calibration]
+            int8 = calibrate(source, feeds, "minmax", cache)
+            _, corrected, result = correct_output_bias(
+                source,
+                [_outputs(int8, calibration_x)],
+                [_torch_outputs(model, calibration_x)],
+                lambda m, cache=cache: quantize(m, cache, method="minmax"),
+            )
+        ref = _torch_outputs(model, eval_x)
+        row = {
+            "model": name,
+            "bn": BN_STATISTICS,
+            "correction": result.to_dict(),
+            "int8_minmax": compare([ref], [_outputs(int8, eval_x)]),
+            "corrected": compare([ref], [_outputs(corrected, eval_x)]) if corrected else None,
+        }
         rows.append(row)
         print(json.dumps(row), file=sys.stderr, flush=True)
     return rows
@@ -439,6 +486,11 @@ def main() -> None:
         help="only where INT8's error comes from: weights alone, the whole graph, fp16",
     )
     parser.add_argument(
+        "--output-bias",
+        action="store_true",
+        help="only what the output layer's empirical bias correction does to INT8's error",
+    )
+    parser.add_argument(
         "--shapes",
         action="store_true",
         help="only compare the folded graph with static and symbolic H, W against the anchor",
@@ -461,6 +513,11 @@ def main() -> None:
     if args.routing:
         with open(args.out, "a") as out:
             for row in routing_cost(torchvision_names, args.rounds):
+                out.write(json.dumps(row) + "\n")
+        return
+    if args.output_bias:
+        with open(args.out, "a") as out:
+            for row in output_bias(torchvision_names):
                 out.write(json.dumps(row) + "\n")
         return
     if args.error_sources:
