@@ -25,7 +25,7 @@ The math (`channel_mean_error`, `held_out_rel_l2`) sees arrays only; `correctabl
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 
 import numpy as np
 import onnx
@@ -58,13 +58,7 @@ class OutputBiasResult:
     held_out_rel_l2_after: float | None = None
 
     def to_dict(self) -> dict:
-        return {
-            "applied": self.applied,
-            "corrected": self.corrected,
-            "skipped": self.skipped,
-            "held_out_rel_l2_before": self.held_out_rel_l2_before,
-            "held_out_rel_l2_after": self.held_out_rel_l2_after,
-        }
+        return asdict(self)
 
 
 def channel_mean_error(reference: np.ndarray, output: np.ndarray, axis: int) -> np.ndarray:
