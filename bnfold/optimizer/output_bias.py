@@ -3,20 +3,23 @@
 Quantization shifts a network's outputs by an error whose mean over the inputs is not zero
 (rounding and clipping are biased once they pass through ReLUs); on the benchmark's models
 about half the INT8 error's energy is that mean. Where an output comes straight from a layer
-with a bias of its own (Conv, Gemm, or MatMul + Add of a constant), the mean error per output
-channel c, measured on the calibration inputs against the eval-mode original,
+with a bias (Conv, Gemm, or MatMul + Add of a constant), the mean error per output channel c,
+measured on the calibration inputs against the eval-mode original,
 
     d_c = mean over samples (and spatial positions) of (y_int8 - y_ref)[:, c]
 
-is subtracted from that bias, in the fp32 graph the candidate is quantized from; the graph is
-then quantized again with the same ranges. This is AIMET's empirical bias correction
-(Nagel et al. 2019, section 4.2) applied to the last layer only: its input, and so everything
-before it, is unchanged, and a bias does not change the time a graph takes.
+is subtracted from that bias (divided by a Gemm's `beta`), in the fp32 graph the candidate is
+quantized from; the graph is then quantized again with the same ranges. A layer without a bias
+(a Conv or Gemm exported without one, as torchvision's zero-initialized classifiers are; a
+MatMul alone) is given one, the correction itself, as an initializer of its own (a MatMul gets
+an Add after it). This is AIMET's empirical bias correction (Nagel et al. 2019, section 4.2)
+applied to the last layer only: its input, and so everything before it, is unchanged, and a
+bias costs no measurable time.
 
 The correction is fitted on the same inputs the candidate is then verified on, so whether it
 helps is decided by two-fold cross-validation (fitted on one half of the samples, measured on
 the other, both ways): it is kept only where it lowers the held-out error. A skip is data: an
-output with no bias of its own, a bias shared with another node, too few samples.
+output from a node that is no such layer, a bias shared with another node, too few samples.
 
 The math (`channel_mean_error`, `held_out_rel_l2`) sees arrays only; `correctable_biases` and
 `apply_corrections` see the graph.
@@ -30,7 +33,7 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 import onnx
 
-from bnfold.optimizer.graph import GraphIndex, copy_model
+from bnfold.optimizer.graph import GraphIndex, attribute, copy_model
 
 __all__ = [
     "MIN_SAMPLES",
@@ -100,11 +103,31 @@ def held_out_rel_l2(
 
 @dataclass(frozen=True)
 class OutputBias:
-    """A graph output that comes straight from a layer with a bias of its own."""
+    """A graph output that comes straight from a layer with a bias, or one that can take one."""
 
     output: str
-    bias: str  # its initializer
+    bias: str | None  # its initializer; None: the layer has none, one is added
     axis: int  # the output's channel axis, along which the bias is laid out
+    scale: float = 1.0  # what the layer multiplies its bias by (a Gemm's beta)
+
+
+def _site(node: onnx.NodeProto, index: GraphIndex) -> tuple[str | None, int, float] | str:
+    """(bias or None to add one, channel axis, bias scale) of the layer `node`, or why not."""
+    if node.op_type in ("Conv", "Gemm"):
+        beta = float(attribute(node, "beta", 1.0)) if node.op_type == "Gemm" else 1.0
+        if beta == 0.0:
+            return "produced by a Gemm with beta=0, which ignores its bias"
+        bias = node.input[2] if len(node.input) > 2 and node.input[2] else None
+        return bias, 1, beta
+    if node.op_type == "MatMul":
+        return None, -1, 1.0
+    if node.op_type == "Add":
+        constant = [name for name in node.input if name in index.initializers]
+        other = [index.producer.get(name) for name in node.input if name not in constant]
+        layer = other[0].op_type if len(other) == 1 and other[0] is not None else None
+        if len(constant) == 1 and layer in ("MatMul", "Gemm", "Conv"):
+            return constant[0], (-1 if layer == "MatMul" else 1), 1.0
+    return f"produced by {node.op_type}, not a layer with a bias"
 
 
 def correctable_biases(model: onnx.ModelProto) -> tuple[list[OutputBias], dict[str, str]]:
@@ -113,44 +136,54 @@ def correctable_biases(model: onnx.ModelProto) -> tuple[list[OutputBias], dict[s
     found, skipped = [], {}
     for output in model.graph.output:
         node = index.producer.get(output.name)
-        bias, axis = None, 1
-        if node is None:
-            skipped[output.name] = "not produced by a node"
-            continue
-        if node.op_type in ("Conv", "Gemm") and len(node.input) > 2 and node.input[2]:
-            bias = node.input[2]
-        elif node.op_type == "Add":
-            constant = [name for name in node.input if name in index.initializers]
-            other = [index.producer.get(name) for name in node.input if name not in constant]
-            layer = other[0].op_type if len(other) == 1 and other[0] is not None else None
-            if len(constant) == 1 and layer in ("MatMul", "Gemm", "Conv"):
-                bias, axis = constant[0], (-1 if layer == "MatMul" else 1)
-        if bias is None:
-            skipped[output.name] = f"produced by {node.op_type}, not a layer with a bias"
-        elif not index.private_weight(bias):
-            skipped[output.name] = f"its bias {bias!r} is shared with another node"
+        site = "not produced by a node" if node is None else _site(node, index)
+        if isinstance(site, str):
+            skipped[output.name] = site
+        elif site[0] is not None and not index.private_weight(site[0]):
+            skipped[output.name] = f"its bias {site[0]!r} is shared with another node"
         elif index.consumers.get(output.name):
             skipped[output.name] = "also read inside the graph"
         else:
-            found.append(OutputBias(output.name, bias, axis))
+            found.append(OutputBias(output.name, *site))
     return found, skipped
+
+
+def _add_bias(index: GraphIndex, site: OutputBias, value: np.ndarray) -> None:
+    """Give the layer producing `site.output` the bias `value`, an initializer of its own."""
+    node = index.producer[site.output]
+    name = index.add_weight(f"{node.name or site.output}__bnfold_output_bias", value)
+    if node.op_type == "MatMul":
+        product = f"{site.output}__bnfold_before_bias"
+        node.output[0] = product
+        add = onnx.helper.make_node("Add", [product, name], [site.output], name=f"{name}__add")
+        position = list(index.graph.node).index(node) + 1
+        index.graph.node.insert(position, add)
+    elif len(node.input) == 2:
+        node.input.append(name)
+    else:
+        node.input[2] = name
 
 
 def apply_corrections(
     model: onnx.ModelProto, corrections: dict[OutputBias, np.ndarray]
 ) -> dict[str, str]:
-    """Subtract each correction from its output's bias, in place; returns {output: why not}
-    for those whose bias does not hold one value per channel."""
+    """Subtract each correction from its output's bias (adding a bias where the layer has
+    none), in place; returns {output: why not} for those whose bias does not hold one value
+    per channel."""
     index = GraphIndex(model.graph)
     refused = {}
     for site, d in corrections.items():
+        shift = np.asarray(d, np.float64).reshape(-1) / site.scale
+        if site.bias is None:
+            _add_bias(index, site, -shift)
+            continue
         bias = index.weight(site.bias)
-        if bias is None or bias.size != d.size:
+        if bias is None or bias.size != shift.size:
             refused[site.output] = (
-                f"its bias has {getattr(bias, 'size', 0)} values for {d.size} channels"
+                f"its bias has {getattr(bias, 'size', 0)} values for {shift.size} channels"
             )
             continue
-        new = np.asarray(bias, np.float64).reshape(-1) - d
+        new = np.asarray(bias, np.float64).reshape(-1) - shift
         index.set_weight(site.bias, new.reshape(bias.shape))
     return refused
 

@@ -104,6 +104,57 @@ def test_an_output_without_a_bias_of_its_own_is_skipped_with_the_reason(graph, r
     assert sites == [] and skipped["y"] == reason
 
 
+def _layer_without_bias(op: str, beta: float = 1.0) -> onnx.ModelProto:
+    """x -> one Conv, Gemm or MatMul with no bias -> y (3 output channels)."""
+    if op == "Conv":
+        x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, 2, 4, 4])
+        w = numpy_helper.from_array(np.ones((3, 2, 1, 1), np.float32), "w")
+        node = helper.make_node("Conv", ["x", "w"], ["y"], name="conv")
+    else:
+        x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, 4])
+        w = numpy_helper.from_array(np.ones((4, 3), np.float32), "w")
+        extra = {"beta": beta} if op == "Gemm" else {}
+        node = helper.make_node(op, ["x", "w"], ["y"], name=op.lower(), **extra)
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, None)
+    graph = helper.make_graph([node], "g", [x], [y], [w])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+
+
+@pytest.mark.parametrize(
+    ("op", "beta"), [("Conv", 1.0), ("Gemm", 1.0), ("Gemm", 0.5), ("MatMul", 1.0)]
+)
+def test_a_layer_without_a_bias_is_given_one_that_holds_the_correction(op, beta):
+    model = _layer_without_bias(op, beta)
+    sites, skipped = correctable_biases(model)
+    axis = -1 if op == "MatMul" else 1
+    assert [(s.output, s.bias, s.axis, s.scale) for s in sites] == [("y", None, axis, beta)]
+    assert not skipped
+    shape = (2, 2, 4, 4) if op == "Conv" else (2, 4)
+    x = np.arange(np.prod(shape), dtype=np.float32).reshape(shape)
+    before = make_session(model).run(None, {"x": x})[0]
+    d = np.array([1.0, -1.0, 0.5])
+    assert apply_corrections(model, {sites[0]: d}) == {}
+    after = make_session(model).run(None, {"x": x})[0]
+    np.testing.assert_allclose(
+        after - before, np.broadcast_to(_along_channels(-d, after, axis), after.shape)
+    )
+    # the added bias is an initializer of the layer's own, and the output keeps its name
+    assert [o.name for o in model.graph.output] == ["y"]
+    added = [t.name for t in model.graph.initializer if t.name != "w"]
+    assert len(added) == 1 and len(GraphIndex(model.graph).consumers[added[0]]) == 1
+
+
+def _along_channels(d, like, axis):
+    shape = [1] * like.ndim
+    shape[axis] = -1
+    return d.reshape(shape)
+
+
+def test_a_gemm_whose_beta_is_zero_is_skipped():
+    _, skipped = correctable_biases(_layer_without_bias("Gemm", beta=0.0))
+    assert skipped == {"y": "produced by a Gemm with beta=0, which ignores its bias"}
+
+
 def test_a_bias_that_is_not_one_value_per_channel_is_refused():
     model = _graph("gemm")
     GraphIndex(model.graph).set_weight("b", np.zeros(1))
