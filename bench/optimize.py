@@ -7,13 +7,15 @@ quantize_static, with an A/A control for the timing method.
     .venv/bin/python bench/optimize.py --references | --error-sources | --output-bias
         [--bn measured]
     .venv/bin/python bench/optimize.py --routing --models efficientnet_b0 --rounds 30
+    .venv/bin/python bench/optimize.py --trained --models efficientnet_lite0
 
 (`--shapes`: the folded graph with H, W static and symbolic against the anchor, as onnxruntime
 runs them and timed; the cause of issue 13's MobileNetV3-Large gap. `--references`: how much
 each model's logits depend on its input, BN statistics randomized and measured.
 `--error-sources`: weights alone quantized, the whole INT8 graph and fp16, against fp32.
 `--output-bias`: INT8 MinMax with and without the output layer's empirical bias correction,
-on inputs the correction never saw.)
+on inputs the correction never saw. `--trained`: a network trained on ImageNet, on crops of
+natural photographs, with optimize's default budget; see `imagenet_trained`.)
 
 Per torchvision model (random weights, 100 classes, 224x224; BN statistics randomized, or with
 `--bn measured` measured on N(0, 1) inputs, see `onnx_models.measured_bn`):
@@ -327,6 +329,59 @@ def bench_digits(name: str = "digits") -> dict:
     }
 
 
+def bench_trained(name: str, rounds: int) -> dict:
+    """A network trained on ImageNet (`imagenet_trained`), on natural-image crops: optimize
+    with its default budget (top-1 agreement >= 0.99) and calibration on 16 crops, against the
+    anchor and Q, accuracy on 256 other crops; the fastest INT8 candidate is timed too, and the
+    agreement INT8's error would give if it were scaled down, to say what 99% needs."""
+    import imagenet_trained
+
+    model = imagenet_trained.build(name)
+    generator = torch.Generator().manual_seed(0)
+    calibration_x = imagenet_trained.natural_crops(16, generator)
+    eval_x = imagenet_trained.natural_crops(256, generator)
+    calibration = [calibration_x[i : i + 2] for i in range(0, 16, 2)]
+    x = torch.from_numpy(calibration_x[:1])
+    t0 = time.time()
+    anchor = anchor_export(model, torch.cat([x, x]))
+    q = _ort_quantize_static(anchor, calibration)
+    result = bnfold.optimize(model, x, calibration=calibration)
+    optimize_s = time.time() - t0
+    ref = _torch_outputs(model, eval_x)
+    q_out = _outputs(q, eval_x)
+    accuracy = {"Q (ort quantize_static)": compare([ref], [q_out])}
+    for c in result.candidates:
+        accuracy[c.name] = compare([ref], [_outputs(c.model, eval_x)])
+    accuracy["torch fp16"] = compare([ref], [_torch_outputs(model.half(), eval_x, torch.float16)])
+    model.float()
+    fastest = max(
+        (c for c in result.candidates if c.precision != "fp32"), key=lambda c: c.speedup or 0.0
+    )
+    scaled = {str(a): compare([ref], [ref + a * (q_out - ref)]) for a in (0.05, 0.1, 0.2, 0.5)}
+    row = {
+        "model": name,
+        "weights": "trained (ImageNet)",
+        "inputs": "natural_crops",
+        "chosen": result.report.chosen,
+        "fastest_int8": fastest.name,
+        "optimize_s": optimize_s,
+        "reference": _logit_stats(ref),
+        "accuracy": accuracy,
+        "Q_error_scaled": scaled,
+        "latency": {},
+        "report": result.report.to_dict(),
+    }
+    rng = np.random.default_rng(1)
+    for batch in (1, 8):
+        pick = rng.choice(len(eval_x), batch, replace=False)
+        feeds = {anchor.graph.input[0].name: eval_x[pick]}
+        models = {"A": anchor, "A'": anchor, "Q": q, "B": result.model, "I": fastest.model}
+        row["latency"][f"batch={batch}"] = time_interleaved(
+            models, feeds, reference="A", rounds=rounds
+        )
+    return row
+
+
 def recheck(rounds: int) -> list[dict]:
     """The latency ratios of docs/BENCHMARKS.md "Reparameterization" and "ONNX", timed again
     with this module's method (spinning off, both creation orders, rotating order), each
@@ -491,6 +546,12 @@ def main() -> None:
         help="only what the output layer's empirical bias correction does to INT8's error",
     )
     parser.add_argument(
+        "--trained",
+        action="store_true",
+        help="only the networks trained on ImageNet (imagenet_trained: efficientnet_lite0), "
+        "on natural-image crops, with optimize's default budget",
+    )
+    parser.add_argument(
         "--shapes",
         action="store_true",
         help="only compare the folded graph with static and symbolic H, W against the anchor",
@@ -510,6 +571,18 @@ def main() -> None:
                 out.write(json.dumps(row) + "\n")
         return
     torchvision_names = [n for n in args.models.split(",") if not n.startswith("digits")]
+    if args.trained:
+        if not args.entropy:
+            CALIBRATION_METHODS.pop("entropy", None)
+        pipeline.TIMING_ROUNDS = args.rounds
+        with open(args.out, "a") as out:
+            out.write(json.dumps({"cpu": cpu_features(), "started": time.ctime()}) + "\n")
+            for name in args.models.split(","):
+                row = bench_trained(name, args.rounds)
+                out.write(json.dumps(row, default=str) + "\n")
+                summary = {k: v for k, v in row.items() if k != "report"}
+                print(json.dumps(summary, default=str)[:4000], file=sys.stderr, flush=True)
+        return
     if args.routing:
         with open(args.out, "a") as out:
             for row in routing_cost(torchvision_names, args.rounds):
