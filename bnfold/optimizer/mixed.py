@@ -8,10 +8,11 @@ Starting from the best INT8 candidate's exclusions (none):
    graph (`timing.time_interleaved`, batch 1 and the larger batch); for a one-input type fed
    by Convs, also with those Convs in fp32 (fused with it there). The exclusion stays when it
    is faster by more than `MIN_GAIN` at every batch size.
-2. Accuracy. While the budget is not met, rank the quantized nodes by how much error each
-   adds (error of its output in the INT8 graph minus the largest error of its inputs, both
-   against the fp32 graph on one batch), keep the worst `STEP` in fp32, and measure again;
-   at most `MAX_ACCURACY_ROUNDS` rounds.
+2. Accuracy. While the budget is not met, rank the quantized nodes by their sensitivity: the
+   error at the graph's outputs when that node alone runs as in the INT8 graph (weights and
+   inputs through its Q/DQ pairs, everything else fp32; `output_sensitivity`, on one batch of
+   the accuracy inputs), keep the worst `STEP` in fp32, and measure again; the exclusion stays
+   where it meets the budget or lowers the error; at most `MAX_ACCURACY_ROUNDS` rounds.
 
 Nothing here comes from a fixed list of operator types: every choice is a measurement.
 """
@@ -27,7 +28,7 @@ import onnx
 
 from bnfold.optimizer.timing import make_session, time_interleaved
 
-__all__ = ["MixedSearch", "search_mixed"]
+__all__ = ["MixedSearch", "output_sensitivity", "search_mixed"]
 
 MIN_GAIN = 0.03
 GROUPED = "Conv (grouped)"  # grouped Convs are tried apart from the others
@@ -111,52 +112,69 @@ def _is_grouped(node: onnx.NodeProto) -> bool:
     return group > 1
 
 
-def _added_error(
+def _alone_in_int8(fp32: onnx.ModelProto, quantized: onnx.ModelProto, name: str) -> onnx.ModelProto:
+    """The fp32 graph with node `name` alone run as in the INT8 graph: each of its inputs
+    through the DequantizeLinear (and QuantizeLinear) nodes that feed it there, with their
+    scales, zero points and quantized weights."""
+    producer = {o: n for n in quantized.graph.node for o in n.output}
+    initializers = {t.name: t for t in quantized.graph.initializer}
+    target = next(n for n in quantized.graph.node if n.name == name)
+    model = onnx.ModelProto()
+    model.CopyFrom(fp32)
+    node = next(n for n in model.graph.node if n.name == name)
+    added: list[onnx.NodeProto] = []
+    have = {t.name for t in model.graph.initializer}
+    for i, value in enumerate(target.input):
+        dq = producer.get(value)
+        if dq is None or dq.op_type != "DequantizeLinear":
+            continue
+        q = producer.get(dq.input[0])
+        chain = [q, dq] if q is not None and q.op_type == "QuantizeLinear" else [dq]
+        for n in chain:
+            for v in n.input:
+                if v in initializers and v not in have:
+                    model.graph.initializer.append(initializers[v])
+                    have.add(v)
+        # fresh names: a weight's DQ output keeps the weight's name, which the fp32 graph
+        # still holds as an initializer
+        copies = [onnx.NodeProto() for _ in chain]
+        for copy, n in zip(copies, chain, strict=True):
+            copy.CopyFrom(n)
+            copy.name = f"{n.name}__alone"
+            copy.output[0] = f"{n.output[0]}__alone"
+        if len(copies) == 2:
+            copies[1].input[0] = copies[0].output[0]
+        added += copies
+        node.input[i] = copies[-1].output[0]
+    position = list(model.graph.node).index(node)
+    for k, n in enumerate(added):
+        model.graph.node.insert(position + k, n)
+    return model
+
+
+def output_sensitivity(
     fp32: onnx.ModelProto, quantized: onnx.ModelProto, feed: dict, candidates: list[str]
 ) -> list[tuple[float, str]]:
-    """(error added, node) for fp32 nodes in `candidates`, worst first."""
-    nodes = {n.name: n for n in fp32.graph.node}
-    values = sorted({v for n in candidates for v in (*nodes[n].input, *nodes[n].output) if v})
-
-    def run(model, values):
-        m = onnx.ModelProto()
-        m.CopyFrom(model)
-        have = {o.name for o in m.graph.output}
-        produced = {o for n in m.graph.node for o in n.output}
-        names = [v for v in values if v in produced or v in {i.name for i in m.graph.input}]
-        for v in names:
-            if v not in have:
-                m.graph.output.append(
-                    onnx.helper.make_tensor_value_info(v, onnx.TensorProto.FLOAT, None)
-                )
-        session = make_session(m)
-        outputs = [v for v in names if v in {o.name for o in session.get_outputs()}]
-        return dict(zip(outputs, session.run(outputs, feed), strict=True))
-
-    # in the INT8 graph a consumer sees a value after its Q/DQ pair: compare that one
-    quantized_of = {
-        n.input[0]: n.output[0] for n in quantized.graph.node if n.op_type == "QuantizeLinear"
-    }
-    dequantized_of = {
-        n.input[0]: n.output[0] for n in quantized.graph.node if n.op_type == "DequantizeLinear"
-    }
-    seen = {v: dequantized_of.get(quantized_of.get(v, ""), v) for v in values}
-    ref = run(fp32, values)
-    got_seen = run(quantized, list(set(seen.values())))
-    got = {v: got_seen[s] for v, s in seen.items() if s in got_seen}
-
-    def err(v: str) -> float:
-        if v not in ref or v not in got or ref[v].dtype != np.float32:
-            return 0.0
-        scale = float(np.linalg.norm(ref[v])) or 1.0
-        return float(np.linalg.norm(got[v] - ref[v])) / scale
-
+    """(relative L2 error at the graph's outputs with that node alone in INT8, node), worst
+    first: AIMET's per-layer quantization sensitivity (QuantAnalyzer), measured on `feed`
+    against the fp32 graph. A node's error is judged by what it does to the outputs, not to
+    its own output, where a layer that amplifies what comes before it (a stem conv, a first
+    depthwise conv) looks harmless."""
+    ref = make_session(fp32).run(None, feed)
+    norm = math.sqrt(sum(float(np.sum(r.astype(np.float64) ** 2)) for r in ref)) or 1.0
+    quantized_names = {n.name for n in quantized.graph.node}
     ranked = []
     for name in candidates:
-        node = nodes[name]
-        out = max(err(v) for v in node.output)
-        into = max([err(v) for v in node.input if v] or [0.0])
-        ranked.append((out - into, name))
+        if name not in quantized_names:
+            continue
+        outs = make_session(_alone_in_int8(fp32, quantized, name)).run(None, feed)
+        err = math.sqrt(
+            sum(
+                float(np.sum((o.astype(np.float64) - r) ** 2))
+                for o, r in zip(outs, ref, strict=True)
+            )
+        )
+        ranked.append((err / norm, name))
     return sorted(ranked, reverse=True)
 
 
@@ -169,9 +187,11 @@ def search_mixed(
     threads: int | None,
     rounds: int,
     progress: Callable[[], None] | None = None,
+    accuracy_feed: dict | None = None,
 ) -> MixedSearch:
     """Steps 1 and 2 above. `quantize(exclude)` gives the INT8 graph with those nodes in fp32;
-    `evaluate(model)` gives (budget met, accuracy)."""
+    `evaluate(model)` gives (budget met, accuracy); `accuracy_feed` is the batch step 2 ranks
+    the nodes on (else the first timing feed)."""
     search = MixedSearch()
     current = quantize([])
     types = _quantized_types(fp32, current)
@@ -200,8 +220,8 @@ def search_mixed(
         if kept:
             search.exclude += new
             current = trial
-    met, _acc = evaluate(current)
-    feed = next(iter(timing_feeds.values()))
+    met, acc = evaluate(current)
+    feed = accuracy_feed or next(iter(timing_feeds.values()))
     for _round in range(MAX_ACCURACY_ROUNDS):  # step 2
         if met:
             break
@@ -213,17 +233,25 @@ def search_mixed(
         ]
         if not left:
             break
-        worst = [name for _e, name in _added_error(fp32, current, feed, left)[:STEP]]
-        search.exclude += worst
-        current = quantize(search.exclude)
-        met, acc = evaluate(current)
+        ranked = output_sensitivity(fp32, current, feed, left)
+        worst = [name for _e, name in ranked[:STEP]]
+        trial = quantize(search.exclude + worst)
+        trial_met, trial_acc = evaluate(trial)
+        # an exclusion stays only where it meets the budget or lowers the error
+        kept = trial_met or trial_acc["rel_l2"] < acc["rel_l2"]
         search.trials.append(
             {
                 "fp32_for_accuracy": worst,
-                "rel_l2": acc["rel_l2"],
-                "top1_agreement": acc.get("top1_agreement"),
-                "budget_met": met,
+                "output_rel_l2_alone": [round(e, 6) for e, _name in ranked[:STEP]],
+                "rel_l2": trial_acc["rel_l2"],
+                "top1_agreement": trial_acc.get("top1_agreement"),
+                "budget_met": trial_met,
+                "kept": kept,
             }
         )
+        if not kept:
+            break
+        search.exclude += worst
+        current, met, acc = trial, trial_met, trial_acc
     search.model = current
     return search

@@ -353,6 +353,7 @@ def optimize(
                 threads=THREADS,
                 rounds=SEARCH_ROUNDS,
                 progress=step,
+                accuracy_feed=eval_feeds[0],
             )
         steps["mixed"] = {"from": base.name, **search.to_dict()}
         if search.exclude:

@@ -136,3 +136,29 @@ def test_mixed_search_tries_a_one_input_type_with_the_convs_that_feed_it(tmp_pat
     assert tried == ["HardSwish", "HardSwish with the Convs before it"]
     assert len(search.exclude) == len(set(search.exclude))  # no node excluded twice
     assert set(search.exclude) in (set(), {"act"}, {"act", "conv1"})
+
+
+def test_output_sensitivity_ranks_a_node_by_its_error_at_the_outputs(tmp_path):
+    """Calibrated on inputs 100x larger than those it then sees, every input quantization is
+    100x coarser than it needs to be, most of all conv1's (x's 3x3 neighbourhoods quantize to
+    few levels; conv2's input passed a ReLU, half of it exact zeros). The graph with one node
+    in INT8 is the fp32 graph with that node's inputs through the INT8 graph's Q/DQ nodes,
+    nothing else."""
+    from bnfold.optimizer.mixed import _alone_in_int8, output_sensitivity
+    from bnfold.optimizer.quantize import calibrate
+
+    model = conv_act_conv("Relu")
+    rng = np.random.default_rng(1)
+    calibration = [{"x": 100 * rng.standard_normal((2, 3, 8, 8)).astype(np.float32)}]
+    int8 = calibrate(model, calibration, "minmax", tmp_path / "minmax.json")
+    feed = {"x": rng.standard_normal((2, 3, 8, 8)).astype(np.float32)}
+    ranked = output_sensitivity(model, int8, feed, ["conv1", "conv2", "not_a_node"])
+    assert [name for _e, name in ranked] == ["conv1", "conv2"]
+    assert ranked[0][0] > ranked[1][0] > 0.1
+    assert ranked == sorted(ranked, reverse=True)
+    alone = _alone_in_int8(model, int8, "conv1")
+    feeding = {n.output[0]: n for n in alone.graph.node}
+    conv1, conv2 = (next(n for n in alone.graph.node if n.name == c) for c in ("conv1", "conv2"))
+    assert all(feeding[v].op_type == "DequantizeLinear" for v in conv1.input)  # x, w1, b1
+    assert list(conv2.input) == ["a", "w2"]  # as in the fp32 graph
+    assert len(alone.graph.node) == len(model.graph.node) + 4  # Q + DQ of x, DQ of w1, b1
