@@ -222,19 +222,18 @@ def search_mixed(
             current = trial
     met, acc = evaluate(current)
     feed = accuracy_feed or next(iter(timing_feeds.values()))
-    for _round in range(MAX_ACCURACY_ROUNDS):  # step 2
-        if met:
-            break
-        left = [
-            n
-            for ns in _quantized_types(fp32, current).values()
-            for n in ns
-            if n not in search.exclude
-        ]
-        if not left:
-            break
+    # a node's sensitivity is measured with every other node in fp32, so excluding some does
+    # not change the others': ranked once, taken STEP at a time
+    ranked: list[tuple[float, str]] = []
+    if not met:
+        quantized = [n for ns in _quantized_types(fp32, current).values() for n in ns]
+        left = [n for n in quantized if n not in search.exclude]
         ranked = output_sensitivity(fp32, current, feed, left)
-        worst = [name for _e, name in ranked[:STEP]]
+    for round_ in range(MAX_ACCURACY_ROUNDS):  # step 2
+        chunk = ranked[round_ * STEP : (round_ + 1) * STEP]
+        if met or not chunk:
+            break
+        worst = [name for _e, name in chunk]
         trial = quantize(search.exclude + worst)
         trial_met, trial_acc = evaluate(trial)
         # an exclusion stays only where it meets the budget or lowers the error
@@ -242,7 +241,7 @@ def search_mixed(
         search.trials.append(
             {
                 "fp32_for_accuracy": worst,
-                "output_rel_l2_alone": [round(e, 6) for e, _name in ranked[:STEP]],
+                "output_rel_l2_alone": [round(e, 6) for e, _name in chunk],
                 "rel_l2": trial_acc["rel_l2"],
                 "top1_agreement": trial_acc.get("top1_agreement"),
                 "budget_met": trial_met,

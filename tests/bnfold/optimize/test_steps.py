@@ -162,3 +162,43 @@ def test_output_sensitivity_ranks_a_node_by_its_error_at_the_outputs(tmp_path):
     assert all(feeding[v].op_type == "DequantizeLinear" for v in conv1.input)  # x, w1, b1
     assert list(conv2.input) == ["a", "w2"]  # as in the fp32 graph
     assert len(alone.graph.node) == len(model.graph.node) + 4  # Q + DQ of x, DQ of w1, b1
+
+
+def test_mixed_accuracy_step_keeps_only_exclusions_that_lower_the_error(tmp_path, monkeypatch):
+    """Step 2 with a budget never met: nodes go to fp32 most sensitive first, one per round
+    here, and each stays only where the measured error fell."""
+    from bnfold.optimizer import mixed
+    from bnfold.optimizer.accuracy import compare
+    from bnfold.optimizer.quantize import calibrate, quantize
+
+    monkeypatch.setattr(mixed, "STEP", 1)
+    model = conv_act_conv("Relu")
+    rng = np.random.default_rng(1)
+    cache = tmp_path / "minmax.json"
+    calibrate(
+        model, [{"x": 100 * rng.standard_normal((2, 3, 8, 8)).astype(np.float32)}], "minmax", cache
+    )
+    feed = {"x": rng.standard_normal((2, 3, 8, 8)).astype(np.float32)}
+    ref = make_session(model).run(None, feed)
+
+    def evaluate(m):
+        return False, compare(ref, make_session(m).run(None, feed))
+
+    search = mixed.search_mixed(
+        model,
+        lambda exclude: quantize(model, cache, exclude=exclude),
+        evaluate,
+        {"batch=2": feed},
+        threads=1,
+        rounds=2,
+        accuracy_feed=feed,
+    )
+    steps = [t for t in search.trials if "fp32_for_accuracy" in t]
+    assert steps and steps[0]["fp32_for_accuracy"] == ["conv1"]  # the most sensitive first
+    kept = [n for t in steps if t["kept"] for n in t["fp32_for_accuracy"]]
+    assert kept and [n for n in search.exclude if n in ("conv1", "conv2")] == kept
+    errors = [evaluate(quantize(model, cache))[1]["rel_l2"]] + [
+        t["rel_l2"] for t in steps if t["kept"]
+    ]
+    assert errors == sorted(errors, reverse=True) and len(set(errors)) == len(errors)
+    assert all(t["kept"] for t in steps[:-1])  # a round that did not help ends the step
