@@ -2,13 +2,17 @@
 # The service's GPU path on the lent GPU machine (the device tool; see docs/BENCHMARKS.md "GPU").
 #
 # That machine has PyTorch and NVIDIA's CUDA 13 / cuDNN 9 wheels but onnxruntime's CPU build and
-# no FastAPI, and nothing can be fetched there. What it needs travels under .whl/ (ignored by git):
+# no FastAPI, and nothing can be fetched there. What it needs travels under .whl/ (ignored by git),
+# built here by bench/device_wheels.sh, which prints the calls that send it:
 #   .whl/c1/*.whl            fastapi, starlette, pydantic(-core), uvicorn, httptools, ...
+#   .whl/c1/lite0.folded.onnx  a trained network for gpu_serving.py's fp16 accuracy
 #   .whl/c*/ort.tar.xz.part* onnxruntime-gpu's wheel, unpacked and xz-compressed, in parts small
-#                            enough for one call each (the parts stay there between calls)
+#                            enough for one call each (the parts stay there between calls while
+#                            the machine is warm); .whl/c1/ort.manifest: their number, sha256
 # and is installed into the machine's Python the way `pip install onnxruntime-gpu` would put it,
 # beside the nvidia-* wheels, so onnxruntime.preload_dlls (called by the service) finds CUDA.
 #
+#   bench/device_gpu.sh have      # which parts have arrived (the calls that only send a part)
 #   bench/device_gpu.sh install   # once per machine, after the last part arrived
 #   bench/device_gpu.sh check     # what onnxruntime offers; the service's provider probe
 #   bench/device_gpu.sh tests     # tests/service/test_gpu.py, then the service suite
@@ -16,19 +20,40 @@
 #   bench/device_gpu.sh exhaustive  # bench's targets again with exhaustive cuDNN search
 #   bench/device_gpu.sh diag      # service_split.py --gpu, gpu_batch_shapes.py
 #   bench/device_gpu.sh issue16   # gpu_serving.py: ResNet-50 unbatched vs batch buckets at c64
-#                                 # and c1, fp16 vs fp32 at batch 32, IO binding / CUDA graph;
+#                                 # and c1, fp16 vs fp32 at batch 32 (and its accuracy on a
+#                                 # trained network), TensorRT, IO binding / CUDA graph;
 #                                 # builds ResNet-50 with torchvision, or MODEL=path.onnx
 set -uo pipefail
 OUT=${OUT:-/tmp/bnfold-gpu-out}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD
-PY=python3
+PY=${PY:-python3}
 SITE=$($PY -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
+
+have() {
+    local want
+    want=$(sed -n 's/^parts //p' .whl/c1/ort.manifest 2>/dev/null)
+    echo "parts here: $(ls .whl/c*/ort.tar.xz.part* 2>/dev/null | wc -l) of ${want:-? (no .whl/c1)}"
+    du -sh .whl/c* 2>/dev/null
+}
 
 install() {
     if $PY -m pip show -q onnxruntime-gpu 2>/dev/null; then
         echo "onnxruntime-gpu already installed"
         return
+    fi
+    local want have digest
+    want=$(sed -n 's/^parts //p' .whl/c1/ort.manifest 2>/dev/null)
+    have=$(ls .whl/c*/ort.tar.xz.part* 2>/dev/null | wc -l)
+    if [ -z "$want" ] || [ "$have" -ne "$want" ]; then
+        # a machine given back between calls loses the parts sent before
+        echo "onnxruntime-gpu: $have of ${want:-?} parts here; send the missing .whl/c* again"
+        return 1
+    fi
+    digest=$(cat .whl/c*/ort.tar.xz.part* | sha256sum | cut -d' ' -f1)
+    if [ "$digest" != "$(sed -n 's/^sha256 //p' .whl/c1/ort.manifest)" ]; then
+        echo "onnxruntime-gpu: the parts do not match .whl/c1/ort.manifest; build them again"
+        return 1
     fi
     $PY -m pip uninstall -q -y onnxruntime
     cat .whl/c*/ort.tar.xz.part* | xz -d -T0 | tar x -C "$SITE" || return 1
@@ -84,9 +109,14 @@ diag() {
         | tee "$OUT/batch_shapes.jsonl"
 }
 
-# issue 16 end to end (under 10 minutes): $OUT/issue16.json, its targets judged on CUDA
+# issue 16 end to end (LIMIT s, 480 by default, so that the call that installs and runs it ends
+# inside the device's 10 minutes): $OUT/issue16.json, its targets judged on CUDA; gpu_serving.py
+# writes it after every step, so a run cut off keeps what it measured
 issue16() {
-    timeout 590 $PY bench/gpu_serving.py --out "$OUT/issue16.json" ${MODEL:+--model "$MODEL"} \
+    local trained=${TRAINED:-.whl/c1/lite0.folded.onnx}
+    [ -s "$trained" ] || trained=
+    timeout "${LIMIT:-480}" $PY bench/gpu_serving.py --out "$OUT/issue16.json" \
+        ${MODEL:+--model "$MODEL"} ${trained:+--trained-model "$trained"} \
         2>&1 | tee "$OUT/issue16.log" | tail -30
     test -s "$OUT/issue16.json"
 }
