@@ -216,15 +216,18 @@ def serving(b: Bench) -> dict:
 
 
 def _interleaved_ms(fns: dict[str, Callable[[], None]], runs: int) -> dict[str, float]:
-    """Median milliseconds of each function, timed in rounds that run every one once, the
-    order rotating from round to round, so that drift over time falls on all of them alike."""
+    """Median milliseconds of each function, timed in rounds that run every one once, in the
+    orders the optimizer times candidates in (`timing.run_orders`: rotating, the direction
+    flipping), so that drift over time falls on all of them alike."""
+    from bnfold.optimizer.timing import run_orders
+
     for fn in fns.values():
         for _ in range(3):
             fn()
     keys = list(fns)
     times: dict[str, list[float]] = {k: [] for k in keys}
-    for r in range(runs):
-        for k in keys[r % len(keys) :] + keys[: r % len(keys)]:
+    for order in run_orders(len(keys), runs):
+        for k in (keys[i] for i in order):
             started = time.perf_counter()
             fns[k]()
             times[k].append(time.perf_counter() - started)
@@ -235,11 +238,13 @@ def _median_ms(fn: Callable[[], None], runs: int) -> float:
     return _interleaved_ms({"fn": fn}, runs)["fn"]
 
 
-def _sessions(b: Bench, graphs: dict[str, onnx.ModelProto]) -> dict:
+def _sessions(b: Bench, graphs: dict[str, onnx.ModelProto | bytes]) -> dict:
     import onnxruntime as ort
 
     return {
-        k: ort.InferenceSession(g.SerializeToString(), providers=b.providers)
+        k: ort.InferenceSession(
+            g if isinstance(g, bytes) else g.SerializeToString(), providers=b.providers
+        )
         for k, g in graphs.items()
     }
 
@@ -275,7 +280,7 @@ def fp16(b: Bench) -> dict:
 
     device = "cpu" if b.smoke else "cuda"
     half = to_fp16(b.model)
-    sessions = _sessions(b, {"fp32": b.model, "fp32_aa": b.model, "fp16": half.model})
+    sessions = _sessions(b, {"fp32": b.data, "fp32_aa": b.data, "fp16": half.model})
     name = sessions["fp32"].get_inputs()[0].name
     rng = np.random.default_rng(1)
     x = rng.standard_normal([b.args.batch, *b.shape[1:]]).astype(np.float32)
@@ -356,7 +361,7 @@ def tensorrt(b: Bench) -> dict:
     if trt.get_providers()[0] != "TensorrtExecutionProvider":
         why = "onnxruntime fell back to " + trt.get_providers()[0]
         return {"used": False, "why": why + ": TensorRT's libraries (libnvinfer) did not load"}
-    base = _sessions(b, {"fp32": b.model})["fp32"]
+    base = _sessions(b, {"fp32": b.data})["fp32"]
     x = np.random.default_rng(4).standard_normal([b.args.batch, *b.shape[1:]]).astype(np.float32)
     ms = _interleaved_ms(
         {"fp32": lambda: base.run(None, {name: x}), "tensorrt": lambda: trt.run(None, {name: x})},
