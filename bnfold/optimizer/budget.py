@@ -33,7 +33,13 @@ class Budget:
                 raise ValueError(f"{name} must be >= 0")
 
     def check(self, accuracy: dict) -> tuple[bool, list[str]]:
-        """(met, reasons it is not) for a candidate's accuracy dict (see `accuracy.compare`)."""
+        """(met, reasons it is not) for a candidate's accuracy dict (see `accuracy.compare`).
+
+        Top-1 agreement alone decides only where a constant answer would not meet it: where
+        the reference gives one class on a share of the inputs >= `min_top1_agreement`
+        (`reference_top1_majority`), the candidate is held to relative L2 as well
+        (`max_rel_l2`, else `DEFAULT_REL_L2`), as it is where there is no top-1.
+        """
         reasons = []
         top1 = accuracy.get("top1_agreement")
         rel_l2 = accuracy["rel_l2"]
@@ -43,11 +49,17 @@ class Budget:
         if self.min_top1_agreement is not None and top1 is not None:
             if top1 < self.min_top1_agreement:
                 reasons.append(f"top-1 agreement {top1:.4f} < {self.min_top1_agreement}")
-        limit = self.max_rel_l2
-        if limit is None and (top1 is None or self.min_top1_agreement is None):
+        limit, why = self.max_rel_l2, ""
+        if limit is None and not self.top1_decides(accuracy):
             limit = DEFAULT_REL_L2  # never leave a candidate unchecked
+            majority = accuracy.get("reference_top1_majority")
+            if top1 is not None and majority is not None and self.min_top1_agreement is not None:
+                why = (
+                    f" (top-1 says little here: the original gives one class on {majority:.0%}"
+                    " of these inputs)"
+                )
         if limit is not None and not rel_l2 <= limit:
-            reasons.append(f"relative L2 error {rel_l2:.4f} > {limit}")
+            reasons.append(f"relative L2 error {rel_l2:.4f} > {limit}{why}")
         if self.max_accuracy_drop is not None:
             drop = accuracy.get("accuracy_drop_points")
             if drop is None:
@@ -55,6 +67,13 @@ class Budget:
             elif drop > self.max_accuracy_drop:
                 reasons.append(f"accuracy drop {drop:.2f} points > {self.max_accuracy_drop}")
         return not reasons, reasons
+
+    def top1_decides(self, accuracy: dict) -> bool:
+        """Whether top-1 agreement is a test here: there is a top-1, a limit on it, and a
+        constant answer (the reference's most common class) would not meet that limit."""
+        if accuracy.get("top1_agreement") is None or self.min_top1_agreement is None:
+            return False
+        return accuracy.get("reference_top1_majority", 0.0) < self.min_top1_agreement
 
     def to_dict(self) -> dict:
         return asdict(self)

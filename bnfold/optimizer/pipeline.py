@@ -41,7 +41,7 @@ from bnfold.optimizer import progress
 from bnfold.optimizer.accuracy import compare
 from bnfold.optimizer.bias_correct import correct_biases
 from bnfold.optimizer.bn_stats import consistency, read_bn_stats
-from bnfold.optimizer.budget import Budget
+from bnfold.optimizer.budget import DEFAULT_REL_L2, Budget
 from bnfold.optimizer.by_batch import crossover, plan, route_by_batch
 from bnfold.optimizer.candidates import Candidate, OptimizeReport, OptimizeResult
 from bnfold.optimizer.choice import choose, run_noise
@@ -86,6 +86,23 @@ class _Setting:
         accuracy = compare(self.reference, _run(model, feeds or self.eval_feeds), self.labels)
         return self.budget.check(accuracy)[0], accuracy
 
+    def reference_notes(self) -> list[str]:
+        """A note where top-1 agreement on these inputs would be met by a constant answer."""
+        own = compare(self.reference, self.reference)
+        if own["top1_agreement"] is None or self.budget.min_top1_agreement is None:
+            return []
+        if self.budget.top1_decides(own):
+            return []
+        limit = self.budget.max_rel_l2
+        limit = DEFAULT_REL_L2 if limit is None else limit
+        return [
+            f"the original gives one class on {own['reference_top1_majority']:.0%} of the "
+            f"{own['samples']} evaluation inputs, so answering that class always would meet "
+            f"top-1 agreement >= {self.budget.min_top1_agreement}: candidates are held to "
+            f"relative L2 <= {limit} as well. Calibration inputs from real data (with labels) "
+            "make top-1 a test."
+        ]
+
     def measure(self, candidate: Candidate) -> None:
         """Sets the candidate's accuracy and its verdict against the budget."""
         candidate.accuracy = self.evaluate(candidate.model)[1]
@@ -118,6 +135,7 @@ def optimize(
         folded = fold_onnx(original)
         fp32 = name_nodes(copy_model(folded.model))
     setting = _setting(original, module, example_inputs, calibration, labels, budget)
+    notes += setting.reference_notes()
     candidates = [Candidate("fp32", "fp32", "BatchNorm folded (fold_onnx), fp32", fp32)]
     steps: dict = {
         "fold": {

@@ -6,6 +6,7 @@ import numpy as np
 import onnx
 import pytest
 import torch
+from optimize_graphs import small_cnn
 
 import bnfold
 from bnfold.optimizer import progress
@@ -95,6 +96,24 @@ def test_optimize_cuda_offers_a_checked_fp16_candidate(cnn, fast_pipeline):
     graph_io = [*fp16.model.graph.input, *fp16.model.graph.output]
     assert all(v.type.tensor_type.elem_type == onnx.TensorProto.FLOAT for v in graph_io)
     assert any(t.data_type == onnx.TensorProto.FLOAT16 for t in fp16.model.graph.initializer)
+
+
+def test_optimize_notes_a_reference_with_one_class_and_checks_rel_l2(cnn, fast_pipeline):
+    with torch.no_grad():
+        cnn.head.bias[3] = 100.0  # class 3 on every input: top-1 agreement of a constant
+    result = bnfold.optimize(cnn, torch.randn(2, 3, 16, 16), target="cuda")
+    notes = [n for n in result.report.notes if "one class on 100%" in n]
+    assert len(notes) == 1 and "relative L2 <= 0.05" in notes[0]
+    for c in result.candidates:
+        assert c.accuracy["reference_top1_majority"] == 1.0
+        assert c.budget_met == (
+            c.accuracy["rel_l2"] <= 0.05 and c.accuracy["top1_agreement"] >= 0.99
+        )
+    # with a varied reference there is no such note
+    assert not any(
+        "one class" in n
+        for n in bnfold.optimize(small_cnn(), torch.randn(2, 3, 16, 16), target="cuda").report.notes
+    )
 
 
 def test_fp16_keeps_overflowing_weights_in_fp32():

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from optimize_graphs import conv_act_conv
 
-from bnfold.optimizer.accuracy import compare
+from bnfold.optimizer.accuracy import compare, logit_stats
 from bnfold.optimizer.budget import Budget
 from bnfold.optimizer.hardware import cpu_features
 from bnfold.optimizer.timing import aa_ratio, run_orders, session_options, time_interleaved
@@ -27,6 +27,35 @@ def test_compare_counts_changed_classes_and_label_accuracy():
 def test_compare_non_scores_has_no_top1():
     y = np.ones((3, 2, 4, 4))
     assert compare([y], [y * 1.1])["top1_agreement"] is None
+
+
+def test_logit_stats_tell_a_constant_top1_from_a_varied_one():
+    rng = np.random.default_rng(0)
+    varied = rng.standard_normal((64, 10))
+    constant = varied * 0.01 + np.eye(10)[3]  # class 3 wins on every input
+    stats = logit_stats(varied)
+    assert stats["top1_classes"] > 5 and stats["top1_majority"] < 0.5
+    assert stats["across_input_std_rms"] == pytest.approx(1, rel=0.2)
+    stats = logit_stats(constant)
+    assert stats["top1_classes"] == 1 and stats["top1_majority"] == 1.0
+    assert stats["top2_gap_median"] > 0.9 and stats["across_input_std_rms"] < 0.02
+    acc = compare([constant], [constant * 1.5])
+    assert acc["reference_top1_classes"] == 1 and acc["reference_top1_majority"] == 1.0
+
+
+def test_budget_holds_a_candidate_to_rel_l2_where_a_constant_meets_top1():
+    # the original gives one class on 63 of 64 inputs: a constant answer agrees on 98%
+    near_constant = {"top1_agreement": 1.0, "rel_l2": 0.2, "reference_top1_majority": 63 / 64}
+    met, reasons = Budget(min_top1_agreement=0.98).check(near_constant)
+    assert not met and reasons == [
+        "relative L2 error 0.2000 > 0.05 (top-1 says little here: the original gives one "
+        "class on 98% of these inputs)"
+    ]
+    assert Budget(min_top1_agreement=0.98).check({**near_constant, "rel_l2": 0.04})[0]
+    assert not Budget(min_top1_agreement=0.98, max_rel_l2=0.01).check(near_constant)[0]
+    # a stricter top-1 limit than the constant's share is a test again, on its own
+    assert Budget(min_top1_agreement=0.99).check(near_constant)[0]
+    assert not Budget().top1_decides({"top1_agreement": None, "rel_l2": 0.0})
 
 
 def test_budget_default_and_limits():
