@@ -435,6 +435,8 @@ def _cmd_optimize(args) -> int:
     finally:
         close()
     print(result.report.table())
+    for note in result.report.notes:
+        print(f"note: {note}")
     print(f"chosen: {result.report.chosen} ({result.report.why})")
     onnx.save(result.model, args.output)
     progress.stage(f"wrote {args.output}")

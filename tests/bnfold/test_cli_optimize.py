@@ -182,3 +182,21 @@ def test_optimize_names_inputs_a_module_cannot_take():
 
     with pytest.raises(ValueError, match=r"does not run on the example inputs \(4x3x5x5\)"):
         bnfold.optimize(digits.build(), calibration=[np.zeros((4, 3, 5, 5), np.float32)])
+
+
+def test_optimize_prints_why_top1_says_little(capsys, tmp_path, fast):
+    from bnfold.onnx.export import export_onnx
+    from models import digits
+
+    model = digits.build()
+    last = [m for m in model.modules() if isinstance(m, torch.nn.Linear)][-1]
+    with torch.no_grad():
+        last.bias[7] = 1e3  # class 7 on every input
+    path, out = tmp_path / "sevens.onnx", tmp_path / "out.onnx"
+    export_onnx(model, (digits.load_split().train_x[:4],), path=path)
+    shape = ["--input-shape", "x=4,1,8,8"]
+    code = main(["optimize", str(path), "-o", str(out), "--target", "cuda", *shape])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    notes = [line for line in captured.out.splitlines() if line.startswith("note: ")]
+    assert any("one class on 100%" in n and "relative L2 <= 0.05" in n for n in notes), notes
