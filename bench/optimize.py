@@ -59,7 +59,7 @@ from onnx_models import measured_bn, randomize_bn  # noqa: E402
 
 import bnfold  # noqa: E402
 from bnfold.optimizer import pipeline  # noqa: E402
-from bnfold.optimizer.accuracy import compare  # noqa: E402
+from bnfold.optimizer.accuracy import compare, logit_stats  # noqa: E402
 from bnfold.optimizer.hardware import cpu_features  # noqa: E402
 from bnfold.optimizer.quantize import CALIBRATION_METHODS  # noqa: E402
 from bnfold.optimizer.timing import aa_ratio, make_session, time_interleaved  # noqa: E402
@@ -142,20 +142,8 @@ def _torch_outputs(model, x: np.ndarray, dtype=torch.float32, batch: int = 8) ->
         )
 
 
-def _logit_stats(ref: np.ndarray) -> dict:
-    """How much the reference logits depend on the input at all: with a constant output, top-1
-    agreement tests the rounding of a constant (randomized BN statistics on MobileNetV2)."""
-    top2 = np.sort(ref, axis=1)[:, -2:]
-    return {
-        "logit_rms": float(np.sqrt(np.mean(ref**2))),
-        "across_input_std_rms": float(np.sqrt(np.mean(ref.var(axis=0)))),
-        "top2_gap_median": float(np.median(top2[:, 1] - top2[:, 0])),
-        "top1_classes": int(len(np.unique(ref.argmax(1)))),
-    }
-
-
 def references(names: list[str]) -> list[dict]:
-    """`_logit_stats` of each torchvision model on the bench's 64 accuracy inputs, with BN
+    """`logit_stats` of each torchvision model on the bench's 64 accuracy inputs, with BN
     statistics randomized and measured (no quantization, no timing)."""
     global BN_STATISTICS
     rows = []
@@ -165,7 +153,7 @@ def references(names: list[str]) -> list[dict]:
             model = _build(name)
             _rng, _calibration, eval_x = _bench_inputs()
             ref = _torch_outputs(model, eval_x)
-            rows.append({"model": name, "bn": bn, "reference": _logit_stats(ref)})
+            rows.append({"model": name, "bn": bn, "reference": logit_stats(ref)})
             print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
     return rows
 
@@ -268,7 +256,7 @@ def bench_torchvision(name: str, rounds: int, naive_aa: bool) -> dict:
     result = bnfold.optimize(model, x, calibration=calibration, budget=BENCH_BUDGET)
     optimize_s = time.time() - t0
     ref = _torch_outputs(model, eval_x)
-    reference = _logit_stats(ref)
+    reference = logit_stats(ref)
     accuracy = {"Q (ort quantize_static)": compare([ref], [_outputs(q, eval_x)])}
     for c in result.candidates:
         accuracy[c.name] = compare([ref], [_outputs(c.model, eval_x)])
@@ -373,7 +361,7 @@ def bench_trained(name: str, rounds: int) -> dict:
         "table_max_rel_l2": by_error.report.table(),
         "fastest_int8": fastest.name,
         "optimize_s": optimize_s,
-        "reference": _logit_stats(ref),
+        "reference": logit_stats(ref),
         "accuracy": accuracy,
         "Q_error_scaled": scaled,
         "latency": {},
