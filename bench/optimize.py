@@ -11,7 +11,9 @@ quantize_static, with an A/A control for the timing method.
 
 (`--shapes`: the folded graph with H, W static and symbolic against the anchor, as onnxruntime
 runs them and timed; the cause of issue 13's MobileNetV3-Large gap. `--references`: how much
-each model's logits depend on its input, BN statistics randomized and measured.
+each model's logits depend on its input, BN statistics randomized and measured, and the trained
+EfficientNet-Lite0's on noise, on optimize's generated inputs and on natural crops, with
+whether top-1 agreement is a test there.
 `--error-sources`: weights alone quantized, the whole INT8 graph and fp16, against fp32.
 `--output-bias`: INT8 MinMax with and without the output layer's empirical bias correction,
 on inputs the correction never saw. `--trained`: a network trained on ImageNet, on crops of
@@ -144,17 +146,42 @@ def _torch_outputs(model, x: np.ndarray, dtype=torch.float32, batch: int = 8) ->
 
 def references(names: list[str]) -> list[dict]:
     """`logit_stats` of each torchvision model on the bench's 64 accuracy inputs, with BN
-    statistics randomized and measured (no quantization, no timing)."""
+    statistics randomized and measured, and of the ImageNet-trained EfficientNet-Lite0 on those
+    inputs, on the inputs `optimize` generates from 2 natural crops when no calibration is given,
+    and on 256 natural crops; each with whether top-1 agreement >= 0.99 is a test there
+    (`Budget.top1_decides`: a constant answer would not meet it). No quantization, no timing."""
     global BN_STATISTICS
     rows = []
+
+    def row(model: str, bn: str, inputs: str, ref: np.ndarray) -> None:
+        stats = logit_stats(ref)
+        own = {"top1_agreement": 1.0, "reference_top1_majority": stats["top1_majority"]}
+        decides = bnfold.Budget().top1_decides(own)
+        rows.append({"model": model, "bn": bn, "inputs": inputs, "reference": stats})
+        rows[-1]["top1_decides_at_0.99"] = decides
+        print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
+
+    _rng, _calibration, eval_x = _bench_inputs()
     for name in names:
         for bn in ("randomized", "measured"):
             BN_STATISTICS = bn
-            model = _build(name)
-            _rng, _calibration, eval_x = _bench_inputs()
-            ref = _torch_outputs(model, eval_x)
-            rows.append({"model": name, "bn": bn, "reference": logit_stats(ref)})
-            print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
+            row(name, bn, "64 N(0,1)", _torch_outputs(_build(name), eval_x))
+    import imagenet_trained
+
+    from bnfold.optimizer.inputs import InputSpec
+
+    trained = imagenet_trained.build()
+    row("efficientnet_lite0", "trained", "64 N(0,1)", _torch_outputs(trained, eval_x))
+    example = imagenet_trained.natural_crops(2, torch.Generator().manual_seed(0))
+    spec = InputSpec(["x"], {"x": example}, "example inputs")
+    generated = [example] + [
+        f["x"] for f in spec.generated(pipeline.EVAL_BATCH, pipeline.EVAL_BATCHES)
+    ]
+    generated_x = np.concatenate(generated)
+    label = f"optimize's {len(generated_x)} from 2 crops"
+    row("efficientnet_lite0", "trained", label, _torch_outputs(trained, generated_x))
+    crops = imagenet_trained.natural_crops(256, torch.Generator().manual_seed(0))
+    row("efficientnet_lite0", "trained", "256 natural crops", _torch_outputs(trained, crops))
     return rows
 
 
