@@ -24,7 +24,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import imagenet_trained  # noqa: E402
 
-from bnfold.optimizer.accuracy import compare, logit_stats  # noqa: E402
+from bnfold.optimizer.accuracy import compare, flipped_gaps, logit_stats  # noqa: E402
 from bnfold.optimizer.fp16 import to_fp16  # noqa: E402
 
 BATCH = 32
@@ -65,20 +65,17 @@ def main() -> None:
     got["torch .half()"] = torch.cat(half).float().numpy()
     top = np.sort(want, axis=1)
     gaps = top[:, -1] - top[:, -2]
-    rows = []
     n = 256
     while n <= args.crops:
         row: dict = {"crops": n, "reference": logit_stats(want[:n])}
         for label, out in got.items():
             acc = compare([want[:n]], [out[:n]])
-            flipped = want[:n].argmax(1) != out[:n].argmax(1)
             row[label] = {
                 "top1_agreement": acc["top1_agreement"],
                 "rel_l2": acc["rel_l2"],
-                "flipped_gaps": sorted(round(float(g), 4) for g in gaps[:n][flipped]),
+                "flipped_gaps": [round(g, 4) for g in flipped_gaps(want[:n], out[:n])],
             }
         row["share_gap_below_0.02"] = float(np.mean(gaps[:n] < 0.02))
-        rows.append(row)
         print(json.dumps(row), flush=True)
         n *= 2
 

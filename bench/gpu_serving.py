@@ -251,24 +251,27 @@ def _sessions(b: Bench, graphs: dict[str, onnx.ModelProto | bytes]) -> dict:
     }
 
 
-def _agreement(sessions: dict, batches: list[np.ndarray]) -> dict:
-    """fp16 against fp32 over `batches` (`accuracy.compare`), how much the fp32 top-1 depends
-    on the input (`accuracy.logit_stats`), and the top-2 gaps where top-1 flipped. `vacuous`:
-    an answer of the reference's most common class alone would meet the 0.995 target."""
-    from bnfold.optimizer.accuracy import compare, logit_stats
+def _outputs(sessions: dict, batches: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """The fp32 and fp16 sessions' first outputs over `batches`, concatenated."""
+    name = sessions["fp32"].get_inputs()[0].name
+    return tuple(
+        np.concatenate([sessions[k].run(None, {name: x})[0] for x in batches])
+        for k in ("fp32", "fp16")
+    )
+
+
+def _agreement(want: np.ndarray, got: np.ndarray) -> dict:
+    """fp16's outputs `got` against fp32's `want` (`accuracy.compare`), how much the fp32 top-1
+    depends on the input (`accuracy.logit_stats`), and the fp32 top-2 gaps where top-1 flipped.
+    `vacuous`: an answer of the reference's most common class alone would meet the target."""
+    from bnfold.optimizer.accuracy import compare, flipped_gaps, logit_stats
     from bnfold.optimizer.budget import Budget
 
-    name = sessions["fp32"].get_inputs()[0].name
-    want = np.concatenate([sessions["fp32"].run(None, {name: x})[0] for x in batches])
-    got = np.concatenate([sessions["fp16"].run(None, {name: x})[0] for x in batches])
     out = compare([want], [got])
     if out["top1_agreement"] is not None:
         out["reference"] = logit_stats(want)
         out["vacuous"] = not Budget(min_top1_agreement=FP16_TOP1).top1_decides(out)
-        top = np.sort(want, axis=1)
-        gaps = top[:, -1] - top[:, -2]
-        # a top-1 flips only where the reference's two best lie closer than the error
-        out["flipped_margins"] = sorted(float(m) for m in gaps[want.argmax(1) != got.argmax(1)])
+        out["flipped_margins"] = flipped_gaps(want, got)
     return out
 
 
@@ -302,7 +305,7 @@ def fp16(b: Bench) -> dict:
         out[f"speedup_{kind}"] = round(out[f"fp32_{kind}_ms"] / out[f"fp16_{kind}_ms"], 3)
         out[f"aa_{kind}"] = round(out[f"fp32_aa_{kind}_ms"] / out[f"fp32_{kind}_ms"], 3)
     batches = [rng.standard_normal(x.shape).astype(np.float32) for _ in range(b.args.eval_batches)]
-    out["accuracy"] = _agreement(sessions, batches)
+    out["accuracy"] = _agreement(*_outputs(sessions, batches))
     return out
 
 
@@ -322,7 +325,7 @@ def fp16_accuracy(b: Bench) -> dict:
         for _ in range(b.args.eval_batches)
     ]
     sessions = _sessions(b, {"fp32": measured, "fp16": to_fp16(measured).model})
-    out["measured_bn"] = _agreement(sessions, batches)
+    out["measured_bn"] = _agreement(*_outputs(sessions, batches))
     if not b.args.trained_model:
         out["trained"] = {"skipped": "no --trained-model (bench/device_wheels.sh exports one)"}
         return out
@@ -332,11 +335,10 @@ def fp16_accuracy(b: Bench) -> dict:
     crops = imagenet_trained.natural_crops(b.args.trained_crops, torch.Generator().manual_seed(0))
     batches = [crops[i : i + b.args.batch] for i in range(0, len(crops), b.args.batch)]
     sessions = _sessions(b, {"fp32": trained, "fp16": to_fp16(trained).model})
-    out["trained"] = {"model": Path(b.args.trained_model).name, **_agreement(sessions, batches)}
-    # the first 256 are the crops of the earlier CPU figures (docs/BENCHMARKS.md)
-    first = [x for i, x in enumerate(batches) if (i + 1) * b.args.batch <= 256]
-    if first and len(first) < len(batches):
-        out["trained_first_256"] = _agreement(sessions, first)
+    want, got = _outputs(sessions, batches)
+    out["trained"] = {"model": Path(b.args.trained_model).name, **_agreement(want, got)}
+    if len(want) > 256:  # the crops of the earlier CPU figures (docs/BENCHMARKS.md)
+        out["trained_first_256"] = _agreement(want[:256], got[:256])
     return out
 
 

@@ -15,7 +15,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-__all__ = ["compare", "logit_stats"]
+__all__ = ["compare", "flipped_gaps", "logit_stats"]
 
 
 def _is_scores(y: np.ndarray) -> bool:
@@ -37,6 +37,15 @@ def logit_stats(scores: np.ndarray) -> dict:
         "logit_rms": float(np.sqrt(np.mean(scores**2))),
         "across_input_std_rms": float(np.sqrt(np.mean(scores.var(axis=0)))),
     }
+
+
+def flipped_gaps(reference: np.ndarray, candidate: np.ndarray) -> list[float]:
+    """The reference's gaps between its two best scores on the inputs where the candidate's
+    top-1 differs, ascending: a top-1 flips only where the error exceeds that gap."""
+    reference, candidate = np.asarray(reference, np.float64), np.asarray(candidate)
+    top = np.sort(reference, axis=1)
+    gaps = top[:, -1] - top[:, -2]
+    return sorted(float(g) for g in gaps[reference.argmax(1) != candidate.argmax(1)])
 
 
 def compare(

@@ -49,15 +49,15 @@ class Budget:
         if self.min_top1_agreement is not None and top1 is not None:
             if top1 < self.min_top1_agreement:
                 reasons.append(f"top-1 agreement {top1:.4f} < {self.min_top1_agreement}")
-        limit, why = self.max_rel_l2, ""
-        if limit is None and not self.top1_decides(accuracy):
-            limit = DEFAULT_REL_L2  # never leave a candidate unchecked
-            majority = accuracy.get("reference_top1_majority")
-            if top1 is not None and majority is not None and self.min_top1_agreement is not None:
-                why = (
-                    f" (top-1 says little here: the original gives one class on {majority:.0%}"
-                    " of these inputs)"
-                )
+        limit, why = self.rel_l2_limit(accuracy), ""
+        majority = accuracy.get("reference_top1_majority")
+        limited_top1 = top1 is not None and self.min_top1_agreement is not None
+        if self.max_rel_l2 is None and limited_top1 and majority is not None and limit is not None:
+            # the default limit stands in for a top-1 limit that a constant answer meets
+            why = (
+                f" (top-1 says little here: the original gives one class on {majority:.0%}"
+                " of these inputs)"
+            )
         if limit is not None and not rel_l2 <= limit:
             reasons.append(f"relative L2 error {rel_l2:.4f} > {limit}{why}")
         if self.max_accuracy_drop is not None:
@@ -67,6 +67,13 @@ class Budget:
             elif drop > self.max_accuracy_drop:
                 reasons.append(f"accuracy drop {drop:.2f} points > {self.max_accuracy_drop}")
         return not reasons, reasons
+
+    def rel_l2_limit(self, accuracy: dict) -> float | None:
+        """The relative L2 a candidate is held to: `max_rel_l2`, else `DEFAULT_REL_L2` where
+        top-1 agreement does not decide (never leave a candidate unchecked), else none."""
+        if self.max_rel_l2 is not None:
+            return self.max_rel_l2
+        return None if self.top1_decides(accuracy) else DEFAULT_REL_L2
 
     def top1_decides(self, accuracy: dict) -> bool:
         """Whether top-1 agreement is a test here: there is a top-1, a limit on it, and a

@@ -41,7 +41,7 @@ from bnfold.optimizer import progress
 from bnfold.optimizer.accuracy import compare
 from bnfold.optimizer.bias_correct import correct_biases
 from bnfold.optimizer.bn_stats import consistency, read_bn_stats
-from bnfold.optimizer.budget import DEFAULT_REL_L2, Budget
+from bnfold.optimizer.budget import Budget
 from bnfold.optimizer.by_batch import crossover, plan, route_by_batch
 from bnfold.optimizer.candidates import Candidate, OptimizeReport, OptimizeResult
 from bnfold.optimizer.choice import choose, run_noise
@@ -93,8 +93,7 @@ class _Setting:
             return []
         if self.budget.top1_decides(own):
             return []
-        limit = self.budget.max_rel_l2
-        limit = DEFAULT_REL_L2 if limit is None else limit
+        limit = self.budget.rel_l2_limit(own)
         return [
             f"the original gives one class on {own['reference_top1_majority']:.0%} of the "
             f"{own['samples']} evaluation inputs, so answering that class always would meet "

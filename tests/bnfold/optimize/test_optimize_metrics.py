@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from optimize_graphs import conv_act_conv
 
-from bnfold.optimizer.accuracy import compare, logit_stats
+from bnfold.optimizer.accuracy import compare, flipped_gaps, logit_stats
 from bnfold.optimizer.budget import Budget
 from bnfold.optimizer.hardware import cpu_features
 from bnfold.optimizer.timing import aa_ratio, run_orders, session_options, time_interleaved
@@ -41,6 +41,13 @@ def test_logit_stats_tell_a_constant_top1_from_a_varied_one():
     assert stats["top2_gap_median"] > 0.9 and stats["across_input_std_rms"] < 0.02
     acc = compare([constant], [constant * 1.5])
     assert acc["reference_top1_classes"] == 1 and acc["reference_top1_majority"] == 1.0
+
+
+def test_flipped_gaps_are_the_reference_top2_gaps_where_top1_changed():
+    ref = np.array([[3.0, 1.0, 0.0], [0.0, 2.0, 1.75], [1.0, 1.5, 0.0]])
+    got = np.array([[3.0, 1.0, 0.0], [0.0, 1.0, 2.0], [2.0, 1.0, 0.0]])
+    assert flipped_gaps(ref, got) == [0.25, 0.5]
+    assert flipped_gaps(ref, ref) == []
 
 
 def test_budget_holds_a_candidate_to_rel_l2_where_a_constant_meets_top1():
