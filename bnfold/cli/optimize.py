@@ -23,17 +23,29 @@ __all__ = ["add_optimize"]
 CALIBRATION_BATCH = 8
 
 
-def _read_calibration(path: Path, names: list[str]) -> list[tuple]:
-    """DATA.npz: one array (one-input models) or one per graph input name, split in batches."""
-    import numpy as np
+LABELS = "labels"  # a calibration file's array of class indices, as the service reads it
+
+
+def _read_file(flag: str, path: Path) -> dict:
+    """The arrays of `path` (``bnfold.array_files``: .npy, .npz, .safetensors, by suffix where
+    it names one, else by the file's first bytes)."""
+    from bnfold.array_files import FORMATS, ArrayFileError, read_arrays
 
     if not path.is_file():
-        raise BadInput(f"--calibration {path}: no such file")
+        raise BadInput(f"{flag} {path}: no such file")
+    suffix = path.suffix.lower().lstrip(".")
     try:
-        with np.load(path, allow_pickle=False) as data:
-            arrays = {k: data[k] for k in data.files}
-    except (OSError, ValueError) as exc:
-        raise BadInput(f"--calibration {path}: not an .npz file ({exc})") from None
+        return read_arrays(path.read_bytes(), suffix if suffix in FORMATS else None)
+    except ArrayFileError as exc:
+        raise BadInput(f"{flag} {path}: {exc}") from None
+
+
+def _read_calibration(path: Path, names: list[str]) -> tuple[list[tuple], object]:
+    """DATA (.npz, .safetensors: one array per graph input name, or one array for a one-input
+    model, and optionally a ``labels`` array of class indices; .npy: the one input), split in
+    batches; (batches, labels or None)."""
+    arrays = _read_file("--calibration", path)
+    labels = arrays.pop(LABELS) if LABELS in arrays and LABELS not in names else None
     if len(arrays) == len(names) and (len(names) == 1 or not set(names) & set(arrays)):
         ordered = list(arrays.values())  # one array per input, in the file's order
     elif set(names) <= set(arrays):
@@ -43,13 +55,17 @@ def _read_calibration(path: Path, names: list[str]) -> list[tuple]:
             f"--calibration {path}: holds {sorted(arrays)}; the model's inputs are {names} "
             "(one array for a one-input model, else one per input name)"
         )
-    count = len(ordered[0])
-    if count == 0 or any(len(a) != count for a in ordered):
+    bad = [a.dtype for a in ordered if a.dtype.kind not in "biuf"]
+    if bad:
+        raise BadInput(f"--calibration {path}: holds a {bad[0]} array; inputs are numbers")
+    count = len(ordered[0]) if ordered[0].ndim else 0
+    if count == 0 or any(a.ndim == 0 or len(a) != count for a in ordered):
         raise BadInput(f"--calibration {path}: arrays must share a non-zero first dimension")
-    return [
+    batches = [
         tuple(_float32(a[i : i + CALIBRATION_BATCH]) for a in ordered)
         for i in range(0, count, CALIBRATION_BATCH)
     ]
+    return batches, labels
 
 
 def _float32(array):
@@ -61,17 +77,11 @@ def _float32(array):
 
 
 def _read_labels(path: Path):
-    import numpy as np
-
-    if not path.is_file():
-        raise BadInput(f"--labels {path}: no such file")
-    try:
-        labels = np.load(path, allow_pickle=False)
-    except (OSError, ValueError) as exc:
-        raise BadInput(f"--labels {path}: not an .npy file ({exc})") from None
-    if labels.ndim != 1 or not np.issubdtype(labels.dtype, np.integer):
-        raise BadInput(f"--labels {path}: expected a 1-d array of class indices")
-    return labels
+    """LABELS (.npy, or a file holding one array, or one named ``labels``)."""
+    arrays = _read_file("--labels", path)
+    if len(arrays) != 1 and LABELS not in arrays:
+        raise BadInput(f"--labels {path}: holds {sorted(arrays)}; expected one array of labels")
+    return arrays.get(LABELS, next(iter(arrays.values())))
 
 
 def _stage_bars():
@@ -135,13 +145,29 @@ def _cmd_optimize(args) -> int:
             example = tuple(
                 rng.standard_normal(args.input_shapes[n]).astype(np.float32) for n in names
             )
-    calibration = _read_calibration(Path(args.calibration), names) if args.calibration else None
-    labels = _read_labels(Path(args.labels)) if args.labels else None
-    if labels is not None and calibration is None:
-        raise BadInput("--labels are the classes of the --calibration inputs: give both")
-    if labels is not None and len(labels) != sum(len(batch[0]) for batch in calibration):
+    calibration, labels = (
+        _read_calibration(Path(args.calibration), names) if args.calibration else (None, None)
+    )
+    if args.labels:
+        if labels is not None:
+            raise BadInput(
+                f"--labels given, and --calibration {args.calibration} holds {LABELS!r} too: "
+                "give them once"
+            )
+        labels = _read_labels(Path(args.labels))
+        if calibration is None:
+            raise BadInput("--labels are the classes of the --calibration inputs: give both")
+    if labels is not None:
+        from bnfold.optimizer.accuracy import class_indices
+
+        where = f"--labels {args.labels}" if args.labels else f"{LABELS!r} in --calibration"
+        try:
+            labels = class_indices(labels, None, what=f"{where}:")
+        except ValueError as exc:
+            raise BadInput(str(exc)) from None
         samples = sum(len(batch[0]) for batch in calibration)
-        raise BadInput(f"--labels: {len(labels)} labels for {samples} calibration samples")
+        if len(labels) != samples:
+            raise BadInput(f"{where}: {len(labels)} labels for {samples} calibration samples")
     if args.max_accuracy_drop is not None and labels is None:
         raise BadInput("--max-accuracy-drop needs --labels (and --calibration)")
     progress.stage(f"optimizing for {args.target}")
@@ -208,10 +234,13 @@ def add_optimize(sub) -> None:
     opt.add_argument(
         "--calibration",
         metavar="DATA.npz",
-        help="calibration inputs: one array, or one per input name (first axis: samples)",
+        help="calibration inputs (.npz, .safetensors, .npy): one array, or one per input name "
+        "(first axis: samples), and optionally 'labels', their class indices",
     )
     opt.add_argument(
-        "--labels", metavar="LABELS.npy", help="class indices of the calibration samples"
+        "--labels",
+        metavar="LABELS.npy",
+        help="class indices of the calibration samples (or a 'labels' array in DATA)",
     )
     opt.add_argument(
         "--min-top1-agreement",

@@ -15,11 +15,28 @@ from collections.abc import Sequence
 
 import numpy as np
 
-__all__ = ["compare", "flipped_gaps", "logit_stats"]
+__all__ = ["class_indices", "compare", "flipped_gaps", "logit_stats"]
 
 
 def _is_scores(y: np.ndarray) -> bool:
     return y.ndim == 2 and y.shape[1] > 1
+
+
+def class_indices(labels, classes: int | None, what: str = "labels") -> np.ndarray:
+    """`labels` as int64 class indices; a ValueError naming `what` unless they are a 1-D
+    integer array of values in 0..classes-1 (>= 0 where `classes` is None)."""
+    array = np.asarray(labels)
+    if array.ndim != 1 or array.dtype.kind not in "iu":
+        raise ValueError(
+            f"{what} must be a 1-D array of class indices, got {array.dtype} {array.shape}"
+        )
+    # checked before the cast: a uint64 past int64's range would wrap to a negative index
+    if array.size and (array.min() < 0 or (classes is not None and array.max() >= classes)):
+        within = ">= 0" if classes is None else f"0..{classes - 1} (the model scores {classes})"
+        raise ValueError(
+            f"{what} must be class indices {within}, got values from {array.min()} to {array.max()}"
+        )
+    return array.astype(np.int64)
 
 
 def logit_stats(scores: np.ndarray) -> dict:

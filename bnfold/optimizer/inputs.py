@@ -3,7 +3,9 @@
 Everything becomes feed dicts {graph input name: float32 array}. Generated inputs follow the
 example inputs: Gaussian with their mean and standard deviation, clipped to their range when
 they are bounded below (images in [0, 1]); an ONNX graph without example inputs gets N(0, 1)
-at its declared shape, symbolic batch 1.
+at its declared shape, symbolic batch 1. A graph whose inputs fix the batch size (exported
+for batch 1, say) gets every set at that size: generated sets hold as many rows in batches of
+it, and calibration sets are re-split into it (`fixed_batch`, `rebatch`).
 """
 
 from __future__ import annotations
@@ -13,18 +15,37 @@ from collections.abc import Sequence
 import numpy as np
 import onnx
 
-__all__ = ["InputSpec", "as_feeds", "check_feeds", "concat_feeds", "input_spec"]
+__all__ = [
+    "InputSpec",
+    "as_feeds",
+    "check_feeds",
+    "concat_feeds",
+    "fixed_batch",
+    "input_spec",
+    "rebatch",
+]
 
 
 class InputSpec:
     """Graph input names and one example feed (the model's example inputs)."""
 
-    def __init__(self, names: list[str], example: dict[str, np.ndarray], assumed: str) -> None:
+    def __init__(
+        self,
+        names: list[str],
+        example: dict[str, np.ndarray],
+        assumed: str,
+        fixed_batch: int | None = None,
+    ) -> None:
         self.names = names
         self.example = example
         self.assumed = assumed  # how the example was obtained, for the report
+        self.fixed_batch = fixed_batch  # the one batch size the graph takes, if it fixes one
 
     def generated(self, batch: int, count: int, seed: int = 0) -> list[dict[str, np.ndarray]]:
+        """`count` sets of `batch` rows; as many rows in sets of `fixed_batch` where the graph
+        fixes one."""
+        if self.fixed_batch:
+            batch, count = self.fixed_batch, -(-batch * count // self.fixed_batch)
         rng = np.random.default_rng(seed)
         feeds = []
         for _ in range(count):
@@ -51,6 +72,34 @@ class InputSpec:
 def _graph_inputs(model: onnx.ModelProto) -> list[onnx.ValueInfoProto]:
     initializers = {t.name for t in model.graph.initializer}
     return [v for v in model.graph.input if v.name not in initializers]
+
+
+def fixed_batch(model: onnx.ModelProto) -> int | None:
+    """The batch size the graph's inputs all fix (their first dimension, a number), or None
+    where one is symbolic or they differ."""
+    firsts = set()
+    for value in _graph_inputs(model):
+        dims = value.type.tensor_type.shape.dim
+        if not dims or not dims[0].HasField("dim_value"):
+            return None
+        firsts.add(dims[0].dim_value)
+    return firsts.pop() if len(firsts) == 1 else None
+
+
+def rebatch(feeds: Sequence[dict[str, np.ndarray]], size: int, what: str) -> list[dict]:
+    """The rows of `feeds`, in order, in sets of exactly `size`: a ValueError naming `what`
+    where their count is not a multiple of it."""
+    try:
+        whole = concat_feeds(feeds)
+    except ValueError:  # the sets differ past the batch: check_feeds names the input
+        return list(feeds)
+    rows = len(next(iter(whole.values())))
+    if rows % size:
+        raise ValueError(
+            f"{what}: {rows} samples; the graph takes batches of exactly {size}, so give a "
+            f"multiple of {size}"
+        )
+    return [{k: v[i : i + size] for k, v in whole.items()} for i in range(0, rows, size)]
 
 
 def as_feeds(names: list[str], batches: Sequence) -> list[dict[str, np.ndarray]]:
@@ -108,11 +157,15 @@ def _array(value) -> np.ndarray:
 def input_spec(model: onnx.ModelProto, example_inputs, calibration) -> InputSpec:
     graph_inputs = _graph_inputs(model)
     names = [v.name for v in graph_inputs]
+    batch = fixed_batch(model)
     if example_inputs is not None:
         example = as_feeds(names, [example_inputs])[0]
-        return InputSpec(names, example, "example inputs")
+        return InputSpec(names, example, "example inputs", batch)
     if calibration:
-        return InputSpec(names, as_feeds(names, calibration[:1])[0], "the first calibration set")
+        example = as_feeds(names, calibration[:1])[0]
+        if batch:
+            example = {n: x[:batch] for n, x in example.items()}
+        return InputSpec(names, example, "the first calibration set", batch)
     example = {}
     for value in graph_inputs:
         dims = value.type.tensor_type.shape.dim
@@ -129,4 +182,6 @@ def input_spec(model: onnx.ModelProto, example_inputs, calibration) -> InputSpec
                 )
         elem = onnx.helper.tensor_dtype_to_np_dtype(value.type.tensor_type.elem_type)
         example[value.name] = np.random.default_rng(0).standard_normal(shape).astype(elem)
-    return InputSpec(names, example, "N(0, 1) at the graph's declared shapes (no inputs given)")
+    return InputSpec(
+        names, example, "N(0, 1) at the graph's declared shapes (no inputs given)", batch
+    )

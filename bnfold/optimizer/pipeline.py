@@ -38,7 +38,7 @@ import onnx
 
 from bnfold.onnx.fold import fold_onnx
 from bnfold.optimizer import progress
-from bnfold.optimizer.accuracy import compare
+from bnfold.optimizer.accuracy import class_indices, compare
 from bnfold.optimizer.bias_correct import correct_biases
 from bnfold.optimizer.bn_stats import consistency, read_bn_stats
 from bnfold.optimizer.budget import Budget
@@ -49,13 +49,13 @@ from bnfold.optimizer.cuda import optimize_cuda
 from bnfold.optimizer.equalize import equalize
 from bnfold.optimizer.graph import copy_model, name_nodes
 from bnfold.optimizer.hardware import cpu_features
-from bnfold.optimizer.inputs import InputSpec, as_feeds, check_feeds, input_spec
+from bnfold.optimizer.inputs import InputSpec, as_feeds, check_feeds, input_spec, rebatch
 from bnfold.optimizer.mixed import search_mixed
 from bnfold.optimizer.output_bias import correct_output_bias
 from bnfold.optimizer.pooling import reduce_mean_as_global_pool
 from bnfold.optimizer.quantize import CALIBRATION_METHODS, calibrate, quantize, ranges_cache
 from bnfold.optimizer.ranges import propagate_ranges
-from bnfold.optimizer.source import example_tuple, original_graph, reference_outputs
+from bnfold.optimizer.source import original_graph, reference_outputs
 from bnfold.optimizer.timing import make_session, time_interleaved
 
 __all__ = ["optimize"]
@@ -128,7 +128,7 @@ def optimize(
     calibration = list(calibration) if calibration is not None else None
     notes: list[str] = []
     with progress.stage("exporting and folding"):
-        original, module, more = original_graph(model, example_tuple(example_inputs, calibration))
+        original, module, more = original_graph(model, example_inputs, calibration)
         notes += more
         stats, stat_notes = read_bn_stats(original)
         folded = fold_onnx(original)
@@ -191,6 +191,8 @@ def _setting(original, module, example_inputs, calibration, labels, budget) -> _
     """The inputs checked against the original graph, and its reference outputs on them."""
     spec = input_spec(original, example_inputs, calibration)
     calib_feeds = as_feeds(spec.names, calibration) if calibration else None
+    if calib_feeds and spec.fixed_batch:
+        calib_feeds = rebatch(calib_feeds, spec.fixed_batch, "calibration")
     if calib_feeds:
         check_feeds(original, calib_feeds, "calibration")
     check_feeds(original, [spec.example], spec.assumed)
@@ -204,8 +206,14 @@ def _setting(original, module, example_inputs, calibration, labels, budget) -> _
         ).reshape(-1)
     with progress.stage("reference outputs"):
         reference = reference_outputs(module, original, eval_feeds, _run)
-    if label_array is not None and len(label_array) != len(reference[0]):
-        raise ValueError(f"{len(label_array)} labels for {len(reference[0])} calibration samples")
+    if label_array is not None:
+        if len(label_array) != len(reference[0]):
+            raise ValueError(
+                f"{len(label_array)} labels for {len(reference[0])} calibration samples"
+            )
+        scores = reference[0]
+        classes = scores.shape[1] if scores.ndim == 2 and scores.shape[1] > 1 else None
+        label_array = class_indices(label_array, classes)
     return _Setting(spec, calib_feeds, eval_feeds, reference, label_array, budget)
 
 

@@ -14,10 +14,10 @@ from collections.abc import Callable, Sequence
 import numpy as np
 import onnx
 
-__all__ = ["example_tuple", "original_graph", "reference_outputs"]
+__all__ = ["original_graph", "reference_outputs"]
 
 
-def example_tuple(example_inputs, calibration) -> tuple | None:
+def _example_tuple(example_inputs, calibration) -> tuple | None:
     """The example inputs as a tuple of tensors (the first calibration set when none are
     given), or None when there are neither."""
     import torch
@@ -26,16 +26,27 @@ def example_tuple(example_inputs, calibration) -> tuple | None:
     if source is None:
         return None
     inputs = tuple(source) if isinstance(source, list | tuple) else (source,)
-    return tuple(torch.as_tensor(np.asarray(x)) if not hasattr(x, "detach") else x for x in inputs)
+    tensors = []
+    for index, x in enumerate(inputs):
+        if hasattr(x, "detach"):
+            tensors.append(x)
+            continue
+        array = np.asarray(x)
+        if array.dtype.kind not in "biuf":
+            raise ValueError(f"example input {index} is a {array.dtype} array, not numbers")
+        tensors.append(torch.as_tensor(array))
+    return tuple(tensors)
 
 
-def original_graph(model, inputs: tuple | None) -> tuple[onnx.ModelProto, object, list[str]]:
-    """(graph with BN intact, torch module or None, notes)."""
+def original_graph(model, example_inputs, calibration) -> tuple[onnx.ModelProto, object, list[str]]:
+    """(graph with BN intact, torch module or None, notes). An nn.Module is exported on the
+    example inputs, else on the first calibration set."""
     import torch
 
     if isinstance(model, torch.nn.Module):
         from bnfold.onnx.export import export_onnx
 
+        inputs = _example_tuple(example_inputs, calibration)
         if inputs is None:
             raise ValueError("an nn.Module needs example_inputs (or calibration) to be exported")
         _check_module_runs(model, inputs)
@@ -53,11 +64,10 @@ def original_graph(model, inputs: tuple | None) -> tuple[onnx.ModelProto, object
                 "takes only inputs of the example's spatial size",
             ],
         )
+    if isinstance(model, str | os.PathLike):
+        model = onnx.load(os.fspath(model))
     if isinstance(model, onnx.ModelProto):
         return model, None, _symbolic_dims_note(model)
-    if isinstance(model, str | os.PathLike):
-        proto = onnx.load(os.fspath(model))
-        return proto, None, _symbolic_dims_note(proto)
     raise TypeError(f"model must be an nn.Module, an onnx.ModelProto or a path, not {type(model)}")
 
 

@@ -1,70 +1,35 @@
 """Arrays of model inputs sent as a file (calibration or recalibration data), parsed and checked.
 
 ``.npy`` (one array, for a one-input model), ``.npz`` or ``.safetensors`` (one array per model
-input, by input name), parsed without pickles (``np.load(allow_pickle=False)``, safetensors' own
-reader); an ``.npz`` is a zip, whose directory is checked (entries, summed uncompressed size)
-before anything is inflated. Every array is then checked against the graph's inputs (dtype,
+input, by input name), read by ``bnfold.array_files`` (no pickles; an ``.npz``'s directory
+checked before anything is inflated). Every array is then checked against the graph's inputs (dtype,
 rank, fixed dimensions, equal sample counts, finite values whose squares are finite too, at
 least 2 samples, not all identical).
 """
 
 from __future__ import annotations
 
-import io
-import zipfile
 from typing import Any
 
 from service.worker.sandbox import LIMITS, Refused
 
 __all__ = ["MIN_SAMPLES", "batches_of", "match_inputs", "parse_arrays"]
 
-MAX_ARRAYS = 64
 MIN_SAMPLES = 2  # one sample has no variance
-_MAGIC = {b"\x93NUMPY": "npy", b"PK\x03\x04": "npz"}
 
 
 def parse_arrays(data: bytes, declared: str | None) -> dict[str, Any]:
-    import numpy as np
+    """The file's arrays (``bnfold.array_files``), an .npz inflating to at most a quarter of
+    the upload limit (1 MiB at the least); a refusal is a 400, one of size a 413."""
+    from bnfold.array_files import ArrayFileError, ArrayFileTooLarge, read_arrays
 
-    kind = declared or next((k for m, k in _MAGIC.items() if data.startswith(m)), "safetensors")
-    try:
-        if kind == "npy":
-            array = np.load(io.BytesIO(data), allow_pickle=False)
-            if not isinstance(array, np.ndarray):  # np.load opens a zip as an .npz
-                raise Refused(400, "the file is named .npy but is a zip archive: name it .npz")
-            return {"": array}
-        if kind == "npz":
-            _check_zip(data)
-            with np.load(io.BytesIO(data), allow_pickle=False) as npz:
-                arrays = {name: npz[name] for name in npz.files}
-            # np.load hands back the raw bytes of a member that is not an .npy array
-            raw = sorted(k for k, v in arrays.items() if not isinstance(v, np.ndarray))
-            if raw:
-                raise Refused(400, f"the .npz entries {raw} are not .npy arrays")
-            return arrays
-        if kind == "safetensors":
-            from safetensors import SafetensorError
-            from safetensors.numpy import load
-
-            try:
-                return dict(load(data))
-            except SafetensorError as exc:
-                raise ValueError(str(exc)) from None
-    except (ValueError, OSError, EOFError, zipfile.BadZipFile) as exc:
-        raise Refused(400, f"the data is not a valid .{kind} file: {exc}") from None
-    raise Refused(400, f"unknown data format {kind!r}: send .npy, .npz or .safetensors")
-
-
-def _check_zip(data: bytes) -> None:
-    """Before inflating: a bounded number of entries and of uncompressed bytes."""
     limit = max(LIMITS.get("file_bytes", 1 << 30) // 4, 1 << 20)
-    with zipfile.ZipFile(io.BytesIO(data)) as archive:
-        entries = archive.infolist()
-        if len(entries) > MAX_ARRAYS:
-            raise Refused(400, f"the .npz holds {len(entries)} arrays; at most {MAX_ARRAYS}")
-        total = sum(e.file_size for e in entries)
-        if total > limit:
-            raise Refused(413, f"the .npz inflates to {total} bytes; the limit is {limit}")
+    try:
+        return read_arrays(data, declared, max_inflated_bytes=limit)
+    except ArrayFileTooLarge as exc:
+        raise Refused(413, str(exc)) from None
+    except ArrayFileError as exc:
+        raise Refused(400, str(exc)) from None
 
 
 def match_inputs(

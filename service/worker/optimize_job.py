@@ -40,21 +40,12 @@ def _classes(original: Any) -> int | None:
 
 
 def _labels(array: Any, classes: int | None) -> Any:
-    import numpy as np
+    from bnfold.optimizer.accuracy import class_indices
 
-    if array.ndim != 1 or array.dtype.kind not in "iu":
-        raise Refused(
-            400, f"'labels' must be a 1-D array of class indices, got {array.dtype} {array.shape}"
-        )
-    # checked before the cast: a uint64 past int64's range would wrap to a negative index
-    if array.size and (array.min() < 0 or (classes is not None and array.max() >= classes)):
-        within = ">= 0" if classes is None else f"0..{classes - 1} (the model scores {classes})"
-        raise Refused(
-            400,
-            f"'labels' must be class indices {within}, got values from {array.min()} to "
-            f"{array.max()}",
-        )
-    return array.astype(np.int64)
+    try:
+        return class_indices(array, classes, what="'labels'")
+    except ValueError as exc:
+        raise Refused(400, str(exc)) from None
 
 
 def _calibration(original: Any, data: bytes, settings: dict[str, Any], shapes: dict) -> tuple:

@@ -71,7 +71,9 @@ def test_optimize_missing_file_and_wrong_npz(digits_onnx, capsys, tmp_path):
     bad.write_bytes(b"not a zip")
     path, _ = digits_onnx
     assert main(["optimize", str(path), "-o", "x.onnx", "--calibration", str(bad)]) == 2
-    assert "not an .npz" in _error_line(capsys)
+    assert "bad.npz: the data is not a valid .npz file: File is not a zip file" in (
+        _error_line(capsys)
+    )
     two = tmp_path / "two.npz"
     np.savez(two, a=np.zeros((2, 1, 8, 8)), b=np.zeros((2, 1, 8, 8)))
     assert main(["optimize", str(path), "-o", "x.onnx", "--calibration", str(two)]) == 2
@@ -83,6 +85,108 @@ def test_optimize_missing_file_and_wrong_npz(digits_onnx, capsys, tmp_path):
     args = ["optimize", str(path), "-o", "x.onnx", "--calibration", str(data)]
     assert main([*args, "--labels", str(labels)]) == 2
     assert "labels for 16" in _error_line(capsys)
+
+
+def _zip(path, **members: bytes):
+    import zipfile
+
+    with zipfile.ZipFile(path, "w") as archive:
+        for name, data in members.items():
+            archive.writestr(name, data)
+
+
+def _npz_bytes(**arrays) -> bytes:
+    import io
+
+    out = io.BytesIO()
+    np.savez(out, **arrays)
+    return out.getvalue()
+
+
+def _bad_files(tmp_path):
+    """(flag, file, message) for files that are not calibration inputs or labels."""
+    x = np.zeros((16, 1, 8, 8), np.float32)
+    files = {
+        "readme.npz": lambda p: _zip(p, **{"readme.txt": b"hello"}),
+        "obj.npz": lambda p: np.savez(p, x=np.array([{"a": 1}], dtype=object)),
+        "zip.npy": lambda p: p.write_bytes(_npz_bytes(x=x)),
+        "str.npz": lambda p: np.savez(p, x=np.array(["a", "b"])),
+        "scalar.npz": lambda p: np.savez(p, x=np.float32(1)),
+        "neg.npy": lambda p: np.save(p, -np.ones(16, np.int64)),
+        "float.npy": lambda p: np.save(p, np.zeros(16)),
+        "two.npz": lambda p: np.savez(p, a=np.arange(16), b=np.arange(16)),
+        "junk.safetensors": lambda p: p.write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{}"),
+    }
+    for name, write in files.items():
+        write(tmp_path / name)
+    np.savez(tmp_path / "good.npz", x=x)
+    return [
+        ("--calibration", "readme.npz", "the .npz entries ['readme.txt'] are not .npy arrays"),
+        ("--calibration", "obj.npz", "Object arrays cannot be loaded when allow_pickle=False"),
+        ("--calibration", "zip.npy", "is named .npy but is a zip archive"),
+        ("--calibration", "str.npz", "holds a <U1 array; inputs are numbers"),
+        ("--calibration", "scalar.npz", "arrays must share a non-zero first dimension"),
+        ("--calibration", "junk.safetensors", "not a valid .safetensors file"),
+        ("--labels", "neg.npy", "neg.npy: must be class indices >= 0, got values from -1"),
+        ("--labels", "float.npy", "must be a 1-D array of class indices, got float64"),
+        ("--labels", "two.npz", "holds ['a', 'b']; expected one array of labels"),
+    ]
+
+
+def test_optimize_refuses_bad_calibration_and_label_files_in_one_line(
+    digits_onnx, capsys, tmp_path
+):
+    path, _ = digits_onnx
+    for flag, name, message in _bad_files(tmp_path):
+        args = ["optimize", str(path), "-o", str(tmp_path / "out.onnx")]
+        if flag == "--labels":
+            args += ["--calibration", str(tmp_path / "good.npz")]
+        assert main([*args, flag, str(tmp_path / name)]) == 2, name
+        line = _error_line(capsys)
+        assert f"{flag} {tmp_path / name}" in line and message in line, (name, line)
+        assert not (tmp_path / "out.onnx").exists()
+
+
+def test_optimize_reads_an_npy_and_labels_inside_the_calibration_file(
+    digits_onnx, capsys, tmp_path
+):
+    """Read, the arrays reach the checks after reading: the count of the .npy's samples, the
+    ``labels`` array of an .npz (as the service reads it), and not both label sources."""
+    path, _ = digits_onnx
+    args = ["optimize", str(path), "-o", str(tmp_path / "out.onnx")]
+    np.save(tmp_path / "x.npy", np.zeros((16, 1, 8, 8), np.float32))
+    np.save(tmp_path / "labels.npy", np.zeros(5, np.int64))
+    assert (
+        main(
+            [
+                *args,
+                "--calibration",
+                str(tmp_path / "x.npy"),
+                "--labels",
+                str(tmp_path / "labels.npy"),
+            ]
+        )
+        == 2
+    )
+    assert "5 labels for 16 calibration samples" in _error_line(capsys)
+    np.savez(
+        tmp_path / "xy.npz", x=np.zeros((16, 1, 8, 8), np.float32), labels=np.zeros(3, np.int64)
+    )
+    assert main([*args, "--calibration", str(tmp_path / "xy.npz")]) == 2
+    assert "'labels' in --calibration: 3 labels for 16 calibration samples" in _error_line(capsys)
+    assert (
+        main(
+            [
+                *args,
+                "--calibration",
+                str(tmp_path / "xy.npz"),
+                "--labels",
+                str(tmp_path / "labels.npy"),
+            ]
+        )
+        == 2
+    )
+    assert "holds 'labels' too: give them once" in _error_line(capsys)
 
 
 @pytest.mark.parametrize(
@@ -182,6 +286,37 @@ def test_optimize_names_inputs_a_module_cannot_take():
 
     with pytest.raises(ValueError, match=r"does not run on the example inputs \(4x3x5x5\)"):
         bnfold.optimize(digits.build(), calibration=[np.zeros((4, 3, 5, 5), np.float32)])
+
+
+def test_optimize_names_example_inputs_that_are_not_numbers():
+    import bnfold
+    from models import digits
+
+    with pytest.raises(ValueError, match=r"example input 0 is a <U1 array, not numbers"):
+        bnfold.optimize(digits.build(), np.array(["a", "b"]))
+
+
+@pytest.mark.parametrize(
+    "labels, says",
+    [
+        (
+            np.full(8, 10),
+            r"labels must be class indices 0\.\.9 \(the model scores 10\), got "
+            r"values from 10 to 10",
+        ),
+        (np.full(8, -1), r"class indices 0\.\.9 \(the model scores 10\), got values from -1"),
+        (np.zeros(8), r"labels must be a 1-D array of class indices, got float64 \(8,\)"),
+    ],
+)
+def test_optimize_library_refuses_labels_that_are_not_class_indices(digits_onnx, labels, says):
+    """Before any candidate is built: -1 or 10 would count as a wrong answer of every graph."""
+    import bnfold
+
+    path, split = digits_onnx
+    with pytest.raises(ValueError, match=says):
+        bnfold.optimize(
+            onnx.load(str(path)), calibration=[split.train_x[:8].numpy()], labels=labels
+        )
 
 
 def test_optimize_prints_why_top1_says_little(capsys, tmp_path, fast):

@@ -221,3 +221,49 @@ def _run_onnx(model, x):
 
     session = make_session(model)
     return session.run(None, {session.get_inputs()[0].name: x})[0]
+
+
+def _fixed_batch_graph(cnn, tmp_path, batch: int):
+    from bnfold.onnx.export import export_onnx
+
+    path = tmp_path / f"cnn_b{batch}.onnx"
+    x = torch.randn(batch, 3, 16, 16)
+    export_onnx(cnn, (x,), path=path, dynamic_batch=False, dynamic_spatial=False)
+    first = onnx.load(str(path)).graph.input[0].type.tensor_type.shape.dim[0]
+    assert first.dim_value == batch  # the graph takes this batch size only
+    return path
+
+
+def test_optimize_a_graph_that_fixes_its_batch_size(cnn, fast_pipeline, tmp_path):
+    """Every set at the graph's one batch size: calibration re-split (3 sets of 4 rows into 12
+    of 1), generated inputs as many rows in sets of 1, timing at batch 1 only."""
+    path = _fixed_batch_graph(cnn, tmp_path, 1)
+    calibration = [
+        np.random.default_rng(i).standard_normal((4, 3, 16, 16)).astype(np.float32)
+        for i in range(3)
+    ]
+    with torch.no_grad():
+        labels = np.concatenate([cnn(torch.from_numpy(c)).argmax(1).numpy() for c in calibration])
+    result = bnfold.optimize(str(path), calibration=calibration, labels=labels)
+    assert {"int8_minmax", "int8_data_free"} <= {c.name for c in result.candidates}
+    for c in result.candidates:
+        assert c.accuracy["samples"] == 12 and c.accuracy["accuracy"] is not None, c.name
+        assert set(c.latency) <= {"batch=1"}, c.latency
+    assert set(result.candidates[0].latency) == {"batch=1"}
+    generated = bnfold.optimize(str(path))
+    assert generated.candidates[0].accuracy["samples"] == (
+        1 + fast_pipeline.EVAL_BATCH * fast_pipeline.EVAL_BATCHES
+    )
+
+
+def test_optimize_refuses_calibration_that_does_not_fill_the_fixed_batches(
+    cnn, fast_pipeline, tmp_path
+):
+    path = _fixed_batch_graph(cnn, tmp_path, 2)
+    calibration = [np.zeros((5, 3, 16, 16), np.float32)]
+    with pytest.raises(
+        ValueError,
+        match="calibration: 5 samples; the graph takes batches of "
+        "exactly 2, so give a multiple of 2",
+    ):
+        bnfold.optimize(str(path), calibration=calibration)
