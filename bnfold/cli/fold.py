@@ -25,10 +25,20 @@ def _fold_onnx_file(args, progress: Progress, out: dict) -> int:
 
     from bnfold.onnx.external_data import ExternalDataError
     from bnfold.onnx.fold import fold_onnx
+    from bnfold.onnx.ir_version import lower_for_runtime
     from bnfold.onnx.verify import verify_onnx
 
     progress.stage(f"loading {args.input}")
     model = load_onnx(Path(args.input))
+    try:
+        model, note = lower_for_runtime(model)
+    except ValueError as exc:
+        if args.verify:
+            raise BadInput(f"{args.input}: {exc}: it cannot be verified") from None
+        note = f"{exc}: the folded graph keeps the IR version, and onnxruntime cannot run it"
+    if note:
+        print(f"note: {note}")
+        out["notes"] = [note]
     progress.stage(f"folding BatchNormalization ({len(model.graph.node)} nodes)")
     try:
         result = fold_onnx(model, base_dir=args.base_dir)

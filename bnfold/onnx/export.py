@@ -14,7 +14,6 @@ newer one by default), and the result passes ``onnx.checker`` with ``full_check`
 from __future__ import annotations
 
 import contextlib
-import functools
 import io
 import logging
 import os
@@ -23,30 +22,13 @@ from collections.abc import Sequence
 import onnx
 import onnx_ir as ir
 import onnx_ir.passes.common as common_passes
-import onnxruntime as ort
 import torch
-from onnx import TensorProto, helper
+
+from bnfold.onnx.ir_version import ort_max_ir_version
 
 __all__ = ["export_onnx", "ort_max_ir_version"]
 
 logger = logging.getLogger(__name__)
-
-
-@functools.cache
-def ort_max_ir_version() -> int:
-    """The newest ONNX IR version the installed onnxruntime loads (probed once)."""
-    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])
-    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])
-    graph = helper.make_graph([helper.make_node("Identity", ["x"], ["y"])], "probe", [x], [y])
-    for version in range(onnx.IR_VERSION, 6, -1):
-        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
-        model.ir_version = version
-        try:
-            ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
-        except Exception:  # noqa: BLE001 - any failure means "not this version"
-            continue
-        return version
-    return 7
 
 
 def _rewrite_rules_without_bn_fusion():

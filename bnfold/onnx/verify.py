@@ -23,6 +23,8 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
+from bnfold.onnx.ir_version import lower_for_runtime
+from bnfold.onnx.runtime import is_runtime_error, runtime_reason
 from bnfold.report import OutputError, VerifyCase, VerifyReport
 
 __all__ = ["make_inputs", "verify_onnx"]
@@ -39,15 +41,25 @@ _NP_TYPES = {
 }
 
 
-def _session(model: onnx.ModelProto, level: ort.GraphOptimizationLevel) -> ort.InferenceSession:
+def _session(
+    model: onnx.ModelProto, level: ort.GraphOptimizationLevel, what: str
+) -> ort.InferenceSession:
     options = ort.SessionOptions()
     options.graph_optimization_level = level
     options.intra_op_num_threads = 1
     options.inter_op_num_threads = 1
     options.log_severity_level = 3  # unused initializers etc. are not the user's concern here
-    return ort.InferenceSession(
-        model.SerializeToString(), options, providers=["CPUExecutionProvider"]
-    )
+    readable, _ = lower_for_runtime(model)  # a newer onnx's default IR version, where exact
+    try:
+        return ort.InferenceSession(
+            readable.SerializeToString(), options, providers=["CPUExecutionProvider"]
+        )
+    except Exception as exc:
+        if not is_runtime_error(exc):
+            raise
+        raise ValueError(
+            f"onnxruntime cannot load the {what} graph: {runtime_reason(exc)}"
+        ) from None
 
 
 def _resolve_shape(
@@ -156,11 +168,12 @@ def verify_onnx(
     """Compare `folded` against `original` output by output; see the module docstring.
 
     `inputs` is one feed dict or a list of them; generated when None. Raises ValueError when
-    inputs cannot be generated (symbolic non-batch dims) or the graphs' inputs differ.
+    inputs cannot be generated (symbolic non-batch dims), the graphs' inputs differ, or
+    onnxruntime cannot load a graph (with its reason).
     `progress(done, total)` is called after each input set.
     """
-    reference = _session(original, ort.GraphOptimizationLevel.ORT_DISABLE_ALL)
-    candidate = _session(folded, candidate_opt_level)
+    reference = _session(original, ort.GraphOptimizationLevel.ORT_DISABLE_ALL, "original")
+    candidate = _session(folded, candidate_opt_level, "folded")
     ref_inputs = sorted(m.name for m in reference.get_inputs())
     if ref_inputs != sorted(m.name for m in candidate.get_inputs()):
         raise ValueError("the two graphs have different inputs")

@@ -37,6 +37,7 @@ import numpy as np
 import onnx
 
 from bnfold.onnx.fold import fold_onnx
+from bnfold.onnx.runtime import is_runtime_error, runtime_reason
 from bnfold.optimizer import progress
 from bnfold.optimizer.accuracy import class_indices, compare
 from bnfold.optimizer.bias_correct import correct_biases
@@ -205,7 +206,14 @@ def _setting(original, module, example_inputs, calibration, labels, budget) -> _
             labels.detach().numpy() if hasattr(labels, "detach") else labels
         ).reshape(-1)
     with progress.stage("reference outputs"):
-        reference = reference_outputs(module, original, eval_feeds, _run)
+        try:
+            reference = reference_outputs(module, original, eval_feeds, _run)
+        except Exception as exc:
+            if module is not None or not is_runtime_error(exc):
+                raise
+            raise ValueError(
+                f"onnxruntime cannot run the original graph: {runtime_reason(exc)}"
+            ) from None
     if label_array is not None:
         if len(label_array) != len(reference[0]):
             raise ValueError(

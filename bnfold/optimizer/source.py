@@ -14,6 +14,8 @@ from collections.abc import Callable, Sequence
 import numpy as np
 import onnx
 
+from bnfold.onnx.ir_version import lower_for_runtime
+
 __all__ = ["original_graph", "reference_outputs"]
 
 
@@ -67,7 +69,8 @@ def original_graph(model, example_inputs, calibration) -> tuple[onnx.ModelProto,
     if isinstance(model, str | os.PathLike):
         model = onnx.load(os.fspath(model))
     if isinstance(model, onnx.ModelProto):
-        return model, None, _symbolic_dims_note(model)
+        model, note = lower_for_runtime(model)
+        return model, None, [note] * bool(note) + _symbolic_dims_note(model)
     raise TypeError(f"model must be an nn.Module, an onnx.ModelProto or a path, not {type(model)}")
 
 

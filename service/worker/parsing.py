@@ -6,7 +6,7 @@ from typing import Any
 
 from service.worker.sandbox import Refused, disable_unpickling, require
 
-__all__ = ["external_data_refs", "parse_onnx", "parse_safetensors"]
+__all__ = ["external_data_refs", "parse_onnx", "parse_safetensors", "readable_by_runtime"]
 
 
 def external_data_refs(model: Any) -> list[str]:
@@ -79,6 +79,17 @@ def parse_onnx(data: bytes) -> Any:
     except Exception as exc:  # onnx raises ValidationError and C++ errors
         raise Refused(400, f"the ONNX model does not pass onnx.checker: {exc}") from None
     return model
+
+
+def readable_by_runtime(model: Any) -> tuple[Any, str | None]:
+    """The model with the IR version onnxruntime reads, where lowering it is exact (a newer
+    onnx writes its own by default), and the note saying so; a 400 where it is not."""
+    from bnfold.onnx.ir_version import lower_for_runtime
+
+    try:
+        return lower_for_runtime(model)
+    except ValueError as exc:
+        raise Refused(400, f"the ONNX model cannot be served: {exc}") from None
 
 
 def parse_safetensors(data: bytes) -> dict[str, Any]:

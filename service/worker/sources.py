@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from service.worker.parsing import parse_onnx, parse_safetensors
+from service.worker.parsing import parse_onnx, parse_safetensors, readable_by_runtime
 from service.worker.sandbox import FOLDING, Refused, disable_unpickling, first_lines, require
 
 __all__ = ["Source", "load_source"]
@@ -35,10 +35,12 @@ class Source:
 def load_source(job_dir: Path, job: dict[str, Any]) -> Source:
     kind = job["kind"]
     if kind == "onnx":
-        original = parse_onnx((job_dir / "upload").read_bytes())
+        original, note = readable_by_runtime(parse_onnx((job_dir / "upload").read_bytes()))
         require(*FOLDING)
         shapes = _shapes_by_name(original, job.get("input_shape"))
-        return Source(original, shapes, {"format": "onnx"})
+        return Source(
+            original, shapes, {"format": "onnx", **({"ir_version": note} if note else {})}
+        )
     if kind == "zoo":
         return _zoo_default(job["architecture"], job.get("input_shape"))
     if kind == "safetensors":

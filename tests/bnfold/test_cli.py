@@ -20,7 +20,7 @@ def bnfold(*args: str, cwd: Path) -> subprocess.CompletedProcess:
     return subprocess.run([*_CMD, *args], cwd=cwd, capture_output=True, text=True, timeout=300)
 
 
-def _conv_bn(path: Path, spatial=(6, 6)) -> Path:
+def _conv_bn(path: Path, spatial=(6, 6), ir_version: int = 8, extra=()) -> Path:
     rng = np.random.default_rng(0)
     arrays = {
         "w": rng.standard_normal((4, 3, 3, 3)).astype(np.float32),
@@ -33,14 +33,19 @@ def _conv_bn(path: Path, spatial=(6, 6)) -> Path:
         [
             helper.make_node("Conv", ["x", "w"], ["c"], pads=[1, 1, 1, 1]),
             helper.make_node("BatchNormalization", ["c", "scale", "bias", "mean", "var"], ["y"]),
+            *extra,
         ],
         "g",
         [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, *spatial])],
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4, *spatial])],
         [numpy_helper.from_array(v, k) for k, v in arrays.items()],
     )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 15)])
-    model.ir_version = 8
+    domains = sorted({n.domain for n in extra if n.domain})
+    model = helper.make_model(
+        graph,
+        opset_imports=[helper.make_opsetid("", 15), *(helper.make_opsetid(d, 1) for d in domains)],
+    )
+    model.ir_version = ir_version
     onnx.save(model, path)
     return path
 
@@ -70,6 +75,34 @@ def test_cli_folds_an_onnx_file_verifies_and_reports(tmp_path):
     report = json.loads((tmp_path / "r.json").read_text())
     assert report["fold"]["report"]["counts"]["folded_backward"] == 1
     assert report["fold"]["nodes_after"] == 1 and report["verify_onnx"]["ok"] is True
+
+
+def test_cli_folds_a_model_of_onnx_s_newest_ir_version_and_says_so(tmp_path):
+    """onnx's helper writes its newest IR version by default, newer than onnxruntime reads:
+    lowered where the model needs nothing newer, with a note in the output and the report."""
+    from bnfold.onnx.ir_version import ort_max_ir_version
+
+    newest = ort_max_ir_version() + 1
+    if newest > onnx.IR_VERSION:
+        pytest.skip(f"onnx {onnx.__version__} writes no IR version onnxruntime cannot read")
+    _conv_bn(tmp_path / "in.onnx", ir_version=newest)
+    proc = bnfold(
+        "fold", "in.onnx", "-o", "out.onnx", "--verify", "--report", "r.json", cwd=tmp_path
+    )
+    assert proc.returncode == 0, proc.stderr
+    note = f"note: IR version {newest} lowered to {ort_max_ir_version()}"
+    assert note in proc.stdout and "verification OK" in proc.stdout
+    assert onnx.load(tmp_path / "out.onnx").ir_version == ort_max_ir_version()
+    assert json.loads((tmp_path / "r.json").read_text())["notes"][0].startswith(note[6:])
+
+
+def test_cli_names_an_operator_onnxruntime_cannot_run(tmp_path):
+    frob = helper.make_node("Frobnicate", ["y"], ["z"], domain="com.example")
+    _conv_bn(tmp_path / "in.onnx", extra=[frob])
+    line = _one_error_line(bnfold("fold", "in.onnx", "--verify", cwd=tmp_path))
+    assert line.startswith("bnfold: error: onnxruntime cannot load the original graph: ")
+    assert "com.example:Frobnicate" in line  # onnxruntime's reason, without its C++ location
+    assert "ONNXRuntimeError" not in line and "onnxruntime_src" not in line
 
 
 def test_cli_symbolic_spatial_dims_need_input_shape(tmp_path):
