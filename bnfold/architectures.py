@@ -195,9 +195,37 @@ def load_weights(model: nn.Module, state: dict[str, Tensor], spec: str) -> nn.Mo
     if problems:
         raise ArchitectureError(
             f"the weights do not fit architecture {spec}: {'; '.join(problems)}"
+            + _classes_hint(state, expected, missing or unexpected or kinds)
         )
     model.load_state_dict(state, strict=True)
     return model.eval()
+
+
+def _classes_hint(state: dict, expected: dict, other_misfits: list) -> str:
+    """Where only the classifier's output size differs, the num_classes the weights were made
+    for: every misfit differs in its first dimension alone, all by the same two counts, and
+    no tensor of the misfit layers fits at the architecture's count (fc.weight at 5 classes
+    beside fc.bias at 10 are not weights for 5 classes)."""
+    misfits = {
+        key: (tuple(state[key].shape), tuple(expected[key].shape))
+        for key in set(state) & set(expected)
+        if state[key].shape != expected[key].shape
+    }
+    if other_misfits or not misfits:
+        return ""
+    pairs = {(got[0], want[0]) for got, want in misfits.values() if got[1:] == want[1:]}
+    if len(pairs) != 1 or any(got[1:] != want[1:] for got, want in misfits.values()):
+        return ""
+    n, architecture_count = pairs.pop()
+    layers = {key.rpartition(".")[0] for key in misfits}
+    for key, value in expected.items():
+        fits = key not in misfits and value.dim() and value.shape[0] == architecture_count
+        if fits and key.rpartition(".")[0] in layers:
+            return ""
+    return (
+        f'; they score {n} classes: give {{"num_classes": {n}}} as arch_args (--arch-args on '
+        "the command line)"
+    )
 
 
 def _names(source: str) -> set[str]:

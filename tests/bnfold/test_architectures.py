@@ -92,6 +92,22 @@ def test_weights_that_do_not_fit_name_every_kind_of_misfit():
     assert "wrong dtypes: conv1.0.weight torch.int32" in message
 
 
+def test_weights_for_another_class_count_say_which_num_classes_fits():
+    ten = parse_architecture("torchvision:shufflenet_v2_x0_5", {"num_classes": 10})
+    default = parse_architecture("torchvision:shufflenet_v2_x0_5")
+    state = ten.build().state_dict()
+    with pytest.raises(ArchitectureError) as excinfo:
+        load_weights(default.build(), state, default.spec)
+    assert str(excinfo.value).endswith(
+        '; they score 10 classes: give {"num_classes": 10} as arch_args (--arch-args on the '
+        "command line)"
+    )
+    state["fc.weight"] = torch.zeros(3, 1024)  # beside a bias for 10 classes: no count fits
+    with pytest.raises(ArchitectureError) as excinfo:
+        load_weights(ten.build(), state, ten.spec)
+    assert "num_classes" not in str(excinfo.value)
+
+
 def test_weights_that_fit_are_loaded_exactly():
     architecture = parse_architecture("timm:mobilenetv3_small_050", {"num_classes": 4})
     source = architecture.build()
