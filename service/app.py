@@ -47,10 +47,14 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         # a read-only replica must not clean up what the writer has in progress
-        deployed = await run_in_threadpool(
-            store.deployed if settings.store_readonly else store.recover
-        )
-        token, created = load_or_create_token(store.root, settings.api_token)
+        try:
+            deployed = await run_in_threadpool(
+                store.deployed if settings.store_readonly else store.recover
+            )
+            token, created = load_or_create_token(store.root, settings.api_token)
+        except OSError as exc:  # a store path that cannot be made, read or written
+            app.state.startup_error = f"the store {store.root}: {_os_reason(exc)}"
+            raise
         if created:
             print(
                 f"bnfold: generated API token (kept in {store.root / TOKEN_FILE}):\n{token}",
@@ -130,10 +134,16 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     return app
 
 
+def _os_reason(exc: OSError) -> str:
+    reason = exc.strerror or str(exc)
+    return f"{reason}: {exc.filename}" if exc.filename else reason
+
+
 class StartupErrorMessage:
     """A start-up refused for a reason the operator can act on (require_gpu without CUDA, the
-    gRPC port taken) is reported as that one line: Starlette hands uvicorn the whole traceback
-    as the failure's message, which uvicorn logs. Other failures keep their traceback."""
+    gRPC port taken, a store that cannot be made or written) is reported as that one line:
+    Starlette hands uvicorn the whole traceback as the failure's message, which uvicorn logs.
+    Other failures keep their traceback."""
 
     def __init__(self, app, *, state) -> None:
         self.app = app

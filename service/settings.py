@@ -119,6 +119,13 @@ class Settings:
         if binding not in IO_BINDING:
             raise ValueError(f"{ENV_PREFIX}IO_BINDING={binding!r} is not one of {IO_BINDING}")
         values["io_binding"] = binding
+        for name, lowest, what in (
+            ("port", 0, f"port (--port, {ENV_PREFIX}PORT; 0: any free port)"),
+            ("grpc_port", 0, f"gRPC port ({ENV_PREFIX}GRPC_PORT; 0: no gRPC server)"),
+        ):
+            port = int(values.get(name, getattr(cls, name)))
+            if not lowest <= port <= 65535:
+                raise ValueError(f"{what} {port}: use {lowest} to 65535")
         sample = float(values.get("drift_sample", cls.drift_sample))
         if not 0.0 <= sample <= 1.0:
             raise ValueError(f"{ENV_PREFIX}DRIFT_SAMPLE={sample!r} must be between 0 and 1")

@@ -199,11 +199,39 @@ def test_cli_options_fall_back_to_environment():
     assert (s.port, s.host, s.require_gpu, s.max_upload_bytes) == (9200, "0.0.0.0", True, 123)
     with pytest.raises(ValueError, match="BNFOLD_PORT"):
         Settings.from_env({"BNFOLD_PORT": "eighty"})
+    with pytest.raises(ValueError, match=r"port \(--port, BNFOLD_PORT; 0: any free port\) 65536"):
+        Settings.from_env({}, port=65536)
+    with pytest.raises(ValueError, match=r"gRPC port \(BNFOLD_GRPC_PORT; 0: no gRPC server\) -1"):
+        Settings.from_env({"BNFOLD_GRPC_PORT": "-1"})
     assert Settings.from_env({}).cudnn_conv_algo_search == "HEURISTIC"
     s = Settings.from_env({"BNFOLD_CUDNN_CONV_ALGO_SEARCH": "exhaustive"})
     assert s.cudnn_conv_algo_search == "EXHAUSTIVE"
     with pytest.raises(ValueError, match="BNFOLD_CUDNN_CONV_ALGO_SEARCH='FASTEST'"):
         Settings.from_env({"BNFOLD_CUDNN_CONV_ALGO_SEARCH": "fastest"})
+
+
+def test_a_store_that_cannot_be_made_is_one_line_at_start(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    env = dict(
+        os.environ,
+        BNFOLD_STORE=str(blocker / "store"),
+        BNFOLD_PORT="0",
+        BNFOLD_GRPC_PORT="0",
+        BNFOLD_DEPLOY_DEFAULTS="0",
+        PYTHONPATH=str(ROOT),
+    )
+    proc = subprocess.run(
+        [sys.executable, "-m", "service"],
+        env=env,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode != 0
+    assert f"bnfold cannot start: the store {blocker / 'store'}: Not a directory" in proc.stderr
+    assert "Traceback" not in proc.stderr, proc.stderr
 
 
 def test_importing_the_app_loads_no_model_library():
