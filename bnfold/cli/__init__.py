@@ -18,9 +18,10 @@ architecture; `console`: exit codes, the one-line error, progress, argument chec
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
-from bnfold.cli.console import EXIT_BAD_INPUT, EXIT_VERIFY_FAILED, BadInput
+from bnfold.cli.console import EXIT_BAD_INPUT, EXIT_INTERNAL, BadInput
 from bnfold.cli.fold import add_fold
 from bnfold.cli.optimize import add_optimize
 
@@ -37,7 +38,8 @@ def _parser() -> argparse.ArgumentParser:
         prog="bnfold",
         description="Fold trained BatchNorm into the layers around it, verify the result "
         "against the original, export ONNX, and serve it.",
-        epilog="Exit codes: 0 done, 1 verification failed, 2 bad input.",
+        epilog="Exit codes: 0 done, 1 verification failed, 2 bad input, 3 an error inside "
+        "bnfold (its one-line message is worth reporting).",
     )
     sub = parser.add_subparsers(dest="command", required=True)
     add_fold(sub)
@@ -57,13 +59,18 @@ def main(argv: list[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
     try:
-        return args.func(args)
+        status = args.func(args)
+        sys.stdout.flush()  # a pipe closed early is met here, not in the interpreter's exit
+        return status
     except BadInput as exc:
         print(f"bnfold: error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except KeyboardInterrupt:
         print("bnfold: error: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # `bnfold ... | head`: the reader left, which is no error
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no flush error at exit
+        return 141  # 128 + SIGPIPE, as a shell reports a command the pipe closed on
     except Exception as exc:  # noqa: BLE001 - one line for the user, never a traceback
         print(f"bnfold: error: {type(exc).__name__}: {exc}", file=sys.stderr)
-        return EXIT_VERIFY_FAILED
+        return EXIT_INTERNAL

@@ -11,6 +11,7 @@ from pathlib import Path
 __all__ = [
     "ARCHITECTURE_PREFIXES",
     "EXIT_BAD_INPUT",
+    "EXIT_INTERNAL",
     "EXIT_OK",
     "EXIT_VERIFY_FAILED",
     "BadInput",
@@ -19,7 +20,7 @@ __all__ = [
     "parse_shapes",
 ]
 
-EXIT_OK, EXIT_VERIFY_FAILED, EXIT_BAD_INPUT = 0, 1, 2
+EXIT_OK, EXIT_VERIFY_FAILED, EXIT_BAD_INPUT, EXIT_INTERNAL = 0, 1, 2, 3
 ARCHITECTURE_PREFIXES = ("zoo:", "torchvision:", "timm:")
 
 

@@ -105,6 +105,28 @@ def test_cli_names_an_operator_onnxruntime_cannot_run(tmp_path):
     assert "ONNXRuntimeError" not in line and "onnxruntime_src" not in line
 
 
+def test_cli_output_into_a_closed_pipe_exits_quietly(tmp_path):
+    """`bnfold fold ... | head -1`: the reader leaving is not an error of bnfold's."""
+    import os
+
+    _conv_bn(tmp_path / "in.onnx")
+    read, write = os.pipe()
+    os.close(read)
+    try:
+        proc = subprocess.run(
+            [*_CMD, "fold", "in.onnx"],
+            cwd=tmp_path,
+            stdout=write,
+            stderr=subprocess.PIPE,
+            text=True,
+            timeout=300,
+        )
+    finally:
+        os.close(write)
+    assert proc.returncode == 141, proc.stderr
+    assert "error" not in proc.stderr.lower() and "Traceback" not in proc.stderr, proc.stderr
+
+
 def test_cli_symbolic_spatial_dims_need_input_shape(tmp_path):
     _conv_bn(tmp_path / "in.onnx", spatial=("H", "W"))
 
