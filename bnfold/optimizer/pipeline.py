@@ -54,7 +54,13 @@ from bnfold.optimizer.inputs import InputSpec, as_feeds, check_feeds, input_spec
 from bnfold.optimizer.mixed import search_mixed
 from bnfold.optimizer.output_bias import correct_output_bias
 from bnfold.optimizer.pooling import reduce_mean_as_global_pool
-from bnfold.optimizer.quantize import CALIBRATION_METHODS, calibrate, quantize, ranges_cache
+from bnfold.optimizer.quantize import (
+    CALIBRATION_METHODS,
+    calibrate,
+    quantize,
+    ranges_cache,
+    unquantizable,
+)
 from bnfold.optimizer.ranges import propagate_ranges
 from bnfold.optimizer.source import original_graph, reference_outputs
 from bnfold.optimizer.timing import make_session, time_interleaved
@@ -153,6 +159,8 @@ def optimize(
     # form onnxruntime's int8 kernels cover (the fp32 candidate stays as folded)
     quantizable = copy_model(fp32)
     steps["pooling"] = reduce_mean_as_global_pool(quantizable).to_dict()
+    steps["fp32_in_every_int8_graph"] = kept = unquantizable(quantizable)
+    notes += [f"{name} stays fp32 in every INT8 graph: {why}" for name, why in kept.items()]
     steps["bn_statistics"]["observed_std_over_gamma"] = consistency(
         fp32, stats, (setting.calib_feeds or [setting.spec.example])[0]
     )
@@ -252,7 +260,7 @@ def _data_free(
         unknown = [
             n.name for n in model.graph.node if any(o in outputs and o not in bn for o in n.output)
         ]
-        bc = correct_biases(model, ranges, exclude=set(unknown))
+        bc = correct_biases(model, ranges, exclude=set(unknown) | set(unquantizable(model)))
         cache = ranges_cache(ranges, tmp / "data_free.json")
         int8 = quantize(model, cache, exclude=unknown)
     input_note = (

@@ -7,7 +7,8 @@ computed from BN statistics in the same format. Every later quantization (the pe
 variants of a candidate) reads the cache and calibrates nothing again.
 
 Weights are per-channel symmetric int8, activations uint8 (the CPU recipe onnxruntime
-documents); on a CPU without VNNI weights are 7-bit (``reduce_range``).
+documents); on a CPU without VNNI weights are 7-bit (``reduce_range``). The nodes onnxruntime's
+quantizer gets wrong stay in fp32 in every INT8 graph, each with its reason (`unquantizable`).
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ __all__ = [
     "quantize",
     "ranges_cache",
     "reduced_range",
+    "unquantizable",
     "weight_qmax",
 ]
 
@@ -98,6 +100,22 @@ def ranges_cache(ranges: dict[str, TensorRange], path: Path) -> Path:
     return path
 
 
+def unquantizable(model: onnx.ModelProto) -> dict[str, str]:
+    """Nodes onnxruntime's quantizer cannot quantize, by name, with the reason: a grouped
+    ConvTranspose, whose weight [C_in, C_out / group, k...] it scales per channel along axis 1:
+    C_out / group scales, where the bias needs C_out (quantize_static fails on the bias's
+    broadcast)."""
+    kept = {}
+    for node in model.graph.node:
+        group = next((a.i for a in node.attribute if a.name == "group"), 1)
+        if node.op_type == "ConvTranspose" and group > 1:
+            kept[node.name] = (
+                f"a grouped ConvTranspose (group {group}): onnxruntime's per-channel quantizer "
+                "scales its weight along axis 1, which holds C_out / group channels, not C_out"
+            )
+    return kept
+
+
 def _quantize_static(model, cache: Path, method: str, feeds, exclude) -> onnx.ModelProto:
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
@@ -116,7 +134,7 @@ def _quantize_static(model, cache: Path, method: str, feeds, exclude) -> onnx.Mo
             reduce_range=reduced_range(),
             activation_type=QuantType.QUInt8,
             weight_type=QuantType.QInt8,
-            nodes_to_exclude=list(exclude),
+            nodes_to_exclude=sorted(set(exclude) | set(unquantizable(model))),
             calibrate_method=getattr(CalibrationMethod, calibrate_method),
             calibration_providers=["CPUExecutionProvider"],
             calibration_cache_path=str(cache),

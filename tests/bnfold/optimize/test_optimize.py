@@ -267,3 +267,26 @@ def test_optimize_refuses_calibration_that_does_not_fill_the_fixed_batches(
         "exactly 2, so give a multiple of 2",
     ):
         bnfold.optimize(str(path), calibration=calibration)
+
+
+def test_optimize_keeps_a_grouped_conv_transpose_in_fp32_with_the_reason(fast_pipeline):
+    """onnxruntime's quantize_static fails on a grouped ConvTranspose's bias (per-channel
+    scales along its weight's axis 1: C_out / group of them); it stays fp32, the plain
+    ConvTranspose after it is quantized."""
+    import models
+
+    model = models.build("convtranspose_decoder")
+    result = bnfold.optimize(model, models.example_inputs("convtranspose_decoder"))
+    kept = result.report.to_dict()["steps"]["fp32_in_every_int8_graph"]
+    assert len(kept) == 1 and "grouped ConvTranspose (group 4)" in next(iter(kept.values()))
+    assert any("stays fp32 in every INT8 graph" in n for n in result.report.notes)
+    (grouped,) = kept
+    for c in result.candidates:
+        if c.precision != "int8":
+            continue
+        nodes = {n.name: n for n in c.model.graph.node}
+        produced = {o: n.op_type for n in c.model.graph.node for o in n.output}
+        assert produced.get(nodes[grouped].input[1]) != "DequantizeLinear", c.name
+        if c.name == "int8_data_free":  # the mixed candidates choose by timing too
+            transposes = [n for n in nodes.values() if n.op_type == "ConvTranspose"]
+            assert any(produced.get(n.input[1]) == "DequantizeLinear" for n in transposes)
