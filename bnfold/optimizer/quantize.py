@@ -138,7 +138,13 @@ def _quantize_static(model, cache: Path, method: str, feeds, exclude) -> onnx.Mo
             calibrate_method=getattr(CalibrationMethod, calibrate_method),
             calibration_providers=["CPUExecutionProvider"],
             calibration_cache_path=str(cache),
-            extra_options=dict(options),
+            # a BN left unfolded has a rank-1 scale, whose channel axis is 0; onnxruntime's
+            # default for normalizations is 1, which it rejects with a warning and then
+            # quantizes the scale per tensor
+            extra_options={
+                "QDQOpTypePerChannelSupportToAxis": {"BatchNormalization": 0},
+                **options,
+            },
         )
         quantized = onnx.load(str(target))
     logging.getLogger().removeFilter(quiet)

@@ -202,3 +202,47 @@ def test_mixed_accuracy_step_keeps_only_exclusions_that_lower_the_error(tmp_path
     ]
     assert errors == sorted(errors, reverse=True) and len(set(errors)) == len(errors)
     assert all(t["kept"] for t in steps[:-1])  # a round that did not help ends the step
+
+
+def test_an_unfolded_bn_scale_is_quantized_per_channel_without_warnings(tmp_path, caplog):
+    """A BN left in the graph (one before a zero-padded conv) has a rank-1 scale: channel
+    axis 0, where onnxruntime's default for normalizations (1) is refused with a warning per
+    call and the scale quantized per tensor."""
+    import logging
+
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    from bnfold.optimizer.quantize import calibrate
+
+    rng = np.random.default_rng(0)
+    params = {
+        "s": rng.uniform(0.01, 3, 4),
+        "t": rng.standard_normal(4),
+        "m": rng.standard_normal(4),
+        "v": rng.uniform(0.5, 2, 4),
+    }
+    graph = helper.make_graph(
+        [
+            helper.make_node("Relu", ["x"], ["r"], name="relu"),
+            helper.make_node("BatchNormalization", ["r", "s", "t", "m", "v"], ["y"], name="bn"),
+        ],
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4, 5, 5])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4, 5, 5])],
+        [numpy_helper.from_array(a.astype(np.float32), n) for n, a in params.items()],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    feeds = [{"x": rng.standard_normal((2, 4, 5, 5)).astype(np.float32)} for _ in range(2)]
+    with caplog.at_level(logging.WARNING):
+        q = calibrate(model, feeds, "minmax", tmp_path / "cache.json")
+    assert not [r for r in caplog.records if "out-of-range" in r.getMessage()]
+    onnx.checker.check_model(q)
+    inits = {t.name: t for t in q.graph.initializer}
+    producer = {o: n for n in q.graph.node for o in n.output}
+    (bn,) = [n for n in q.graph.node if n.op_type == "BatchNormalization"]
+    scale_dq = producer[bn.input[1]]
+    assert scale_dq.op_type == "DequantizeLinear"
+    assert [a.i for a in scale_dq.attribute if a.name == "axis"] == [0]
+    assert list(inits[scale_dq.input[1]].dims) == [4]  # one scale per channel
