@@ -6,20 +6,31 @@ array per name), parsed without pickles (``np.load(allow_pickle=False)``, safete
 reader). The format is the one declared (a file's suffix), else told by the file's first bytes.
 An ``.npz`` is a zip, whose directory is checked (entries, summed uncompressed size) before
 anything is inflated. Every refusal is an ``ArrayFileError`` (a ValueError) naming the problem;
-one of the size limit is an ``ArrayFileTooLarge``.
+one of the size limit is an ``ArrayFileTooLarge``. A calibration file may hold, beside the
+inputs, an array named ``labels``: the class indices of its samples.
 """
 
 from __future__ import annotations
 
 import io
 import zipfile
+from typing import TYPE_CHECKING
 
-import numpy as np
+if TYPE_CHECKING:
+    import numpy as np
 
-__all__ = ["FORMATS", "MAX_ARRAYS", "ArrayFileError", "ArrayFileTooLarge", "read_arrays"]
+__all__ = [
+    "FORMATS",
+    "LABELS",
+    "MAX_ARRAYS",
+    "ArrayFileError",
+    "ArrayFileTooLarge",
+    "read_arrays",
+]
 
 FORMATS = ("npy", "npz", "safetensors")
 MAX_ARRAYS = 64
+LABELS = "labels"  # in a calibration file, beside the inputs: its samples' class indices
 _MAGIC = {b"\x93NUMPY": "npy", b"PK\x03\x04": "npz"}
 
 
@@ -36,6 +47,8 @@ def read_arrays(
 ) -> dict[str, np.ndarray]:
     """{name: array} of `data`, in the file's order; `declared`: "npy", "npz", "safetensors"
     or None (told by the first bytes; neither numpy's nor zip's magic reads as safetensors)."""
+    import numpy as np  # here, not at import: the command line and the service import this
+
     kind = declared or next((k for m, k in _MAGIC.items() if data.startswith(m)), "safetensors")
     if kind not in FORMATS:
         raise ArrayFileError(f"unknown data format {kind!r}: send .npy, .npz or .safetensors")
@@ -55,6 +68,8 @@ def read_arrays(
 
 
 def _read_npz(data: bytes, max_inflated_bytes: int | None) -> dict[str, np.ndarray]:
+    import numpy as np
+
     with zipfile.ZipFile(io.BytesIO(data)) as archive:
         entries = archive.infolist()
     if len(entries) > MAX_ARRAYS:

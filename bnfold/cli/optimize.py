@@ -8,6 +8,7 @@ import json
 import sys
 from pathlib import Path
 
+from bnfold.array_files import LABELS
 from bnfold.cli.console import (
     ARCHITECTURE_PREFIXES,
     EXIT_OK,
@@ -21,9 +22,6 @@ from bnfold.cli.loading import architecture_model, load_onnx
 __all__ = ["add_optimize"]
 
 CALIBRATION_BATCH = 8
-
-
-LABELS = "labels"  # a calibration file's array of class indices, as the service reads it
 
 
 def _read_file(flag: str, path: Path) -> dict:

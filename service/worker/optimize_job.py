@@ -19,6 +19,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from bnfold.array_files import LABELS
 from service.worker.fold_job import load_test, run_fold_job
 from service.worker.input_data import batches_of, match_inputs, parse_arrays
 from service.worker.sandbox import Refused, first_lines, require
@@ -27,7 +28,6 @@ from service.worker.sources import load_source
 __all__ = ["run_optimize_job"]
 
 CALIBRATION_BATCH = 8
-LABELS = "labels"  # the calibration file's array of class indices, for max_accuracy_drop
 
 
 def _classes(original: Any) -> int | None:
