@@ -71,11 +71,38 @@ def test_concurrent_requests_are_bit_identical_to_running_alone(start_server, tm
         assert config["dynamic_batching"] == {"max_queue_delay_microseconds": 20000}
 
 
+def slow_variable_width_identity(k: int = 4096) -> onnx.ModelProto:
+    """x[N, M] -> y = x + 0 * sum(expand(sum(x), [k, k]) @ W): exactly x, after a k x k x k
+    MatMul that depends on x (about a second on a 2-core machine), so that requests sent
+    together arrive while the first one runs."""
+    rng = np.random.default_rng(0)
+    inits = [
+        numpy_helper.from_array(rng.standard_normal((k, k)).astype(np.float32), "w"),
+        numpy_helper.from_array(np.array([k, k], np.int64), "square"),
+        numpy_helper.from_array(np.array(0.0, np.float32), "zero"),
+    ]
+    nodes = [
+        helper.make_node("ReduceSum", ["x"], ["s"], keepdims=0),
+        helper.make_node("Expand", ["s", "square"], ["e"]),
+        helper.make_node("MatMul", ["e", "w"], ["p"]),
+        helper.make_node("ReduceSum", ["p"], ["r"], keepdims=0),
+        helper.make_node("Mul", ["r", "zero"], ["z"]),
+        helper.make_node("Add", ["x", "z"], ["y"]),
+    ]
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", "M"])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", "M"])
+    graph = helper.make_graph(nodes, "slow_echo", [x], [y], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    return model
+
+
 def test_full_queue_answers_503_with_retry_after(start_server, tmp_path):
-    seed_store(tmp_path / "store", "echo", variable_width_identity())
-    # the oldest request waits 2 s for a companion of its width; the others queue behind it
-    # (300 ms was too short on a loaded 2-core CI machine: the 8 requests arrived spread
-    # over more than that, and the queue never filled)
+    # requests of 8 widths, none can share a run: the first runs (about a second), two queue
+    # behind it, the rest find the queue full. With a cheap model this turned on arrival
+    # times: on a loaded 2-core CI machine the 8 requests arrived spread out, each was served
+    # before the next came, and the queue never filled (all 200)
+    seed_store(tmp_path / "store", "echo", slow_variable_width_identity())
     server = start_server(BNFOLD_MAX_QUEUE_DELAY_MS="2000", BNFOLD_MAX_QUEUE="2")
 
     async def send_all() -> list[httpx.Response]:
