@@ -96,6 +96,25 @@ def test_cli_folds_a_model_of_onnx_s_newest_ir_version_and_says_so(tmp_path):
     assert json.loads((tmp_path / "r.json").read_text())["notes"][0].startswith(note[6:])
 
 
+def test_cli_folds_a_model_onnxruntime_cannot_read_only_without_verify(tmp_path):
+    from bnfold.onnx.ir_version import ort_max_ir_version
+
+    if not hasattr(TensorProto, "FLOAT6E2M3") or ort_max_ir_version() >= 14:
+        pytest.skip("no element type newer than what onnxruntime reads")
+    fp6 = [
+        helper.make_node("Cast", ["y"], ["q"], to=TensorProto.FLOAT6E2M3, name="fp6"),
+        helper.make_node("Cast", ["q"], ["z"], to=TensorProto.FLOAT, name="back"),
+    ]
+    _conv_bn(tmp_path / "in.onnx", ir_version=14, extra=fp6)
+    line = _one_error_line(bnfold("fold", "in.onnx", "-o", "out.onnx", "--verify", cwd=tmp_path))
+    assert "needs ONNX IR version 14 for float6e2m3" in line and "cannot be verified" in line
+    assert not (tmp_path / "out.onnx").exists()
+    proc = bnfold("fold", "in.onnx", "-o", "out.onnx", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert "the folded graph keeps the IR version, and onnxruntime cannot run it" in proc.stdout
+    assert onnx.load(tmp_path / "out.onnx").ir_version == 14
+
+
 def test_cli_names_an_operator_onnxruntime_cannot_run(tmp_path):
     frob = helper.make_node("Frobnicate", ["y"], ["z"], domain="com.example")
     _conv_bn(tmp_path / "in.onnx", extra=[frob])
