@@ -20,6 +20,24 @@ def bnfold(*args: str, cwd: Path) -> subprocess.CompletedProcess:
     return subprocess.run([*_CMD, *args], cwd=cwd, capture_output=True, text=True, timeout=300)
 
 
+@pytest.fixture
+def bnfold_here(capsys, monkeypatch):
+    """`bnfold ARGS` in this process, in `cwd` (no interpreter start-up: seconds a call):
+    its exit code and output, as `bnfold` gives them."""
+    from bnfold.cli import main
+
+    def run(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+        monkeypatch.chdir(cwd)
+        try:
+            code = main(list(args))
+        except SystemExit as exc:
+            code = exc.code
+        out = capsys.readouterr()
+        return subprocess.CompletedProcess(args, code, out.out, out.err)
+
+    return run
+
+
 def _conv_bn(path: Path, spatial=(6, 6), ir_version: int = 8, extra=()) -> Path:
     rng = np.random.default_rng(0)
     arrays = {
@@ -77,7 +95,7 @@ def test_cli_folds_an_onnx_file_verifies_and_reports(tmp_path):
     assert report["fold"]["nodes_after"] == 1 and report["verify_onnx"]["ok"] is True
 
 
-def test_cli_folds_a_model_of_onnx_s_newest_ir_version_and_says_so(tmp_path):
+def test_cli_folds_a_model_of_onnx_s_newest_ir_version_and_says_so(tmp_path, bnfold_here):
     """onnx's helper writes its newest IR version by default, newer than onnxruntime reads:
     lowered where the model needs nothing newer, with a note in the output and the report."""
     from bnfold.onnx.ir_version import ort_max_ir_version
@@ -86,7 +104,7 @@ def test_cli_folds_a_model_of_onnx_s_newest_ir_version_and_says_so(tmp_path):
     if newest > onnx.IR_VERSION:
         pytest.skip(f"onnx {onnx.__version__} writes no IR version onnxruntime cannot read")
     _conv_bn(tmp_path / "in.onnx", ir_version=newest)
-    proc = bnfold(
+    proc = bnfold_here(
         "fold", "in.onnx", "-o", "out.onnx", "--verify", "--report", "r.json", cwd=tmp_path
     )
     assert proc.returncode == 0, proc.stderr
@@ -96,7 +114,7 @@ def test_cli_folds_a_model_of_onnx_s_newest_ir_version_and_says_so(tmp_path):
     assert json.loads((tmp_path / "r.json").read_text())["notes"][0].startswith(note[6:])
 
 
-def test_cli_folds_a_model_onnxruntime_cannot_read_only_without_verify(tmp_path):
+def test_cli_folds_a_model_onnxruntime_cannot_read_only_without_verify(tmp_path, bnfold_here):
     from bnfold.onnx.ir_version import ort_max_ir_version
 
     if not hasattr(TensorProto, "FLOAT6E2M3") or ort_max_ir_version() >= 14:
@@ -106,19 +124,21 @@ def test_cli_folds_a_model_onnxruntime_cannot_read_only_without_verify(tmp_path)
         helper.make_node("Cast", ["q"], ["z"], to=TensorProto.FLOAT, name="back"),
     ]
     _conv_bn(tmp_path / "in.onnx", ir_version=14, extra=fp6)
-    line = _one_error_line(bnfold("fold", "in.onnx", "-o", "out.onnx", "--verify", cwd=tmp_path))
+    line = _one_error_line(
+        bnfold_here("fold", "in.onnx", "-o", "out.onnx", "--verify", cwd=tmp_path)
+    )
     assert "needs ONNX IR version 14 for float6e2m3" in line and "cannot be verified" in line
     assert not (tmp_path / "out.onnx").exists()
-    proc = bnfold("fold", "in.onnx", "-o", "out.onnx", cwd=tmp_path)
+    proc = bnfold_here("fold", "in.onnx", "-o", "out.onnx", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     assert "the folded graph keeps the IR version, and onnxruntime cannot run it" in proc.stdout
     assert onnx.load(tmp_path / "out.onnx").ir_version == 14
 
 
-def test_cli_names_an_operator_onnxruntime_cannot_run(tmp_path):
+def test_cli_names_an_operator_onnxruntime_cannot_run(tmp_path, bnfold_here):
     frob = helper.make_node("Frobnicate", ["y"], ["z"], domain="com.example")
     _conv_bn(tmp_path / "in.onnx", extra=[frob])
-    line = _one_error_line(bnfold("fold", "in.onnx", "--verify", cwd=tmp_path))
+    line = _one_error_line(bnfold_here("fold", "in.onnx", "--verify", cwd=tmp_path))
     assert line.startswith("bnfold: error: onnxruntime cannot load the original graph: ")
     assert "com.example:Frobnicate" in line  # onnxruntime's reason, without its C++ location
     assert "ONNXRuntimeError" not in line and "onnxruntime_src" not in line

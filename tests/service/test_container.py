@@ -167,4 +167,8 @@ def test_sigterm_answers_requests_in_flight_and_exits_0(tmp_path):
         proc.wait()
     assert outcome["failures"] == [], (outcome, log.read_text()[-2000:])
     assert outcome["answered_after_stop"] > 0, outcome
-    assert outcome["exit_code"] == 0 and outcome["stop_s"] < 5, outcome
+    # the server's own bounds: DRAIN_S (1 s) for idle keep-alive connections, then up to 5 s
+    # for what is in flight (uvicorn's timeout_graceful_shutdown); 2 s left for the exit, well
+    # under docker stop's 10 s. A bound of 5 s failed once in CI here at 5.75 s on a 2-core
+    # machine that ran CPython loops at half the usual speed
+    assert outcome["exit_code"] == 0 and outcome["stop_s"] < 8, outcome
