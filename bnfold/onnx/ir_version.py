@@ -9,8 +9,8 @@ ones. What a model needs:
 1. its operator sets: ``onnx.helper.find_min_ir_version_for`` (opset 17 needs IR 8);
 2. its tensor element types, wherever a type is named (graph inputs, outputs and value_info,
    nested in sequences, maps and optionals; initializers; tensor attributes; Cast's ``to``;
-   subgraphs and functions): IR 10 added int4 / uint4, 11 float4e2m1, 12 float8e8m0,
-   13 int2 / uint2, 14 float6e2m3 / float6e3m2;
+   subgraphs and functions: ``bnfold.onnx.walk``): IR 10 added int4 / uint4, 11 float4e2m1,
+   12 float8e8m0, 13 int2 / uint2, 14 float6e2m3 / float6e3m2;
 3. IR 14 also made opaque types available outside ONNX-ML builds: a model naming one needs it.
 
 A model that needs more than onnxruntime reads is refused with what needs it.
@@ -22,6 +22,8 @@ import functools
 
 import onnx
 from onnx import AttributeProto, TensorProto, helper
+
+from bnfold.onnx.walk import graphs, nodes, tensors
 
 __all__ = ["lower_for_runtime", "ort_max_ir_version", "required_ir_version"]
 
@@ -86,39 +88,18 @@ def required_ir_version(model: onnx.ModelProto) -> tuple[int, str]:
         elif kind == "opaque_type":
             need.append((_OPAQUE_IR, f"an opaque type ({where})"))
 
-    def nodes(items, where: str) -> None:
-        for node in items:
-            for a in node.attribute:
-                at = f"{where}, attribute {a.name!r} of node {node.name or node.op_type!r}"
-                if a.type == AttributeProto.TENSOR:
-                    element(a.t.data_type, at)
-                elif a.type == AttributeProto.TENSORS:
-                    for t in a.tensors:
-                        element(t.data_type, at)
-                elif a.type == AttributeProto.SPARSE_TENSOR:
-                    element(a.sparse_tensor.values.data_type, at)
-                elif a.type == AttributeProto.GRAPH:
-                    graph(a.g)
-                elif a.type == AttributeProto.GRAPHS:
-                    for g in a.graphs:
-                        graph(g)
-                elif a.type == AttributeProto.TYPE_PROTO:
-                    type_proto(a.tp, at)
-                elif a.type == AttributeProto.INT and node.op_type == "Cast" and a.name == "to":
-                    element(a.i, at)
-
-    def graph(g: onnx.GraphProto) -> None:
+    for g in graphs(model):
         for value in [*g.input, *g.output, *g.value_info]:
             type_proto(value.type, f"value {value.name!r}")
-        for t in g.initializer:
-            element(t.data_type, f"initializer {t.name!r}")
-        for s in g.sparse_initializer:
-            element(s.values.data_type, f"initializer {s.values.name!r}")
-        nodes(g.node, f"graph {g.name!r}")
-
-    graph(model.graph)
-    for fn in model.functions:
-        nodes(fn.node, f"function {fn.name!r}")
+    for where, t in tensors(model):
+        element(t.data_type, where)
+    for where, node in nodes(model):
+        for a in node.attribute:
+            at = f"{where}, attribute {a.name!r} of node {node.name or node.op_type!r}"
+            if a.type == AttributeProto.TYPE_PROTO:
+                type_proto(a.tp, at)
+            elif a.type == AttributeProto.INT and node.op_type == "Cast" and a.name == "to":
+                element(a.i, at)
     return max(need, key=lambda item: item[0])
 
 

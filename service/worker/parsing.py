@@ -13,44 +13,16 @@ def external_data_refs(model: Any) -> list[str]:
     """Names of every tensor in the model (graphs, subgraphs, functions) stored outside it.
 
     Wider than onnx's own tensor walk (and so ``bnfold.onnx.external_data``): sparse
-    initializers and sparse attribute tensors are checked too."""
-    from onnx import AttributeProto, TensorProto
+    initializers and sparse attribute tensors are checked too (``bnfold.onnx.walk``)."""
+    from onnx import TensorProto
 
-    found: list[str] = []
+    from bnfold.onnx.walk import tensors
 
-    def tensor(t: Any) -> None:
-        if t.data_location == TensorProto.EXTERNAL or len(t.external_data):
-            found.append(t.name or "<unnamed>")
-
-    def graph(g: Any) -> None:
-        for t in g.initializer:
-            tensor(t)
-        for st in g.sparse_initializer:
-            tensor(st.values)
-            tensor(st.indices)
-        for node in g.node:
-            nodes_attrs(node.attribute)
-
-    def nodes_attrs(attrs: Any) -> None:
-        for a in attrs:
-            if a.type == AttributeProto.TENSOR:
-                tensor(a.t)
-            elif a.type == AttributeProto.TENSORS:
-                for t in a.tensors:
-                    tensor(t)
-            elif a.type == AttributeProto.SPARSE_TENSOR:
-                tensor(a.sparse_tensor.values)
-            elif a.type == AttributeProto.GRAPH:
-                graph(a.g)
-            elif a.type == AttributeProto.GRAPHS:
-                for g in a.graphs:
-                    graph(g)
-
-    graph(model.graph)
-    for fn in model.functions:
-        for node in fn.node:
-            nodes_attrs(node.attribute)
-    return found
+    return [
+        t.name or "<unnamed>"
+        for _, t in tensors(model)
+        if t.data_location == TensorProto.EXTERNAL or len(t.external_data)
+    ]
 
 
 def parse_onnx(data: bytes) -> Any:
