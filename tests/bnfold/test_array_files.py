@@ -3,40 +3,11 @@ file refused with a reason, an .npz's size before it is inflated."""
 
 from __future__ import annotations
 
-import io
-import zipfile
-
 import numpy as np
 import pytest
 
 from bnfold.array_files import MAX_ARRAYS, ArrayFileError, ArrayFileTooLarge, read_arrays
-
-
-def _npz(compressed: bool = False, **arrays) -> bytes:
-    out = io.BytesIO()
-    (np.savez_compressed if compressed else np.savez)(out, **arrays)
-    return out.getvalue()
-
-
-def _npy(array: np.ndarray) -> bytes:
-    out = io.BytesIO()
-    np.save(out, array, allow_pickle=False)
-    return out.getvalue()
-
-
-def _zip(**members: bytes) -> bytes:
-    out = io.BytesIO()
-    with zipfile.ZipFile(out, "w") as archive:
-        for name, data in members.items():
-            archive.writestr(name, data)
-    return out.getvalue()
-
-
-def _safetensors(**arrays) -> bytes:
-    from safetensors.numpy import save
-
-    return save(arrays)
-
+from tests.array_bytes import npy_bytes, npz_bytes, safetensors_bytes, zip_bytes
 
 X = np.arange(24, dtype=np.float32).reshape(2, 3, 4)
 Y = np.array([3, 1], np.int64)
@@ -44,14 +15,19 @@ Y = np.array([3, 1], np.int64)
 
 @pytest.mark.parametrize("declared", [None, "npy"])
 def test_an_npy_is_one_unnamed_array(declared):
-    arrays = read_arrays(_npy(X), declared)
+    arrays = read_arrays(npy_bytes(X), declared)
     assert list(arrays) == [""] and arrays[""].dtype == X.dtype
     np.testing.assert_array_equal(arrays[""], X)
 
 
 @pytest.mark.parametrize(
     "encode, declared",
-    [(_npz, None), (_npz, "npz"), (_safetensors, None), (_safetensors, "safetensors")],
+    [
+        (npz_bytes, None),
+        (npz_bytes, "npz"),
+        (safetensors_bytes, None),
+        (safetensors_bytes, "safetensors"),
+    ],
 )
 def test_npz_and_safetensors_keep_names_and_order(encode, declared):
     arrays = read_arrays(encode(x=X, labels=Y), declared)
@@ -64,19 +40,23 @@ def test_npz_and_safetensors_keep_names_and_order(encode, declared):
 @pytest.mark.parametrize(
     "data, declared, says",
     [
-        (_npz(x=X), "npy", "is named .npy but is a zip archive: name it .npz"),
+        (npz_bytes(x=X), "npy", "is named .npy but is a zip archive: name it .npz"),
         (
-            _zip(**{"readme.txt": b"hi"}),
+            zip_bytes(**{"readme.txt": b"hi"}),
             None,
             "the .npz entries ['readme.txt'] are not .npy arrays",
         ),
-        (_zip(**{"x.npy": b"not an array"}), None, "the .npz entries ['x'] are not .npy arrays"),
-        (_npz(x=np.array([{"a": 1}], dtype=object)), None, "Object arrays cannot be loaded"),
+        (
+            zip_bytes(**{"x.npy": b"not an array"}),
+            None,
+            "the .npz entries ['x'] are not .npy arrays",
+        ),
+        (npz_bytes(x=np.array([{"a": 1}], dtype=object)), None, "Object arrays cannot be loaded"),
         (b"PK\x03\x04 truncated", None, "not a valid .npz file"),
         (b"\x93NUMPY not really", None, "not a valid .npy file"),
         (b"x", "npz", "not a valid .npz file: File is not a zip file"),
         (b"\x10\x00\x00\x00\x00\x00\x00\x00{}", None, "not a valid .safetensors file"),
-        (_npy(X), "pickle", "unknown data format 'pickle'"),
+        (npy_bytes(X), "pickle", "unknown data format 'pickle'"),
     ],
 )
 def test_bad_files_are_refused_with_the_reason(data, declared, says):
@@ -88,7 +68,7 @@ def test_bad_files_are_refused_with_the_reason(data, declared, says):
 
 def test_an_npz_is_sized_before_it_is_inflated():
     big = np.zeros(1 << 20, np.uint8)  # deflates to about 1 kB
-    data = _npz(compressed=True, x=big)
+    data = npz_bytes(compressed=True, x=big)
     assert len(data) < 1 << 20
     with pytest.raises(ArrayFileTooLarge, match=r"inflates to \d+ bytes; the limit is 65536"):
         read_arrays(data, max_inflated_bytes=1 << 16)
@@ -96,7 +76,7 @@ def test_an_npz_is_sized_before_it_is_inflated():
 
 
 def test_an_npz_with_too_many_entries_is_refused():
-    data = _npz(**{f"a{i}": np.zeros(1) for i in range(MAX_ARRAYS + 1)})
+    data = npz_bytes(**{f"a{i}": np.zeros(1) for i in range(MAX_ARRAYS + 1)})
     with pytest.raises(
         ArrayFileError, match=f"holds {MAX_ARRAYS + 1} arrays; at most {MAX_ARRAYS}"
     ):

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from bnfold.cli import main as _main
+from tests.array_bytes import npz_bytes, zip_bytes
 
 
 def main(argv: list[str]) -> int:
@@ -87,29 +88,13 @@ def test_optimize_missing_file_and_wrong_npz(digits_onnx, capsys, tmp_path):
     assert "labels for 16" in _error_line(capsys)
 
 
-def _zip(path, **members: bytes):
-    import zipfile
-
-    with zipfile.ZipFile(path, "w") as archive:
-        for name, data in members.items():
-            archive.writestr(name, data)
-
-
-def _npz_bytes(**arrays) -> bytes:
-    import io
-
-    out = io.BytesIO()
-    np.savez(out, **arrays)
-    return out.getvalue()
-
-
 def _bad_files(tmp_path):
     """(flag, file, message) for files that are not calibration inputs or labels."""
     x = np.zeros((16, 1, 8, 8), np.float32)
     files = {
-        "readme.npz": lambda p: _zip(p, **{"readme.txt": b"hello"}),
+        "readme.npz": lambda p: p.write_bytes(zip_bytes(**{"readme.txt": b"hello"})),
         "obj.npz": lambda p: np.savez(p, x=np.array([{"a": 1}], dtype=object)),
-        "zip.npy": lambda p: p.write_bytes(_npz_bytes(x=x)),
+        "zip.npy": lambda p: p.write_bytes(npz_bytes(x=x)),
         "str.npz": lambda p: np.savez(p, x=np.array(["a", "b"])),
         "scalar.npz": lambda p: np.savez(p, x=np.float32(1)),
         "neg.npy": lambda p: np.save(p, -np.ones(16, np.int64)),

@@ -3,12 +3,10 @@ problem, and the version served before stays served."""
 
 from __future__ import annotations
 
-import io
-import zipfile
-
 import numpy as np
 import pytest
 
+from tests.array_bytes import npy_bytes, npz_bytes, zip_bytes
 from tests.service.support import upload
 
 torch = pytest.importorskip("torch")
@@ -38,47 +36,27 @@ def deployed(server, digits_onnx) -> str:
     return r.json()["version"]
 
 
-def _npz(**arrays) -> bytes:
-    out = io.BytesIO()
-    np.savez(out, **arrays)
-    return out.getvalue()
-
-
-def _npy(array: np.ndarray) -> bytes:
-    out = io.BytesIO()
-    np.save(out, array, allow_pickle=False)
-    return out.getvalue()
-
-
-def _zip(**members: bytes) -> bytes:
-    out = io.BytesIO()
-    with zipfile.ZipFile(out, "w") as archive:
-        for name, data in members.items():
-            archive.writestr(name, data)
-    return out.getvalue()
-
-
 def _served_version(api) -> str:
     return api.get("/v1/models/digits-guarded").json()["version"]
 
 
 def _calibration_cases(x: np.ndarray, y: np.ndarray) -> list:
     return [
-        ("c.npz", _zip(**{"readme.txt": b"hello"}), {}, "['readme.txt'] are not .npy arrays"),
-        ("c.npz", _zip(**{"x.npy": b"not an array"}), {}, "['x'] are not .npy arrays"),
-        ("c.npy", _npz(x=x), {}, "named .npy but is a zip archive"),
-        ("c.npz", _npz(x=x * np.float32(1e30)), {}, "values up to 1e+30 in magnitude"),
-        ("c.npz", _npz(x=np.zeros_like(x)), {}, "all 64 samples are identical"),
-        ("c.npz", _npz(x=np.repeat(x[:1], 64, 0)), {}, "all 64 samples are identical"),
+        ("c.npz", zip_bytes(**{"readme.txt": b"hello"}), {}, "['readme.txt'] are not .npy arrays"),
+        ("c.npz", zip_bytes(**{"x.npy": b"not an array"}), {}, "['x'] are not .npy arrays"),
+        ("c.npy", npz_bytes(x=x), {}, "named .npy but is a zip archive"),
+        ("c.npz", npz_bytes(x=x * np.float32(1e30)), {}, "values up to 1e+30 in magnitude"),
+        ("c.npz", npz_bytes(x=np.zeros_like(x)), {}, "all 64 samples are identical"),
+        ("c.npz", npz_bytes(x=np.repeat(x[:1], 64, 0)), {}, "all 64 samples are identical"),
         (
             "c.npz",
-            _npz(x=x, labels=-1 - y),
+            npz_bytes(x=x, labels=-1 - y),
             {"max_accuracy_drop": "1"},
             "class indices 0..9 (the model scores 10), got values from -10",
         ),
         (
             "c.npz",
-            _npz(x=x, labels=y + 10),
+            npz_bytes(x=x, labels=y + 10),
             {"max_accuracy_drop": "1"},
             "class indices 0..9 (the model scores 10), got values from 10 to 19",
         ),
@@ -104,14 +82,14 @@ def test_a_bad_calibration_file_is_refused_before_the_model_is_folded(api, split
     so only a calibration check made before folding can be the refusal the client sees."""
     files = {
         "file": ("model.onnx", digits_onnx),
-        "calibration": ("c.npz", _npz(x=np.zeros_like(split.train_x[:8].numpy()))),
+        "calibration": ("c.npz", npz_bytes(x=np.zeros_like(split.train_x[:8].numpy()))),
     }
     form = {"name": "digits-unfoldable", "optimize": "true", "input_shape": "[2,1,8,8]"}
     r = api.post("/v1/models", data={**form, "rtol": "0", "atol": "0"}, files=files)
     assert r.status_code == 400, r.text
     assert r.json()["error"].startswith("the calibration file: all 8 samples are identical")
     # the same upload with a good file fails where it should: at the exact verification
-    files["calibration"] = ("c.npz", _npz(x=split.train_x[:8].numpy()))
+    files["calibration"] = ("c.npz", npz_bytes(x=split.train_x[:8].numpy()))
     r = api.post("/v1/models", data={**form, "rtol": "0", "atol": "0"}, files=files)
     assert r.status_code == 422, r.text
     assert "calibration" not in r.json()["error"], r.text
@@ -133,7 +111,7 @@ def test_degenerate_recalibration_data_is_refused_and_keeps_the_served_version(
             r = api.post(
                 "/v1/models/digits-guarded/recalibrate",
                 data={"align_input": align},
-                files={"file": ("data.npy", _npy(data))},
+                files={"file": ("data.npy", npy_bytes(data))},
             )
             assert r.status_code == 400, (says, r.text)
             assert says in r.json()["error"], r.text
@@ -152,7 +130,7 @@ def test_a_form_field_sent_twice_is_refused(api, digits_onnx, deployed):
     r = api.post(
         "/v1/models/digits-guarded/recalibrate",
         data={"batch_size": ["8", "64"]},
-        files={"file": ("data.npy", _npy(np.zeros((4, 1, 8, 8), np.float32)))},
+        files={"file": ("data.npy", npy_bytes(np.zeros((4, 1, 8, 8), np.float32)))},
     )
     assert r.status_code == 400, r.text
     assert "['batch_size'] given more than once" in r.json()["error"]
