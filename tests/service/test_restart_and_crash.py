@@ -162,24 +162,31 @@ def test_generated_token_is_kept_private_and_reused(start_server, tmp_path):
     assert server.log.read_text().count(token) == 1
 
 
-def test_require_gpu_refuses_to_fall_back_to_the_cpu(tmp_path):
-    if cuda_usable():
-        pytest.skip("CUDA works here: nothing to refuse")
+def _start_and_fail(store, *args: str) -> subprocess.CompletedProcess:
+    """`python -m service` on any free port, with no BNFOLD_ setting but these, expected to stop
+    at start-up: what it printed and its exit status."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("BNFOLD_")}
     env.update(
-        BNFOLD_STORE=str(tmp_path / "s"),
+        BNFOLD_STORE=str(store),
         BNFOLD_PORT="0",
+        BNFOLD_GRPC_PORT="0",
         BNFOLD_DEPLOY_DEFAULTS="0",
         PYTHONPATH=str(ROOT),
     )
-    proc = subprocess.run(
-        [sys.executable, "-m", "service", "--require-gpu"],
+    return subprocess.run(
+        [sys.executable, "-m", "service", *args],
         env=env,
         cwd=ROOT,
         capture_output=True,
         text=True,
         timeout=60,
     )
+
+
+def test_require_gpu_refuses_to_fall_back_to_the_cpu(tmp_path):
+    if cuda_usable():
+        pytest.skip("CUDA works here: nothing to refuse")
+    proc = _start_and_fail(tmp_path / "s", "--require-gpu")
     assert proc.returncode != 0
     assert "require_gpu" in proc.stderr and "CUDA" in proc.stderr
 
@@ -213,22 +220,7 @@ def test_cli_options_fall_back_to_environment():
 def test_a_store_that_cannot_be_made_is_one_line_at_start(tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("not a directory")
-    env = dict(
-        os.environ,
-        BNFOLD_STORE=str(blocker / "store"),
-        BNFOLD_PORT="0",
-        BNFOLD_GRPC_PORT="0",
-        BNFOLD_DEPLOY_DEFAULTS="0",
-        PYTHONPATH=str(ROOT),
-    )
-    proc = subprocess.run(
-        [sys.executable, "-m", "service"],
-        env=env,
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    proc = _start_and_fail(blocker / "store")
     assert proc.returncode != 0
     assert f"bnfold cannot start: the store {blocker / 'store'}: Not a directory" in proc.stderr
     assert "Traceback" not in proc.stderr, proc.stderr
