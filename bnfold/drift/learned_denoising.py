@@ -25,6 +25,8 @@ an ONNX graph by ``input_alignment`` and of a module by ``torch_alignment``.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -120,7 +122,7 @@ def _train(u, sigma, alpha: float, steps: int, seed: int) -> tuple[list, float]:
         return nn.Conv2d(cin, cout, 3, padding=1, padding_mode="reflect")
 
     losses = []
-    with torch.random.fork_rng(devices=[]), torch.enable_grad():
+    with _one_thread(torch), torch.random.fork_rng(devices=[]), torch.enable_grad():
         torch.manual_seed(seed)
         net = nn.Sequential(
             conv(channels, WIDTH), nn.ReLU(), conv(WIDTH, WIDTH), nn.ReLU(), conv(WIDTH, channels)
@@ -138,6 +140,21 @@ def _train(u, sigma, alpha: float, steps: int, seed: int) -> tuple[list, float]:
     convs = [m for m in net if isinstance(m, nn.Conv2d)]
     layers = [(c.weight.detach().double().numpy(), c.bias.detach().double().numpy()) for c in convs]
     return layers, float(np.mean(losses[-max(1, steps // 10) :]))
+
+
+@contextmanager
+def _one_thread(torch) -> Iterator[None]:
+    """torch on one intra-op thread, the caller's count restored after. A step is a fixed
+    ``PIXELS_PER_STEP`` through three small convs, too little to share: ``train_denoiser`` at
+    1000 steps took 37.2 s on one thread and 34.6 s on two alone, and two of 200 steps side by
+    side on the same two cores 15 s each on one thread, 34.5 s each on two (docs/BENCHMARKS.md,
+    "Learned denoiser threads")."""
+    caller_threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(caller_threads)
 
 
 def _average(members: list[list]) -> list:
