@@ -20,7 +20,7 @@ from typing import Any
 from service.worker.parsing import parse_onnx, parse_safetensors, readable_by_runtime
 from service.worker.sandbox import FOLDING, Refused, disable_unpickling, first_lines, require
 
-__all__ = ["Source", "load_source"]
+__all__ = ["Source", "load_source", "read_onnx_upload"]
 
 
 @dataclass
@@ -35,17 +35,22 @@ class Source:
 def load_source(job_dir: Path, job: dict[str, Any]) -> Source:
     kind = job["kind"]
     if kind == "onnx":
-        original, note = readable_by_runtime(parse_onnx((job_dir / "upload").read_bytes()))
+        source = read_onnx_upload(job_dir, job)
         require(*FOLDING)
-        shapes = _shapes_by_name(original, job.get("input_shape"))
-        return Source(
-            original, shapes, {"format": "onnx", **({"ir_version": note} if note else {})}
-        )
+        return source
     if kind == "zoo":
         return _zoo_default(job["architecture"], job.get("input_shape"))
     if kind == "safetensors":
         return _weights_upload(job_dir, job)
     raise Refused(400, f"unknown job kind {kind!r}")
+
+
+def read_onnx_upload(job_dir: Path, job: dict[str, Any]) -> Source:
+    """An ONNX upload, parsed and lowered to an IR version onnxruntime reads, with the caller's
+    input shapes; onnx alone is loaded, not the folding libraries (torch: seconds)."""
+    original, note = readable_by_runtime(parse_onnx((job_dir / "upload").read_bytes()))
+    shapes = _shapes_by_name(original, job.get("input_shape"))
+    return Source(original, shapes, {"format": "onnx", **({"ir_version": note} if note else {})})
 
 
 def _zoo_default(name: str, input_shape: Any) -> Source:

@@ -63,11 +63,33 @@ def _calibration_cases(x: np.ndarray, y: np.ndarray) -> list:
     ]
 
 
+def test_each_bad_calibration_file_is_refused_with_its_reason(split, digits_onnx):
+    """Every case, through the optimize job's own reading of the file (no server: each upload
+    over HTTP costs a worker process), each a 400 naming the file."""
+    import onnx
+
+    from service.worker.optimize_job import _calibration
+    from service.worker.sandbox import Refused
+
+    original = onnx.load_from_string(digits_onnx)
+    x, y = split.train_x[:64].numpy(), split.train_y[:64].numpy()
+    for filename, data, _fields, says in _calibration_cases(x, y):
+        with pytest.raises(Refused) as refused:
+            settings = {"format": filename.rsplit(".", 1)[1]}
+            _calibration(original, data, settings, {"x": [2, 1, 8, 8]})
+        assert refused.value.status == 400, says
+        assert str(refused.value).startswith("the calibration file: "), str(refused.value)
+        assert says in str(refused.value), (says, str(refused.value))
+
+
 def test_bad_calibration_files_are_refused_and_keep_the_served_version(
     api, split, digits_onnx, deployed
 ):
+    """Over HTTP, one case of each kind: the file (bnfold.array_files), its samples
+    (service/worker/input_data.py) and its labels (bnfold.optimizer.accuracy)."""
     x, y = split.train_x[:64].numpy(), split.train_y[:64].numpy()
-    for filename, data, fields, says in _calibration_cases(x, y):
+    cases = _calibration_cases(x, y)
+    for filename, data, fields, says in (cases[0], cases[4], cases[6]):
         form = {"name": "digits-guarded", "optimize": "true", "input_shape": "[2,1,8,8]"}
         files = {"file": ("model.onnx", digits_onnx), "calibration": (filename, data)}
         r = api.post("/v1/models", data={**form, **fields}, files=files)
