@@ -1,4 +1,6 @@
-"""The `bnfold` command, run for real in a subprocess."""
+"""The `bnfold` command: run for real in a subprocess where the command itself is under test
+(a fold end to end, --help, a closed pipe, serve), in this process (`bnfold_here`, the same
+`main`) where its answers to bad input are."""
 
 from __future__ import annotations
 
@@ -166,13 +168,13 @@ def test_cli_output_into_a_closed_pipe_exits_quietly(tmp_path):
     assert "error" not in proc.stderr.lower() and "Traceback" not in proc.stderr, proc.stderr
 
 
-def test_cli_symbolic_spatial_dims_need_input_shape(tmp_path):
+def test_cli_symbolic_spatial_dims_need_input_shape(tmp_path, bnfold_here):
     _conv_bn(tmp_path / "in.onnx", spatial=("H", "W"))
 
-    line = _one_error_line(bnfold("fold", "in.onnx", "--verify", cwd=tmp_path))
+    line = _one_error_line(bnfold_here("fold", "in.onnx", "--verify", cwd=tmp_path))
     assert "--input-shape x=" in line
 
-    proc = bnfold("fold", "in.onnx", "--verify", "--input-shape", "x=1,3,7,5", cwd=tmp_path)
+    proc = bnfold_here("fold", "in.onnx", "--verify", "--input-shape", "x=1,3,7,5", cwd=tmp_path)
     assert proc.returncode == 0 and "verification OK" in proc.stdout
 
 
@@ -192,7 +194,7 @@ def test_cli_symbolic_spatial_dims_need_input_shape(tmp_path):
         (["fold", "external.onnx"], "external data"),
     ],
 )
-def test_cli_bad_input_exits_2_with_one_line(tmp_path, args, expected):
+def test_cli_bad_input_exits_2_with_one_line(tmp_path, bnfold_here, args, expected):
     import torch
     from safetensors.torch import save_file
 
@@ -202,7 +204,7 @@ def test_cli_bad_input_exits_2_with_one_line(tmp_path, args, expected):
     model = onnx.load(_conv_bn(tmp_path / "in.onnx"))
     onnx.save_model(model, tmp_path / "external.onnx", save_as_external_data=True, size_threshold=0)
 
-    assert expected in _one_error_line(bnfold(*args, cwd=tmp_path))
+    assert expected in _one_error_line(bnfold_here(*args, cwd=tmp_path))
 
 
 def test_cli_zoo_model_folds_exports_and_verifies(tmp_path):
@@ -257,11 +259,13 @@ def test_cli_folds_torchvision_weights_in_torch_and_verifies_the_export(tmp_path
     assert not any(n.op_type == "BatchNormalization" for n in out.graph.node)
 
 
-def test_cli_reads_external_data_only_with_base_dir(tmp_path):
+def test_cli_reads_external_data_only_with_base_dir(tmp_path, bnfold_here):
     model = onnx.load(_conv_bn(tmp_path / "in.onnx"))
     onnx.save_model(model, tmp_path / "ext.onnx", save_as_external_data=True, size_threshold=0)
 
-    proc = bnfold("fold", "ext.onnx", "--base-dir", ".", "-o", "out.onnx", "--verify", cwd=tmp_path)
+    proc = bnfold_here(
+        "fold", "ext.onnx", "--base-dir", ".", "-o", "out.onnx", "--verify", cwd=tmp_path
+    )
 
     assert proc.returncode == 0, proc.stderr
     assert "verification OK" in proc.stdout
