@@ -3,7 +3,9 @@ containers run the way ../shared/reference/containers.md says they run on these 
 (runc, host network, the server on 127.0.0.1 at a free port).
 
 In CI (CI=true) a missing podman or image fails the tests; elsewhere they are skipped, with
-the command that builds the images as the reason."""
+the command that builds the images as the reason. Where `.ci/run` builds the images beside the
+tests, BNFOLD_IMAGE_BUILD names its status file ("building LOG", then "exit STATUS LOG"): the
+fixtures wait for the build to end before they look for podman and the images."""
 
 from __future__ import annotations
 
@@ -16,6 +18,7 @@ import tomllib
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import httpx
 import pytest
@@ -26,6 +29,8 @@ VERSION = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["versi
 FULL = f"bnfold:{VERSION}"
 SLIM = f"bnfold:{VERSION}-slim"
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
+# the longest a build beside the tests has taken on these machines is 14 minutes
+BUILD_WAIT_S = 40 * 60
 
 
 def _missing(reason: str) -> None:
@@ -43,9 +48,33 @@ def podman(*args: str, check: bool = True, timeout: float = 120) -> subprocess.C
     return result
 
 
+def wait_for_image_build(status_file: str | None, timeout: float = BUILD_WAIT_S) -> None:
+    """Return once the image build that writes `status_file` has ended well; fail the tests
+    with the end of its log if it failed, or if it has not ended after `timeout` seconds."""
+    if not status_file:
+        return
+    start = time.monotonic()
+    while True:
+        try:
+            words = Path(status_file).read_text().split()
+        except FileNotFoundError:
+            return
+        if len(words) == 3 and words[0] == "exit":
+            if words[1] != "0":
+                log = Path(words[2])
+                tail = log.read_text(errors="replace")[-3000:] if log.exists() else ""
+                pytest.fail(f"the image build (.ci/image) failed with exit {words[1]}:\n{tail}")
+            return
+        if time.monotonic() - start > timeout:
+            pytest.fail(f"the image build (.ci/image) has not ended after {timeout:.0f} s")
+        time.sleep(2)
+
+
 @pytest.fixture(scope="session")
 def engine() -> None:
-    """podman, set up for this machine by the containers.conf that .ci/image writes."""
+    """podman, set up for this machine by the containers.conf that .ci/image writes, once a
+    build beside the tests has ended."""
+    wait_for_image_build(os.environ.get("BNFOLD_IMAGE_BUILD"))
     if shutil.which("podman") is None:
         _missing("podman is not installed: `bash .ci/image` installs it and builds the images")
     if "CONTAINERS_CONF" not in os.environ:
