@@ -4,8 +4,8 @@ which the test files go to the workers.
 - Threads: the README's command runs two workers on a 2-core machine. torch's default of a
   thread per core makes two processes side by side wait on each other's threads (the learned
   denoiser's training: 34.5 s on two threads each against 15 s on one, docs/BENCHMARKS.md
-  "Learned denoiser threads"), so each worker, and every process it starts, gets the cores
-  divided by the workers (OMP_NUM_THREADS, read by torch when it is imported).
+  "The suite on a slower machine, and what was cut"), so each worker, and every process it
+  starts, gets the cores divided by the workers (OMP_NUM_THREADS, read by torch on import).
 - Order: files with more tests first (what xdist's own `--loadscope-reorder` does, so that
   the long files start early), except tests/container/, last: `.ci/run` builds the images
   beside the tests, and those tests wait for the build (tests/container/conftest.py).

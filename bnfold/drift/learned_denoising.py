@@ -148,7 +148,7 @@ def _one_thread(torch) -> Iterator[None]:
     ``PIXELS_PER_STEP`` through three small convs, too little to share: ``train_denoiser`` at
     1000 steps took 37.2 s on one thread and 34.6 s on two alone, and two of 200 steps side by
     side on the same two cores 15 s each on one thread, 34.5 s each on two (docs/BENCHMARKS.md,
-    "Learned denoiser threads")."""
+    "The suite on a slower machine, and what was cut")."""
     caller_threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
