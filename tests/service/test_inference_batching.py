@@ -164,10 +164,13 @@ def test_health_stays_responsive_under_inference_load(start_server, tmp_path):
     x = np.random.default_rng(0).standard_normal((16, 512)).astype(np.float32)
     body, headers = infer_body(x, binary=True)  # a batch of 64 rows: ~100 ms of onnxruntime
     codes: list[int] = []
+    infer_s: list[float] = []
 
     async def load(client: httpx.AsyncClient, stop: float) -> None:
         while time.monotonic() < stop:
+            t0 = time.perf_counter()
             r = await client.post("/v2/models/chain/infer", content=body, headers=headers)
+            infer_s.append(time.perf_counter() - t0)
             codes.append(r.status_code)
 
     async def main() -> bytes:
@@ -191,8 +194,12 @@ def test_health_stays_responsive_under_inference_load(start_server, tmp_path):
     health_s = json.loads(asyncio.run(main()))
     assert codes and set(codes) == {200}
     p50, worst = statistics.median(health_s), max(health_s)
+    infer_p50 = statistics.median(infer_s)
     print(
-        f"\nhealth under load: {len(codes)} infers, {len(health_s)} probes, "
-        f"p50 {p50 * 1e3:.1f} ms, max {worst * 1e3:.1f} ms"
+        f"\nhealth under load: {len(codes)} infers (p50 {infer_p50 * 1e3:.0f} ms), "
+        f"{len(health_s)} probes, p50 {p50 * 1e3:.1f} ms, max {worst * 1e3:.1f} ms"
     )
-    assert p50 < 0.05 and worst < 1.0
+    # a probe queued behind the inference work would take about as long as an infer does;
+    # compared within the run, so a slower or busier machine moves both (absolute figures:
+    # bench/, not here)
+    assert p50 < infer_p50 / 4

@@ -260,10 +260,15 @@ def test_worker_killed_by_cpu_limit_is_a_clear_refusal(start_server, conv_bn_byt
 def test_parallel_uploads_queue_boundedly_and_health_stays_fast(start_server, conv_bn_bytes):
     server = start_server(BNFOLD_WORKER_CONCURRENCY="1", BNFOLD_WORKER_QUEUE="1")
     statuses: list[int] = []
+    deployed_s: list[float] = []
 
     def post(i: int) -> None:
         with server.client() as api:
-            statuses.append(upload(api, f"par{i}", conv_bn_bytes).status_code)
+            t0 = time.monotonic()
+            status = upload(api, f"par{i}", conv_bn_bytes).status_code
+            statuses.append(status)
+            if status == 201:
+                deployed_s.append(time.monotonic() - t0)
 
     threads = [threading.Thread(target=post, args=(i,)) for i in range(4)]
     for t in threads:
@@ -279,8 +284,14 @@ def test_parallel_uploads_queue_boundedly_and_health_stays_fast(start_server, co
         t.join()
     # one in a worker, one waiting, the others refused at once
     assert sorted(statuses) == [201, 201, 503, 503]
-    print(f"\nlive during uploads: max {max(latencies) * 1000:.0f} ms over {len(latencies)}")
-    assert max(latencies) < 1.0
+    fold_s = min(deployed_s)
+    print(
+        f"\nlive during uploads: max {max(latencies) * 1000:.0f} ms over {len(latencies)}, "
+        f"the quicker upload {fold_s:.1f} s"
+    )
+    # a probe that waited for the worker would take about as long as an upload; compared
+    # within the run, so a busy machine moves both (a CI run saw a 1.9 s probe beside 20 s folds)
+    assert max(latencies) < fold_s / 4
 
 
 def _external(tensor, location: str = "x.bin") -> None:

@@ -31,15 +31,23 @@ def assert_store_clean(store) -> None:
 
 def test_restart_brings_back_every_model_at_the_same_version(start_server, tmp_path):
     server = start_server()
+    t0 = time.monotonic()
     with server.client() as api:
         for i, name in enumerate(["alpha", "beta"]):
             assert upload(api, name, conv_bn_model(seed=i).SerializeToString()).status_code == 201
+    uploads_s = time.monotonic() - t0
     before = deployed(server)
     server.stop()
 
     again = start_server(store=server.store)
-    print(f"\nrestart: ready {again.ready_after_s:.1f} s after start")
-    assert again.ready_after_s < 10
+    loading_s = again.ready_after_s - server.ready_after_s
+    print(
+        f"\nrestart: ready {again.ready_after_s:.1f} s after start, {loading_s:.1f} s more than "
+        f"an empty store; the two uploads took {uploads_s:.1f} s"
+    )
+    # the stored folds are loaded, not made again (that would cost about what the uploads did);
+    # compared within the run, so a busy machine moves both
+    assert loading_s < uploads_s / 2
     assert deployed(again) == before
     with again.client() as api:
         r = api.post(
