@@ -63,16 +63,6 @@ ONNX_SIDE = {
     "functional_bn_training": "export_onnx writes F.batch_norm(training=True) of an eval-mode "
     "model as an inference BatchNormalization over the running statistics: the ONNX graph "
     "computes something else than the model, and fold_onnx folds that",
-    "linear_transpose_bn": "fold_onnx does not follow a Linear's features through a Transpose "
-    "to the BatchNormalization (bnfold.fold does: patterns/producer_bn.py)",
-    "linear_permute_bn": "fold_onnx does not follow a Linear's features through a Transpose "
-    "to the BatchNormalization (bnfold.fold does: patterns/producer_bn.py)",
-    "bn_flatten_linear": "fold_onnx does not fold BN -> Reshape -> Gemm forward when the "
-    "Reshape has allowzero=1 (what the exporter writes), though its shape holds no 0",
-    "bn_view_linear": "fold_onnx does not fold BN -> Reshape -> Gemm forward when the "
-    "Reshape has allowzero=1 (what the exporter writes), though its shape holds no 0",
-    "bn_reflect_conv": "fold_onnx does not fold a BN forward through the exporter's "
-    "Pad(mode=reflect) into the Conv that reads it",
 }
 
 

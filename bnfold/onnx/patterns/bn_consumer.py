@@ -8,11 +8,16 @@ Cases, matched by the numbered comments below:
 2. It may be flattened once to [N, C * block] by Flatten(axis=1) or a Reshape that keeps
    dimension 0: channel c then covers features [c * block, (c + 1) * block). The block follows
    from the consumer's input width K = C * block, which a valid graph guarantees for Flatten
-   and Reshape([0, -1]); a Reshape([-1, K]) needs the BN input shape to prove it.
+   and Reshape([0, -1]); a Reshape([-1, K]) needs the BN input shape to prove it. allowzero=1
+   changes nothing unless the target shape holds a 0.
 3. Gemm (transA=0) and MatMul (constant 2-D B) read features on the last axis: exact when the
    tensor is 2-D there (flattened, or a 2-D BN input).
 4. Conv reads channels on axis 1 (unflattened only); exact when it pads nothing (the padded
    zeros are not shifted by t), or when the shift t is exactly zero.
+5. A Pad on the way (unflattened only; the exporter writes a Conv's padding_mode="reflect"
+   or "replicate" as Pad -> Conv) keeps the fold exact when it leaves axis 1 alone and every
+   value it adds is a copy of one in the same channel (mode reflect, edge, wrap), or, in
+   constant mode, when it only crops or pads zeros and t is exactly zero.
 
 The BN folds only when *every* consumer can absorb it; otherwise it stays with the first
 reason found. No value on the way may be a graph output.
@@ -70,8 +75,10 @@ def _flatten_reason(node: ir.Node, ctx: FoldContext, bn_input: ir.Value) -> str 
         return f"{node_label(node)}: computed target shape, cannot prove it keeps the batch axis"
     if shape.ndim != 1 or len(shape) != 2:
         return f"{node_label(node)}: target shape is not of length 2"
-    if attr_int(node, "allowzero", 0):
-        return f"{node_label(node)}: allowzero=1"
+    if attr_int(node, "allowzero", 0) and not shape.all():
+        # allowzero=1 makes a 0 a dimension of size 0 instead of a copy; without a 0 it is
+        # the same Reshape (the exporter writes allowzero=1 everywhere)
+        return f"{node_label(node)}: allowzero=1 with a 0 in the target shape"
     if shape[0] == 0:  # copies dimension 0
         return None
     if in_shape is None or any(not isinstance(d, int) for d in in_shape[1:]):
@@ -79,6 +86,43 @@ def _flatten_reason(node: ir.Node, ctx: FoldContext, bn_input: ir.Value) -> str 
     if shape[1] == prod(in_shape[1:]) or (isinstance(in_shape[0], int) and shape[0] == in_shape[0]):
         return None
     return f"{node_label(node)}: reshapes to {shape.tolist()}, which splits samples"
+
+
+def _pad_reason(node: ir.Node, ctx: FoldContext, bn_affine: BNAffine) -> str | None:
+    """Why a Pad between the BN and its consumers breaks the fold, or None if it keeps it
+    exact (case 5)."""
+    label = node_label(node)
+    mode = attr_str(node, "mode", "constant")
+    if len(node.inputs) > 1:  # opset >= 11: pads, constant_value and axes are inputs
+        inputs = [*node.inputs[1:], None, None][:3]
+        arrays = [None if v is None else ctx.const(v) for v in inputs]
+        missing = [v is not None and a is None for v, a in zip(inputs, arrays, strict=True)]
+        if arrays[0] is None or any(missing):
+            return f"{label}: its pads, value or axes are not constants"
+        pads, value, axes = arrays
+    else:
+        pads, value, axes = np.array(attr_ints(node, "pads")), attr_float(node, "value", 0.0), None
+    pads = np.asarray(pads).reshape(-1)
+    value = np.zeros(()) if value is None else value
+    if axes is None:
+        axes = np.arange(len(pads) // 2)
+    if len(pads) != 2 * len(axes):
+        return f"{label}: {len(pads)} pads for {len(axes)} axes"
+    axes = [int(a) for a in np.asarray(axes).reshape(-1)]
+    if any(a < 0 for a in axes):
+        rank = ctx.rank(bn_affine.x)
+        if rank is None:
+            return f"{label}: negative axes and the input rank is unknown"
+        axes = [a % rank for a in axes]
+    if 1 in axes and (pads[axes.index(1)] or pads[axes.index(1) + len(axes)]):
+        return f"{label} pads the channel axis"
+    if mode in ("reflect", "edge", "wrap") or not (pads > 0).any():
+        return None  # every value it writes is one of the channel's own, or it only crops
+    if mode != "constant":
+        return f"{label}: unknown mode {mode!r}"
+    if np.asarray(value).any() or bool(bn_affine.t.any()):
+        return f"{label} pads a constant and BN shift is nonzero: not exact at the borders"
+    return None
 
 
 def dropout_reason(node: ir.Node, ctx: FoldContext) -> str | None:
@@ -92,9 +136,9 @@ def dropout_reason(node: ir.Node, ctx: FoldContext) -> str | None:
 
 
 def _collect(
-    value: ir.Value, flat: bool, ctx: FoldContext, bn_input: ir.Value
+    value: ir.Value, flat: bool, ctx: FoldContext, bn_affine: BNAffine
 ) -> list[_Leaf] | str:
-    """Walk from the BN output to the layers that read it (cases 1, 2)."""
+    """Walk from the BN output to the layers that read it (cases 1, 2, 5)."""
     if value.is_graph_output():
         return f"{value.name!r} is a graph output"
     if not value.uses():
@@ -105,10 +149,14 @@ def _collect(
             return f"read by {node_label(node)} inside a subgraph"
         if is_op(node, "Identity", "Dropout") and index == 0:
             reason = dropout_reason(node, ctx) if node.op_type == "Dropout" else None
-            found = reason or _collect(node.outputs[0], flat, ctx, bn_input)
+            found = reason or _collect(node.outputs[0], flat, ctx, bn_affine)
         elif is_op(node, "Flatten", "Reshape") and index == 0:
-            found = _flatten_reason(node, ctx, bn_input) or _collect(
-                node.outputs[0], True, ctx, bn_input
+            found = _flatten_reason(node, ctx, bn_affine.x) or _collect(
+                node.outputs[0], True, ctx, bn_affine
+            )
+        elif is_op(node, "Pad") and index == 0 and not flat:
+            found = _pad_reason(node, ctx, bn_affine) or _collect(
+                node.outputs[0], flat, ctx, bn_affine
             )
         elif is_op(node, "Gemm", "MatMul", "Conv"):
             found = [_Leaf(node, index, flat)]
@@ -219,7 +267,7 @@ class BNConsumer(Pattern):
     description: ClassVar = "BN -> Gemm/MatMul/Conv"
 
     def match(self, bn: ir.Node, bn_affine: BNAffine, ctx: FoldContext) -> Plan | str | None:
-        leaves = _collect(bn_affine.y, False, ctx, bn_affine.x)
+        leaves = _collect(bn_affine.y, False, ctx, bn_affine)
         if isinstance(leaves, str):
             return leaves
         edits: list[_Edit] = []

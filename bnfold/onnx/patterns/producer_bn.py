@@ -8,8 +8,11 @@ Cases, matched by the numbered comments below:
    rank and any groups; a ConvTranspose weight is [in, out/groups, *k] (``transposed=True``).
 2. Gemm -> BN: Gemm's output is [M, N] and BN normalises axis 1 = N, the output feature.
    alpha stays on the node; beta is folded into the new bias C.
-3. MatMul (+ Add with a constant) -> BN: only when the MatMul output is provably 2-D: on
-   [N, L, F] (a Linear on a sequence) BN's axis 1 is L, not the feature axis F.
+3. MatMul (+ Add with a constant) -> BN: only when BN's axis 1 provably holds the MatMul's
+   features, its last axis: a 2-D output, or Transposes between them that bring the last
+   axis to 1 ([N, L, F] -> Transpose(0, 2, 1) -> BatchNorm1d). On [N, L, F] with nothing
+   between, BN's axis 1 is L, not F. A shift with no Add to take it goes into a new Add
+   right after the MatMul, where the features are still last.
 
 Common guards: the producer's output feeds only this BN and is not a graph output, and its
 weight (and bias) are constants (an initializer, or computed from initializers alone:
@@ -32,6 +35,7 @@ from bnfold.onnx.patterns.base import (
     Plan,
     attr_float,
     attr_int,
+    attr_ints,
     from_torch,
     is_op,
     node_label,
@@ -152,9 +156,21 @@ class MatMulBN(Pattern):
     description: ClassVar = "MatMul(+Add) -> BN"
 
     def match(self, bn: ir.Node, bn_affine: BNAffine, ctx: FoldContext) -> Plan | str | None:
-        head = producer_guard(bn_affine, ("MatMul", "Add"))
+        head = producer_guard(bn_affine, ("MatMul", "Add", "Transpose"))
         if head is None or isinstance(head, str):
             return head
+        transposes = []  # nearest the BN first
+        while is_op(head, "Transpose"):
+            reason = FoldContext.sole_consumer(head.inputs[0])
+            if reason is not None:
+                return f"{node_label(head)}: {reason}"
+            transposes.append(head)
+            head = head.inputs[0].producer()
+        if not is_op(head, "MatMul", "Add"):
+            return None  # Transposes of something else: no affine producer here
+        if head.graph is not bn.graph:
+            return f"producer {node_label(head)} is in an enclosing graph"
+        produced = head.outputs[0]  # what the Transposes (or the BN) read
         add, matmul, c_in, c_arr = None, head, None, None
         if is_op(head, "Add"):  # case 3 with a bias: one Add input from a MatMul, one constant
             add = head
@@ -176,13 +192,14 @@ class MatMulBN(Pattern):
         if isinstance(b_arr, str) or b_arr.ndim != 2:
             why = b_arr if isinstance(b_arr, str) else f"rank {b_arr.ndim}"
             return f"{node_label(matmul)}: weight is not a constant matrix: {why}"
-        rank = ctx.rank(bn_affine.x)
-        if rank is None:
-            return f"{node_label(matmul)}: output rank unknown, BN axis 1 may not be its features"
-        if rank != 2:
+        axis = _feature_axis_at_bn(produced, matmul, transposes, ctx)
+        if isinstance(axis, str):
+            return axis
+        if axis != 1:
+            through = f", after {len(transposes)} Transpose(s)," if transposes else ""
             return (
-                f"{node_label(matmul)}: output is rank {rank}; BN normalises axis 1, "
-                "the MatMul feature axis is the last"
+                f"{node_label(matmul)}: output is rank {ctx.rank(produced) or '?'}; its features "
+                f"(the last axis) are axis {axis} at the BN{through} and BN normalises axis 1"
             )
         if b_arr.shape[1] != bn_affine.s.numel():
             return f"{node_label(matmul)}: {b_arr.shape[1]} outputs, BN has {bn_affine.s.numel()}"
@@ -207,10 +224,36 @@ class MatMulBN(Pattern):
                 return
             shift = ctx.new_initializer(graph, f"{b_in.name}_bias", c_out)
             new_add = ir.Node(
-                "", "Add", [bn_affine.x, shift], name=ctx.unique(f"{matmul.name or 'matmul'}_add")
+                "",
+                "Add",
+                [matmul.outputs[0], shift],
+                name=ctx.unique(f"{matmul.name or 'matmul'}_add"),
             )
             graph.insert_after(matmul, new_add)
-            ctx.bypass(bn, new_add.outputs[0])
+            if not transposes:
+                ctx.bypass(bn, new_add.outputs[0])
+                return
+            transposes[-1].replace_input_with(0, new_add.outputs[0])  # features still last
+            ctx.bypass(bn, bn_affine.x)
 
         targets = [n.name or n.outputs[0].name for n in (matmul, add) if n is not None]
         return Plan(targets=targets, apply=apply)
+
+
+def _feature_axis_at_bn(
+    produced: ir.Value, matmul: ir.Node, transposes: list[ir.Node], ctx: FoldContext
+) -> int | str:
+    """The axis that the last axis of `produced` (the MatMul's features, after its bias Add)
+    is at when it reaches the BN (case 3)."""
+    rank = ctx.rank(produced)
+    if rank is None and transposes:
+        rank = len(attr_ints(transposes[-1], "perm")) or None
+    if rank is None:
+        return f"{node_label(matmul)}: output rank unknown, BN axis 1 may not be its features"
+    axis = rank - 1
+    for node in reversed(transposes):  # from the MatMul towards the BN
+        perm = attr_ints(node, "perm") or list(reversed(range(rank)))  # no perm: reverse
+        if sorted(perm) != list(range(rank)):
+            return f"{node_label(node)}: perm {perm} is not a permutation of {rank} axes"
+        axis = perm.index(axis)  # output axis i reads input axis perm[i]
+    return axis

@@ -88,6 +88,89 @@ def test_bn_conv_folds_forward_when_exact(groups, padded, zero_shift):
     assert_same_outputs(model, result.model, {"x": np.ones((1, 6, 5, 5), np.float32)})
 
 
+@pytest.mark.parametrize("mode", ["reflect", "edge", "wrap", "constant", "crop"])
+def test_bn_pad_conv_folds_forward_when_the_pad_copies_channel_values(mode):
+    """Conv(padding_mode="reflect" / "replicate") exports as Pad -> Conv; constant padding
+    folds only with a zero shift, a crop (negative pads) always."""
+    g = GraphBuilder(seed=4)
+    g.node("Relu", ["x"], ["r"])
+    g.bn("r", "b", 4, zero_shift=mode == "constant")
+    pads = [0, 0, -1, 0, 0, 0, 0, -1] if mode == "crop" else [0, 0, 1, 2, 0, 0, 2, 1]
+    attrs = {"mode": "constant" if mode == "crop" else mode}
+    g.node("Pad", ["b", g.init("pads", np.array(pads, np.int64))], ["p"], **attrs)
+    g.node("Conv", ["p", g.weight("w", 6, 4, 3, 3)], ["y"])
+    hw = (2, 2) if mode == "crop" else (6, 6)
+    model = g.model({"x": ["N", 4, 5, 5]}, {"y": ["N", 6, *hw]}, opset=19)
+
+    result = fold_onnx(model)
+
+    assert op_types(result.model) == ["Relu", "Pad", "Conv"], result.report.summary()
+    assert result.report.entries[0].action is Action.FOLDED_FORWARD
+    for batch in (1, 3):
+        assert_same_outputs(model, result.model, _x(batch, 4, 5, 5))
+
+
+@pytest.mark.parametrize("opset", [10, 18])
+def test_bn_pad_conv_reads_pads_from_attributes_and_axes(opset):
+    """opset < 11 keeps pads in an attribute; opset >= 18 may name the padded axes."""
+    g = GraphBuilder(seed=5)
+    g.node("Relu", ["x"], ["r"])
+    g.bn("r", "b", 4)
+    if opset == 10:
+        g.node("Pad", ["b"], ["p"], mode="reflect", pads=[0, 0, 1, 1, 0, 0, 1, 1])
+    else:
+        axes = g.init("axes", np.array([-2, 3], np.int64))
+        pads = g.init("pads", np.array([1, 1, 1, 1], np.int64))
+        g.node("Pad", ["b", pads, "", axes], ["p"], mode="reflect")
+    g.node("Conv", ["p", g.weight("w", 6, 4, 3, 3)], ["y"])
+    model = g.model({"x": ["N", 4, 5, 5]}, {"y": ["N", 6, 5, 5]}, opset=opset)
+
+    result = fold_onnx(model)
+
+    assert "BatchNormalization" not in op_types(result.model), result.report.summary()
+    assert_same_outputs(model, result.model, _x(2, 4, 5, 5))
+
+
+@pytest.mark.parametrize(
+    "mode,pads,why",
+    [
+        ("constant", [0, 0, 1, 1, 0, 0, 1, 1], "not exact at the borders"),
+        ("reflect", [0, 1, 0, 0, 0, 1, 0, 0], "pads the channel axis"),
+    ],
+)
+def test_bn_pad_conv_is_kept_when_the_pad_is_not_exact(mode, pads, why):
+    g = GraphBuilder()
+    g.node("Relu", ["x"], ["r"])
+    g.bn("r", "b", 4)
+    g.node("Pad", ["b", g.init("pads", np.array(pads, np.int64))], ["p"], mode=mode)
+    channels = 4 + pads[1] + pads[5]
+    g.node("Conv", ["p", g.weight("w", 6, channels, 3, 3)], ["y"])
+    model = g.model({"x": ["N", 4, 5, 5]}, {"y": None}, check=False)
+
+    result = fold_onnx(model)
+
+    assert not result.modified
+    assert why in result.report.entries[0].reason
+
+
+@pytest.mark.parametrize("shape,folds", [([2, 48], True), ([0, -1], False)])
+def test_static_reshape_with_allowzero_folds_unless_it_holds_a_zero(shape, folds):
+    """The exporter writes allowzero=1 on every Reshape; without a 0 it changes nothing."""
+    g = GraphBuilder()
+    _bn_head(g)
+    g.node("Reshape", ["b", g.init("shape", np.array(shape))], ["f"], allowzero=1)
+    g.node("Gemm", ["f", g.weight("w", 48, 5)], ["y"])
+    model = g.model({"x": [2, 3, 4, 4]}, {"y": None}, opset=14, check=False)
+
+    result = fold_onnx(model)
+
+    assert result.modified is folds, result.report.summary()
+    if folds:
+        assert_same_outputs(model, result.model, _x(2, 3, 4, 4))
+    else:
+        assert "allowzero=1 with a 0" in result.report.entries[0].reason
+
+
 def test_bn_padded_conv_with_shift_is_kept():
     g = GraphBuilder()
     g.node("Relu", ["x"], ["r"])

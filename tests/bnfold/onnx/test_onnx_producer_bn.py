@@ -90,6 +90,59 @@ def test_matmul_bn_on_rank3_is_kept():
     assert "rank 3" in result.report.entries[0].reason
 
 
+@pytest.mark.parametrize("with_add", [False, True])
+@pytest.mark.parametrize("perms", [[[0, 2, 1]], [[1, 0, 2], [1, 2, 0]], [None, [2, 0, 1]]])
+def test_matmul_transposed_to_bn_folds_backward(perms, with_add):
+    """A Linear on [N, L, F] whose features some Transposes bring to axis 1 (no perm: reversed)."""
+    g = GraphBuilder(seed=len(perms))
+    g.node("MatMul", ["x", g.weight("w", 7, 5)], ["m"])
+    if with_add:
+        g.node("Add", ["m", g.weight("b", 5)], ["t0"])
+    else:
+        g.node("Identity", ["m"], ["t0"])  # a plain MatMul: its shift needs a new Add
+    shape = ["N", 4, 5]
+    for i, perm in enumerate(perms):
+        g.node("Transpose", [f"t{i}"], [f"t{i + 1}"], **({} if perm is None else {"perm": perm}))
+        shape = shape[::-1] if perm is None else [shape[p] for p in perm]
+    g.bn(f"t{len(perms)}", "y", 5)
+    model = g.model({"x": ["N", 4, 7]}, {"y": shape})
+    if not with_add:  # the Identity would hide the MatMul: take it out again
+        model.graph.node.remove(next(n for n in model.graph.node if n.op_type == "Identity"))
+        next(n for n in model.graph.node if n.op_type == "MatMul").output[0] = "t0"
+
+    result = fold_onnx(model)
+
+    assert "BatchNormalization" not in op_types(result.model), result.report.summary()
+    assert result.report.entries[0].action is Action.FOLDED_BACKWARD
+    assert op_types(result.model).count("Add") == 1  # the Linear's bias took the shift
+    onnx.checker.check_model(result.model, full_check=True)
+    x = np.random.default_rng(2).standard_normal((3, 4, 7)).astype(np.float32)
+    assert_same_outputs(model, result.model, {"x": x})
+
+
+@pytest.mark.parametrize(
+    "perm,other_user,why",
+    [([1, 0, 2], False, "axis 2 at the BN"), ([0, 2, 1], True, "has 2 consumers")],
+)
+def test_matmul_transposed_to_bn_is_kept_unless_features_reach_axis_1_alone(perm, other_user, why):
+    g = GraphBuilder()
+    g.node("MatMul", ["x", g.weight("w", 7, 5)], ["m"])
+    g.node("Add", ["m", g.weight("b", 5)], ["h"])
+    g.node("Transpose", ["h"], ["t"], perm=perm)
+    shape = [[3, 4, 5][p] for p in perm]
+    g.bn("t", "y", shape[1])
+    outputs = {"y": shape}
+    if other_user:
+        g.node("Relu", ["h"], ["r"])
+        outputs["r"] = [3, 4, 5]
+    model = g.model({"x": [3, 4, 7]}, outputs)
+
+    result = fold_onnx(model)
+
+    assert not result.modified
+    assert why in result.report.entries[0].reason
+
+
 def test_matmul_bn_with_unknown_rank_is_kept():
     g = GraphBuilder()
     g.node("MatMul", ["x", g.weight("w", 7, 5)], ["m"])
