@@ -12,6 +12,10 @@ Cases, each a guard below:
 4. A Conv consumer is exact only if every input element it reads is a BN output. Zero
    padding reads zeros that the BN would have shifted to t: exact when there is no zero
    padding (padding 0, or reflect/replicate/circular) or when t is exactly 0.
+4a. The same holds for a padding module or `F.pad` on the way (before the flatten, if any):
+   reflect, replicate and circular copy values of the same channel, a crop drops some, and
+   constant padding is exact only with value 0 and t exactly 0. Padding dim 0 or 1 (the
+   batch or the channel axis) is refused.
 5. A transposed conv adds t's contribution a different number of times at the borders: kept.
 6. The BN input must not be written in place by another user, since the consumers now read
    it directly and would see the new values.
@@ -62,6 +66,47 @@ def _is_flatten_call(node: fx.Node, gm: fx.GraphModule) -> bool:
     return node.op == "call_method" and node.target in _FLATTEN_METHODS
 
 
+# padding modules by mode; the constant ones (ZeroPad, ConstantPad) carry `value`
+_PAD_MODULES = {
+    nn.modules.padding._ReflectionPadNd: "reflect",
+    nn.modules.padding._ReplicationPadNd: "replicate",
+    nn.modules.padding._ConstantPadNd: "constant",
+}
+if hasattr(nn.modules.padding, "_CircularPadNd"):
+    _PAD_MODULES[nn.modules.padding._CircularPadNd] = "circular"
+
+
+def _padding(node: fx.Node, gm: fx.GraphModule) -> tuple[tuple, str, float] | None:
+    """(widths in F.pad's order, mode, value) of a padding module or F.pad call, else None."""
+    if node.op == "call_module":
+        m = fetch_attr(gm, str(node.target))
+        for cls, mode in _PAD_MODULES.items():
+            if isinstance(m, cls):
+                return tuple(m.padding), mode, float(getattr(m, "value", 0.0))
+        return None
+    if node.op != "call_function" or node.target is not F.pad:
+        return None
+    args = dict(zip(("input", "pad", "mode", "value"), node.args, strict=False)) | node.kwargs
+    mode, value = args.get("mode", "constant"), args.get("value")
+    return tuple(args.get("pad", ())), mode, 0.0 if value is None else value
+
+
+def _pad_reason(node: fx.Node, pad: tuple[tuple, str, float], rank: int) -> str | None:
+    """Why a padding on the way breaks the fold, or None (case 4a; the t == 0 condition of
+    constant padding is checked by the caller)."""
+    widths, mode, value = pad
+    if not all(isinstance(w, int) for w in widths) or not isinstance(value, int | float):
+        return f"{describe(node)} pads by values that are not constants"
+    for j in range(len(widths) // 2):  # F.pad's order: the last dim first
+        if rank - 1 - j <= 1 and (widths[2 * j] or widths[2 * j + 1]):
+            return f"{describe(node)} pads the batch or channel axis"
+    if mode == "constant" and value != 0 and any(w > 0 for w in widths):
+        return f"{describe(node)} pads with {value}: the BN would have shifted those values"
+    if mode not in ("constant", "reflect", "replicate", "circular"):
+        return f"{describe(node)} pads in mode {mode!r}"
+    return None
+
+
 def _channel_block(before: tuple[int, ...], after: tuple[int, ...] | None) -> int | None:
     """Features per channel if `after` is `before` flattened from dim 1 on, else None."""
     if after is None or len(before) < 3 or len(after) != 2 or after[0] != before[0]:
@@ -71,12 +116,20 @@ def _channel_block(before: tuple[int, ...], after: tuple[int, ...] | None) -> in
 
 
 def _route(start: fx.Node, bn_shape: tuple[int, ...], gm: fx.GraphModule):
-    """Walk from a BN user to its consumer. Returns (consumer node, block, via_flatten) or a
-    rejection reason."""
-    node, block, flattened = start, 1, False
+    """Walk from a BN user to its consumer. Returns (consumer node, block, via_flatten,
+    zero-padded on the way) or a rejection reason."""
+    node, block, flattened, zero_padded = start, 1, False, False
     while True:
-        if is_eval_identity(node, gm) or _is_flatten_call(node, gm):
-            if _is_flatten_call(node, gm):
+        pad = _padding(node, gm)
+        if is_eval_identity(node, gm) or _is_flatten_call(node, gm) or pad is not None:
+            if pad is not None:  # case 4a
+                if flattened:
+                    return f"{describe(node)} pads a flattened BN output"
+                reason = _pad_reason(node, pad, len(bn_shape))
+                if reason is not None:
+                    return reason
+                zero_padded |= pad[1] == "constant" and any(w > 0 for w in pad[0])
+            elif _is_flatten_call(node, gm):
                 if flattened:
                     return f"{describe(node)} reshapes the features a second time"
                 b = _channel_block(bn_shape, node_shape(node))
@@ -87,7 +140,7 @@ def _route(start: fx.Node, bn_shape: tuple[int, ...], gm: fx.GraphModule):
                 return f"{describe(node)} has {len(node.users)} users"
             node = next(iter(node.users))
             continue
-        return node, block, flattened
+        return node, block, flattened, zero_padded
 
 
 def _conv_reject(layer: nn.Module, t: torch.Tensor, name: str) -> str | None:
@@ -126,7 +179,12 @@ def fold_into_consumers(site: BNSite, ctx: FoldContext) -> Folded | Rejected:
         route = _route(user, bn_shape, ctx.gm)
         if isinstance(route, str):
             return Rejected(route)
-        consumer, block, flattened = route
+        consumer, block, flattened, zero_padded = route
+        if zero_padded and not bool(torch.all(t == 0)):  # case 4a
+            return Rejected(
+                f"a zero padding before {describe(consumer)} would not be shifted by the BN: "
+                "folding would be inexact at the borders"
+            )
         layer = ctx.module(consumer)
         if not isinstance(layer, nn.Linear | nn.modules.conv._ConvNd):
             return Rejected(f"its output goes to {describe(consumer)}, not a Linear/Conv layer")

@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from bnfold import Action
@@ -62,6 +63,70 @@ def test_fold_forward_into_conv_when_exact(groups, padding_mode):
     model = randomize_bn(nn.Sequential(nn.ReLU(), nn.BatchNorm2d(4), conv))
     result = fold_and_check(model, torch.randn(2, 4, 7, 7))
     assert result.report.entries[0].action is Action.FOLDED_FORWARD
+
+
+class PadThenConv(nn.Module):
+    """BN -> a padding (a module, or F.pad when `pad` is a tuple) -> Conv2d."""
+
+    def __init__(self, pad, mode: str = "constant", zero_shift: bool = False):
+        super().__init__()
+        self.bn = nn.BatchNorm2d(4, affine=not zero_shift)
+        self.pad, self.mode = pad, mode
+        self.conv = nn.Conv2d(4, 6, 3)
+
+    def forward(self, x):
+        y = self.bn(torch.relu(x))
+        if isinstance(self.pad, tuple):
+            y = F.pad(y, self.pad, mode=self.mode)
+        else:
+            y = self.pad(y)
+        return self.conv(y)
+
+
+def _pad_then_conv(pad, zero_shift: bool = False, **kwargs) -> nn.Module:
+    model = PadThenConv(pad, zero_shift=zero_shift, **kwargs)
+    if zero_shift:  # running_mean 0 and no affine bias: t == 0
+        model.eval()
+        with torch.no_grad():
+            model.bn.running_var.uniform_(0.5, 2.0)
+        return model
+    return randomize_bn(model)
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: _pad_then_conv(nn.ReflectionPad2d(1)),
+        lambda: _pad_then_conv(nn.ReplicationPad2d((1, 2, 0, 1))),
+        lambda: _pad_then_conv(nn.CircularPad2d(1)),
+        lambda: _pad_then_conv((1, 1, 2, 0), mode="reflect"),
+        lambda: _pad_then_conv((1, 1, 1, 1), mode="replicate"),
+        lambda: _pad_then_conv(nn.ConstantPad2d(-1, 3.0)),  # a crop
+        lambda: _pad_then_conv(nn.ZeroPad2d(1), zero_shift=True),
+    ],
+    ids=["reflect", "replicate", "circular", "F.pad reflect", "F.pad replicate", "crop", "zero"],
+)
+def test_fold_forward_through_a_padding_that_copies_channel_values(make):
+    result = fold_and_check(make(), torch.randn(2, 4, 7, 7))
+    assert result.report.entries[0].action is Action.FOLDED_FORWARD
+
+
+@pytest.mark.parametrize(
+    "pad,why",
+    [
+        (nn.ZeroPad2d(1), "inexact at the borders"),
+        (nn.ConstantPad2d(1, 0.5), "pads with 0.5"),
+        ((0, 0, 0, 0, 1, 0), "batch or channel axis"),  # F.pad: one more channel in front
+    ],
+)
+def test_a_padding_that_is_not_exact_keeps_bn(pad, why):
+    model = _pad_then_conv(pad)
+    if isinstance(pad, tuple):
+        model.conv = nn.Conv2d(5, 6, 3)
+    result = fold_and_check(model, torch.randn(2, 4, 7, 7))
+    (entry,) = result.report.entries
+    assert entry.action is Action.KEPT
+    assert why in entry.reason
 
 
 def test_zero_padded_conv_consumer_keeps_bn():

@@ -268,6 +268,18 @@ def _pitfalls() -> list[Case]:
             7,
         ),  # fmt: skip
         _pitfall(
+            "bn_reflection_pad_conv", lambda: fw.PadThenConv(nn.ReflectionPad2d(1)), 2, 4, 7, 7
+        ),
+        _pitfall(
+            "bn_fpad_replicate_conv",
+            lambda: fw.PadThenConv((1, 1, 1, 1), mode="replicate"),
+            2,
+            4,
+            7,
+            7,
+        ),  # fmt: skip
+        _pitfall("bn_zero_pad_conv", lambda: fw.PadThenConv(nn.ZeroPad2d(1)), 2, 4, 7, 7),
+        _pitfall(
             "bn_zero_padded_conv",
             seq(nn.ReLU(), nn.BatchNorm2d(4), nn.Conv2d(4, 4, 3, padding=1)),
             2,
