@@ -1,7 +1,11 @@
 """BatchNormalization left in ONNX graphs by fold_onnx and by the other BN fusers.
 
     .venv/bin/python bench/onnx_coverage.py [--models resnet18,timm:dla34,zoo:preact_net]
-        [--size 64] [--json results.json]
+        [--size 64] [--static-batch] [--json results.json]
+    .venv/bin/python bench/onnx_coverage.py --models placements --static-batch
+
+`placements` names the small modules of `onnx_models.PLACEMENTS`: a BN with a node the
+exporter writes between it and the layer it folds into (Transpose, Reshape, Pad).
 
 Each model is exported with its BN intact (bnfold.export_onnx, dynamic batch, static spatial
 dims), then handed to:
@@ -25,7 +29,7 @@ import onnx
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from onnx_models import all_names, build  # noqa: E402
+from onnx_models import PLACEMENTS, all_names, build  # noqa: E402
 
 from bnfold.onnx.export import export_onnx  # noqa: E402
 from bnfold.onnx.fold import fold_onnx  # noqa: E402
@@ -95,17 +99,21 @@ def ort_optimizer(model):
 TOOLS = ("onnxscript", "onnxoptimizer", "onnxsim", "ort")
 
 
-def measure(name: str, size: int) -> dict:
+def measure(name: str, size: int, static_batch: bool = False) -> dict:
     row: dict = {"model": name}
     model, inputs, meta = build(name, size)
     t0 = time.perf_counter()
     # static spatial dims: they do not change what folds, and torch.export's symbolic
     # reasoning about them takes minutes on some models (timm's tf_* "same" padding)
-    exported = export_onnx(model, inputs, dynamic_spatial=False)
+    exported = export_onnx(model, inputs, dynamic_batch=not static_batch, dynamic_spatial=False)
     row["export_s"] = round(time.perf_counter() - t0, 1)
     row["nodes"] = len(exported.graph.node)
     row["bn_exported"] = bn_count(exported)
     shapes = meta["shapes"]
+    batches = (1, 3)
+    if static_batch:  # the graph takes the example's batch size only
+        batches = (inputs[0].shape[0],)
+        shapes = [[batches[0], *s[1:]] for s in shapes]
     input_shapes = {v.name: s for v, s in zip(exported.graph.input, shapes, strict=False)}
 
     t0 = time.perf_counter()
@@ -113,7 +121,7 @@ def measure(name: str, size: int) -> dict:
     row["fold_s"] = round(time.perf_counter() - t0, 2)
     row["bnfold"] = bn_count(result.model)
     row["bnfold_nodes"] = len(result.model.graph.node)
-    check = verify_onnx(exported, result.model, input_shapes=input_shapes)
+    check = verify_onnx(exported, result.model, input_shapes=input_shapes, batch_sizes=batches)
     row["verify_ok"] = check.ok
     row["verify_max_rel"] = check.max_rel_err
 
@@ -158,15 +166,20 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", help="comma-separated; default: all")
     parser.add_argument("--size", type=int, default=64, help="input height/width for images")
+    parser.add_argument(
+        "--static-batch", action="store_true", help="export a fixed batch size (static shapes)"
+    )
     parser.add_argument("--json", help="write the rows as JSON here")
     args = parser.parse_args()
     warnings.filterwarnings("ignore")
     names = args.models.split(",") if args.models else all_names()
+    if names == ["placements"]:
+        names = [f"placement:{n}" for n in PLACEMENTS]
     rows = []
     for name in names:
         print(f"== {name}", file=sys.stderr, flush=True)
         try:
-            rows.append(measure(name, args.size))
+            rows.append(measure(name, args.size, args.static_batch))
         except Exception as exc:  # noqa: BLE001
             rows.append({"model": name, "error": f"{type(exc).__name__}: {str(exc)[:120]}"})
         print(json.dumps(rows[-1]), file=sys.stderr, flush=True)

@@ -79,8 +79,43 @@ def measured_bn(
     return model.eval()
 
 
+class _LinearOverSequence(nn.Module):
+    """A Linear on [N, L, F], its features moved to dim 1 for BatchNorm1d (a 1-D conv stem's
+    or a sequence model's way)."""
+
+    def __init__(self, f_in: int = 16, f_out: int = 24):
+        super().__init__()
+        self.linear, self.bn = nn.Linear(f_in, f_out), nn.BatchNorm1d(f_out)
+
+    def forward(self, x):
+        return torch.relu(self.bn(self.linear(x).transpose(1, 2)))
+
+
+def _bn_before_padded_conv(mode: str) -> nn.Module:
+    return nn.Sequential(
+        nn.ReLU(), nn.BatchNorm2d(8), nn.Conv2d(8, 8, 3, padding=1, padding_mode=mode)
+    )
+
+
+# placements the exporter writes with a node between the BN and the layer it folds into
+PLACEMENTS = {
+    "linear_transpose_bn": (_LinearOverSequence, (2, 10, 16)),
+    "bn_flatten_linear": (
+        lambda: nn.Sequential(nn.ReLU(), nn.BatchNorm2d(8), nn.Flatten(), nn.Linear(8 * 36, 10)),
+        (2, 8, 6, 6),
+    ),
+    "bn_reflect_conv": (lambda: _bn_before_padded_conv("reflect"), (2, 8, 12, 12)),
+    "bn_replicate_conv": (lambda: _bn_before_padded_conv("replicate"), (2, 8, 12, 12)),
+    "bn_circular_conv": (lambda: _bn_before_padded_conv("circular"), (2, 8, 12, 12)),
+}
+
+
 def build(name: str, size: int = 64) -> tuple[nn.Module, tuple[torch.Tensor, ...], dict]:
     """(model in eval mode, example inputs, input shapes for verification by input name)."""
+    if name.startswith("placement:"):
+        make, shape = PLACEMENTS[name[10:]]
+        torch.manual_seed(0)
+        return randomize_bn(make()), (torch.randn(*shape),), {"shapes": [[1, *shape[1:]]]}
     if name.startswith("zoo:"):
         import models
 
