@@ -23,6 +23,7 @@ from torch import Tensor
 
 __all__ = [
     "bn_scale_shift",
+    "apply_bn",
     "fold_bn_into_producer",
     "fold_bn_into_consumer",
     "channel_scale_for_features",
@@ -53,6 +54,14 @@ def bn_scale_shift(
     s = gamma / torch.sqrt(var + float(eps))
     t = beta - s * mean
     return s, t
+
+
+def apply_bn(x: Tensor, s: Tensor, t: Tensor) -> Tensor:
+    """Eval-mode BN of a tensor, s * x + t per channel on dim 1, computed in float64 and
+    returned in x's dtype."""
+    view = (1, -1) + (1,) * (x.dim() - 2)
+    y = x.detach().to(torch.float64) * s.view(view) + t.view(view)
+    return y.to(x.dtype)
 
 
 def _per_out_channel_view(weight: Tensor, s: Tensor, groups: int, transposed: bool) -> Tensor:

@@ -6,9 +6,10 @@ The pass, per BatchNormalization node (subgraphs of If/Loop/Scan included):
    kept with that reason. A parameter or weight computed from constants alone (an Identity
    in front of a deduplicated initializer, Transpose(W), DequantizeLinear) is a constant,
    evaluated once (``bnfold.onnx.constants``).
-2. Try the backward patterns (fold into the producer of x), then the forward one (fold into
-   every consumer of y). The first that plans a fold applies it; otherwise the BN is kept and
-   its entry carries every pattern's reason.
+2. A BN over a constant (weight standardization) is computed once. Otherwise try the
+   backward patterns (fold into the producer of x), then the forward one (fold into every
+   consumer of y). The first that plans a fold applies it; otherwise the BN is kept and its
+   entry carries every pattern's reason.
 3. Repeat over the whole graph until a round changes nothing: a forward fold into a Conv can
    make the next BN's producer foldable.
 4. With ``merge_branches`` (the default), then merge sums of parallel Conv / BN / identity
@@ -38,7 +39,7 @@ from bnfold.onnx.branches import merge_branches as merge_branch_sums
 from bnfold.onnx.compose import compose_affine
 from bnfold.onnx.constants import ConstantEvaluator
 from bnfold.onnx.external_data import load_external_data
-from bnfold.onnx.patterns import BACKWARD, FORWARD
+from bnfold.onnx.patterns import BACKWARD, FORWARD, PRECOMPUTE
 from bnfold.onnx.patterns.base import FoldContext, Plan, bn_label, is_op, node_label
 from bnfold.report import Action, BNEntry, ComposeEntry, FoldReport, MergeEntry
 
@@ -128,7 +129,11 @@ def _fold_one(bn: ir.Node, ctx: FoldContext) -> BNEntry:
     if isinstance(affine, str):
         return BNEntry(label, "BatchNormalization", Action.KEPT, reason=affine)
     reasons: list[str] = []
-    for direction, patterns in (("backward", BACKWARD), ("forward", FORWARD)):
+    for direction, patterns in (
+        ("precompute", PRECOMPUTE),
+        ("backward", BACKWARD),
+        ("forward", FORWARD),
+    ):
         tried = False
         for pattern in patterns:
             outcome = pattern.match(bn, affine, ctx)

@@ -222,6 +222,8 @@ def _pitfalls() -> list[Case]:
         _pitfall("bn1d", seq(nn.Conv1d(2, 3, 3), nn.BatchNorm1d(3)), 2, 2, 5),
         _pitfall("bn3d", seq(nn.Conv3d(2, 3, 3), nn.BatchNorm3d(3)), 2, 2, 5, 5, 5),
         _pitfall("weight_standardization", seq(ScaledStdConv2d(3, 4, 3), nn.ReLU()), *x2d),
+        # a weight too large for the exporter's own constant folding: BN over Reshape(W)
+        _pitfall("weight_standardization_large", seq(ScaledStdConv2d(32, 64, 3)), 2, 32, 6, 6),
         _pitfall(
             "opaque_leaf",
             seq(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4), kinds.Opaque()),

@@ -366,3 +366,44 @@ def test_each_constant_is_evaluated_once(monkeypatch):
 
     assert len(calls) == 1 and second is first
     np.testing.assert_array_equal(first, np.arange(6, dtype=np.float32).reshape(2, 3).T)
+
+
+def _weight_standardized_conv(g: GraphBuilder, bn_output_is_graph_output: bool = False):
+    """What the exporter writes for a large ScaledStdConv2d: BN over Reshape(W), its mean
+    computed by a ReduceMean of the same Reshape, then the normalised weight reshaped back."""
+    w = g.weight("w", 6, 3, 3, 3)
+    g.node("Reshape", [w, g.init("flat", np.array([1, 6, 27]))], ["wr"])
+    g.node("ReduceMean", ["wr", g.init("axes", np.array([0, 2]))], ["mean"], keepdims=0)
+    params = bn_arrays(6, g.rng)
+    names = [g.init(k, params[k]) for k in ("scale", "B")]
+    g.node("BatchNormalization", ["wr", *names, "mean", g.init("var", params["var"])], ["ws"])
+    g.node("Reshape", ["ws", g.init("back", np.array([6, 3, 3, 3]))], ["w_std"])
+    g.node("Conv", ["x", "w_std"], ["y"])
+    outputs = {"y": ["N", 6, 3, 3]}
+    if bn_output_is_graph_output:
+        outputs["ws"] = [1, 6, 27]
+    return g.model({"x": ["N", 3, 5, 5]}, outputs, opset=18)
+
+
+def test_bn_over_a_constant_weight_is_computed_once():
+    model = _weight_standardized_conv(GraphBuilder(seed=8))
+
+    result = fold_onnx(model)
+
+    (entry,) = result.report.entries
+    assert entry.action is Action.PRECOMPUTED, entry.reason
+    assert op_types(result.model) == ["Reshape", "Conv"]  # BN and its ReduceMean are gone
+    assert "w" not in {i.name for i in result.model.graph.initializer}
+    onnx.checker.check_model(result.model, full_check=True)
+    for batch in (1, 3):
+        x = RNG.standard_normal((batch, 3, 5, 5)).astype(np.float32)
+        assert_same_outputs(model, result.model, {"x": x})
+
+
+def test_bn_over_a_constant_that_is_a_graph_output_stays():
+    model = _weight_standardized_conv(GraphBuilder(seed=8), bn_output_is_graph_output=True)
+
+    result = fold_onnx(model)
+
+    assert not result.modified
+    assert "graph output" in result.report.entries[0].reason
