@@ -16,6 +16,7 @@ _LAZY = {
     "recalibrate": "bnfold.recalibration",
     "drift_score": "bnfold.drift.torch_score",
     "export_onnx": "bnfold.onnx.export",
+    "ExportMismatch": "bnfold.onnx.export",
     "fold_onnx": "bnfold.onnx.fold",
     "OnnxFoldResult": "bnfold.onnx.fold",
     "verify_onnx": "bnfold.onnx.verify",

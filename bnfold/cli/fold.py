@@ -83,18 +83,28 @@ def _fold_architecture(args, progress: Progress, out: dict) -> int:
     status = EXIT_OK if check.ok else EXIT_VERIFY_FAILED
     if not args.output:
         return status
-    from bnfold.onnx.export import export_onnx
+    from bnfold.onnx.export import ExportMismatch, export_onnx
     from bnfold.onnx.fold import count_nodes
     from bnfold.onnx.verify import verify_onnx
 
     progress.stage(f"exporting the folded model to {args.output}")
-    folded = export_onnx(result.module, inputs, path=args.output)
+    try:
+        folded = export_onnx(result.module, inputs, path=args.output)
+    except ExportMismatch as exc:  # nothing written: the graph is not the model
+        print(f"ONNX export failed its check: {exc}")
+        out["onnx"] = {"error": str(exc)}
+        return EXIT_VERIFY_FAILED
     bn_left = sum(n.op_type == "BatchNormalization" for n in folded.graph.node)
     print(f"ONNX: {count_nodes(folded)} nodes, {bn_left} BatchNormalization")
     out["onnx"] = {"nodes": count_nodes(folded), "batch_norm_nodes": bn_left}
     if args.verify:
         progress.stage("exporting the original for comparison")
-        original = export_onnx(model, inputs)
+        try:
+            original = export_onnx(model, inputs)
+        except ExportMismatch as exc:
+            print(f"ONNX export of the original failed its check: {exc}")
+            out["onnx"]["error"] = str(exc)
+            return EXIT_VERIFY_FAILED
         out["onnx"]["nodes_original"] = count_nodes(original)
         # the inputs' own shapes; the exported graph leaves spatial dims symbolic
         shapes = {v.name: list(x.shape) for v, x in zip(original.graph.input, inputs, strict=False)}

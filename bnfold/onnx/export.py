@@ -9,6 +9,13 @@ BatchNormalization nodes the module still computes.
 
 The IR version is lowered to what the installed onnxruntime reads (a newer onnx writes a
 newer one by default), and the result passes ``onnx.checker`` with ``full_check``.
+
+Then the graph is run in onnxruntime on the example inputs and compared with the module's own
+outputs (``check=True``, the default): an exporter that writes something else than the module
+computes raises ``ExportMismatch`` instead of handing on a graph that every later comparison,
+made against this same export, would pass. Known case: ``F.batch_norm(training=True)`` with
+running statistics in an eval-mode module, written as an inference BatchNormalization. The
+module's buffers are restored after its run (that BN updates its running statistics).
 """
 
 from __future__ import annotations
@@ -19,16 +26,27 @@ import logging
 import os
 from collections.abc import Sequence
 
+import numpy as np
 import onnx
 import onnx_ir as ir
 import onnx_ir.passes.common as common_passes
 import torch
+from torch.utils import _pytree
 
 from bnfold.onnx.ir_version import ort_max_ir_version
 
-__all__ = ["export_onnx", "ort_max_ir_version"]
+__all__ = ["ExportMismatch", "export_onnx", "ort_max_ir_version"]
 
 logger = logging.getLogger(__name__)
+
+# how far the exported graph may be from the module, relative to the output's largest value:
+# rounding of reordered float sums stays orders of magnitude below these
+_CHECK_RTOL = {torch.float16: 2e-2, torch.bfloat16: 5e-2}
+_CHECK_RTOL_DEFAULT = 1e-3
+
+
+class ExportMismatch(ValueError):
+    """The exported graph computes something else than the module on its example inputs."""
 
 
 def _rewrite_rules_without_bn_fusion():
@@ -111,11 +129,14 @@ def export_onnx(
     *,
     dynamic_spatial: bool = True,
     opset_version: int | None = None,
+    check: bool = True,
 ) -> onnx.ModelProto:
     """Export `module` in eval mode; returns the ModelProto (and writes it to `path`).
 
     The batch dimension (and spatial dims of rank >= 3 inputs) are dynamic where the model
     allows it; the exporter keeps a dimension static when the model's code needs it static.
+    With `check`, the graph's outputs on the example inputs are compared with the module's
+    (module docstring); ExportMismatch says which output differs and by how much.
     """
     given = (example_inputs,) if isinstance(example_inputs, torch.Tensor) else tuple(example_inputs)
     # a batch of 1 would be specialised (0/1 specialisation); export with 2 instead
@@ -157,6 +178,81 @@ def export_onnx(
             dims = value.type.tensor_type.shape.dim
             if dims and dims[0].HasField("dim_value"):
                 logger.warning("input %r keeps a static batch dimension", value.name)
+    if check:
+        module.eval()
+        try:
+            _check_against_module(proto, module, given)
+        finally:
+            module.train(was_training)
     if path is not None:
         onnx.save(proto, os.fspath(path))
     return proto
+
+
+def _check_against_module(proto: onnx.ModelProto, module: torch.nn.Module, inputs: tuple) -> None:
+    """Raise ExportMismatch if the graph's outputs on `inputs` differ from the module's. A
+    graph or module that cannot be run this way (inputs or outputs that do not line up, a
+    dtype numpy lacks, an operator the CPU provider lacks) is logged and passed unchecked."""
+    import onnxruntime as ort
+
+    tensors = [x for x in _pytree.tree_leaves(inputs) if isinstance(x, torch.Tensor)]
+    if any(x.dtype == torch.bfloat16 for x in tensors):
+        logger.info("export not checked: bfloat16 inputs")
+        return
+    saved = {name: b.detach().clone() for name, b in module.named_buffers()}
+    try:
+        with torch.no_grad():
+            expected = [
+                y for y in _pytree.tree_leaves(module(*inputs)) if isinstance(y, torch.Tensor)
+            ]
+    finally:
+        with torch.no_grad():
+            for name, buffer in module.named_buffers():
+                buffer.copy_(saved[name])
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    options.log_severity_level = 3
+    try:
+        session = ort.InferenceSession(
+            proto.SerializeToString(), options, providers=["CPUExecutionProvider"]
+        )
+        names = [i.name for i in session.get_inputs()]
+        if len(names) != len(tensors) or len(session.get_outputs()) != len(expected):
+            logger.info("export not checked: inputs or outputs do not line up with the module's")
+            return
+        feeds = {n: x.detach().cpu().numpy() for n, x in zip(names, tensors, strict=True)}
+        outputs = session.run(None, feeds)
+    except Exception as exc:  # noqa: BLE001 - the check is a help, never a new failure
+        logger.info("export not checked: onnxruntime cannot run it here (%s)", exc)
+        return
+    for out, ref, info in zip(outputs, expected, session.get_outputs(), strict=True):
+        if ref.dtype == torch.bfloat16:
+            continue
+        ref_np = ref.detach().cpu().numpy()
+        if out.shape != ref_np.shape:
+            raise ExportMismatch(
+                f"the exported graph's output {info.name!r} has shape {list(out.shape)} on the "
+                f"example inputs, the module's {list(ref_np.shape)}"
+            )
+        if not np.issubdtype(ref_np.dtype, np.floating):
+            if not np.array_equal(out, ref_np):
+                raise ExportMismatch(f"the exported graph's output {info.name!r} differs")
+            continue
+        ref64, out64 = ref_np.astype(np.float64), out.astype(np.float64)
+        finite = np.isfinite(ref64)
+        if not np.array_equal(finite, np.isfinite(out64)):
+            raise ExportMismatch(
+                f"the exported graph's output {info.name!r} is non-finite elsewhere than the "
+                "module's on the example inputs"
+            )
+        scale = float(np.abs(ref64[finite]).max()) if finite.any() else 0.0
+        err = float(np.abs(out64[finite] - ref64[finite]).max()) if finite.any() else 0.0
+        rtol = _CHECK_RTOL.get(ref.dtype, _CHECK_RTOL_DEFAULT)
+        if err > rtol * max(scale, 1e-6):
+            raise ExportMismatch(
+                f"the exported graph computes something else than the module: output "
+                f"{info.name!r} differs by up to {err:.3g} (the module's largest value is "
+                f"{scale:.3g}) on the example inputs. A known cause: F.batch_norm(training=True) "
+                "with running statistics in an eval-mode module, which the exporter writes as "
+                "an inference BatchNormalization"
+            )

@@ -60,9 +60,9 @@ ONNX_ONLY: tuple[str, ...] = ()
 ONNX_SIDE = {
     "untraceable": "export_onnx: torch.export cannot export data-dependent control flow "
     "(bnfold.fold folds the submodules), so there is no ONNX graph to compare",
-    "functional_bn_training": "export_onnx writes F.batch_norm(training=True) of an eval-mode "
-    "model as an inference BatchNormalization over the running statistics: the ONNX graph "
-    "computes something else than the model, and fold_onnx folds that",
+    "functional_bn_training": "the exporter writes F.batch_norm(training=True) of an eval-mode "
+    "model as an inference BatchNormalization over the running statistics, a graph that "
+    "computes something else than the model: export_onnx's check refuses it (ExportMismatch)",
 }
 
 

@@ -6,6 +6,7 @@ import numpy as np
 import onnx
 import pytest
 import torch
+import torch.nn.functional as F
 from onnx_graphs import run
 from torch import nn
 
@@ -103,3 +104,42 @@ def test_fold_onnx_on_an_exported_graph_matches_the_torch_fold(exported):
     assert "Relu" in kept.reason
     check = verify_onnx(model, result.model, input_shapes={model.graph.input[0].name: [1, 3, 8, 8]})
     assert check.ok, check.summary()
+
+
+class _BatchStatisticsBN(nn.Module):
+    """F.batch_norm(training=True) with running statistics, in an eval-mode module: it
+    normalises with the batch's statistics (and updates the running ones) on every call."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3)
+        self.register_buffer("mean", torch.linspace(-1, 1, 4))
+        self.register_buffer("var", torch.linspace(0.5, 2, 4))
+
+    def forward(self, x):
+        return F.batch_norm(self.conv(x), self.mean, self.var, training=True, eps=1e-3)
+
+
+def test_an_export_that_computes_something_else_is_refused_and_the_module_is_unchanged(tmp_path):
+    torch.manual_seed(0)
+    model = _BatchStatisticsBN().eval()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    path = tmp_path / "wrong.onnx"
+
+    with pytest.raises(bnfold.ExportMismatch, match="computes something else than the module"):
+        export_onnx(model, (torch.randn(4, 3, 6, 6),), path=path)
+
+    assert not path.exists()  # nothing written
+    assert not model.training
+    for name, value in model.state_dict().items():  # the check's own run is undone
+        assert torch.equal(value, before[name]), name
+    unchecked = export_onnx(model, (torch.randn(4, 3, 6, 6),), check=False)
+    assert _bn_count(unchecked) == 1  # what the exporter writes: an inference BN
+
+
+def test_the_export_check_passes_what_the_exporter_writes_faithfully(net):
+    x = torch.randn(3, 3, 8, 8)
+    model = export_onnx(net, (x,))  # checked: no ExportMismatch on the faithful export
+
+    (out,) = run(model, {model.graph.input[0].name: x.numpy()})
+    np.testing.assert_allclose(out, net(x).detach().numpy(), rtol=1e-4, atol=1e-5)
