@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import onnx
 import pytest
@@ -11,7 +13,7 @@ from onnx_graphs import run
 from torch import nn
 
 import bnfold
-from bnfold.onnx.export import export_onnx, ort_max_ir_version
+from bnfold.onnx.export import _within_rounding, export_onnx, ort_max_ir_version
 
 
 class _Net(nn.Module):
@@ -143,3 +145,17 @@ def test_the_export_check_passes_what_the_exporter_writes_faithfully(net):
 
     (out,) = run(model, {model.graph.input[0].name: x.numpy()})
     np.testing.assert_allclose(out, net(x).detach().numpy(), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "graph_error,module_error,passes",
+    [(5.0, 1.0, True), (20.0, 1.0, False), (1.0, 0.0, False), (1e9, math.inf, True)],
+)
+def test_a_difference_within_the_modules_own_rounding_passes(graph_error, module_error, passes):
+    """A network whose activations explode (random weights) rounds its own float32 run far
+    from float64 too: the graph is judged against ROUNDING_FACTOR (10) times that error."""
+    exact = torch.linspace(-1e6, 1e6, 12, dtype=torch.float64)
+    module_out = exact.float() + (module_error if math.isfinite(module_error) else math.inf)
+    graph_out = (exact + graph_error).numpy().astype(np.float32)
+
+    assert _within_rounding(graph_out, module_out, exact) is passes
