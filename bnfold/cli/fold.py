@@ -87,23 +87,26 @@ def _fold_architecture(args, progress: Progress, out: dict) -> int:
     from bnfold.onnx.fold import count_nodes
     from bnfold.onnx.verify import verify_onnx
 
+    def export(module, what: str, path: str | None = None):
+        """The checked export, or None when it computes something else (nothing written)."""
+        try:
+            return export_onnx(module, inputs, path=path)
+        except ExportMismatch as exc:
+            print(f"ONNX export of {what} failed its check: {exc}")
+            out.setdefault("onnx", {})["error"] = str(exc)
+            return None
+
     progress.stage(f"exporting the folded model to {args.output}")
-    try:
-        folded = export_onnx(result.module, inputs, path=args.output)
-    except ExportMismatch as exc:  # nothing written: the graph is not the model
-        print(f"ONNX export failed its check: {exc}")
-        out["onnx"] = {"error": str(exc)}
+    folded = export(result.module, "the folded model", args.output)
+    if folded is None:
         return EXIT_VERIFY_FAILED
     bn_left = sum(n.op_type == "BatchNormalization" for n in folded.graph.node)
     print(f"ONNX: {count_nodes(folded)} nodes, {bn_left} BatchNormalization")
     out["onnx"] = {"nodes": count_nodes(folded), "batch_norm_nodes": bn_left}
     if args.verify:
         progress.stage("exporting the original for comparison")
-        try:
-            original = export_onnx(model, inputs)
-        except ExportMismatch as exc:
-            print(f"ONNX export of the original failed its check: {exc}")
-            out["onnx"]["error"] = str(exc)
+        original = export(model, "the original")
+        if original is None:
             return EXIT_VERIFY_FAILED
         out["onnx"]["nodes_original"] = count_nodes(original)
         # the inputs' own shapes; the exported graph leaves spatial dims symbolic
